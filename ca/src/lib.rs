@@ -1,0 +1,2 @@
+//! trellis-ca: the built-in private CA (work in progress; see issue "Workspace foundation and the
+//! built-in private CA"). Nothing is implemented yet.

@@ -1,0 +1,16 @@
+//! trellis-core: the vocabulary every trellis crate shares.
+//!
+//! What it holds: validated names ([`NamespaceName`], [`ServiceName`], [`TrustDomain`]), workload
+//! identities ([`SpiffeId`]), the endpoint-set wire type of the discovery watch API ([`EndpointSet`]),
+//! and health state ([`HealthStatus`]). What it does not hold: any I/O, any async runtime, any TLS.
+//! Strings from the edge become these types once; inner code never re-checks them.
+
+mod endpoint;
+mod health;
+mod name;
+mod spiffe;
+
+pub use endpoint::{Endpoint, EndpointSet};
+pub use health::HealthStatus;
+pub use name::{NameError, NamespaceName, ServiceName, TrustDomain};
+pub use spiffe::{SpiffeId, SpiffeIdError};

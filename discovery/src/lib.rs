@@ -1,0 +1,1 @@
+//! trellis-discovery: the control plane (work in progress). Nothing is implemented yet.

@@ -1,0 +1,1 @@
+//! trellis-examples: the local demo mesh and demo services (work in progress).

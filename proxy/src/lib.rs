@@ -1,0 +1,2 @@
+//! trellis-proxy: the sidecar and the internal load balancer (work in progress). Nothing is
+//! implemented yet.
