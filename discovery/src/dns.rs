@@ -383,6 +383,16 @@ impl RequestHandler for DnsHandler {
                 },
             },
         };
+        let mut answer = answer;
+        if request.protocol() == hickory_proto::xfer::Protocol::Udp {
+            let limit = request
+                .edns()
+                .map(|e| e.max_payload().max(512))
+                .unwrap_or(512) as usize;
+            if truncate(&query, &mut answer, limit) {
+                header.set_truncated(true);
+            }
+        }
         if answer.fail_open {
             self.metrics.dns_fail_open.inc();
         }
@@ -391,7 +401,7 @@ impl RequestHandler for DnsHandler {
         header.set_authoritative(answer.authoritative);
         self.metrics
             .dns_queries
-            .with_label_values(&[&qtype.to_string(), &rcode.to_str().to_ascii_uppercase()])
+            .with_label_values(&[&qtype.to_string(), rcode_label(rcode)])
             .inc();
         let response = builder.build(
             header,
@@ -425,4 +435,47 @@ async fn send<'a, R: ResponseHandler>(
             h.into()
         }
     }
+}
+
+fn rcode_label(rcode: ResponseCode) -> &'static str {
+    match rcode {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::NotImp => "NOTIMP",
+        _ => "OTHER",
+    }
+}
+
+/// Size of the encoded response (with an OPT record's 11 bytes when EDNS is used).
+fn encoded_len(query: &hickory_proto::op::LowerQuery, a: &Answer) -> usize {
+    let mut m = Message::new();
+    m.add_query(query.original().clone());
+    m.add_answers(a.answers.iter().cloned());
+    m.add_name_servers(a.authority.iter().cloned());
+    m.add_additionals(a.additionals.iter().cloned());
+    m.to_vec().map(|v| v.len() + 11).unwrap_or(usize::MAX)
+}
+
+/// Fits a UDP answer in `limit` bytes (RFC 1035 512 without EDNS): drops additionals, then
+/// answers, and reports whether the client must retry over TCP.
+fn truncate(query: &hickory_proto::op::LowerQuery, a: &mut Answer, limit: usize) -> bool {
+    // Cheap bound first: most answers are far below the limit.
+    let bound: usize = 64
+        + a.answers
+            .iter()
+            .chain(&a.authority)
+            .chain(&a.additionals)
+            .map(|r| r.name().len() + 80)
+            .sum::<usize>();
+    if bound <= limit || encoded_len(query, a) <= limit {
+        return false;
+    }
+    a.additionals.clear();
+    while !a.answers.is_empty() && encoded_len(query, a) > limit {
+        a.answers.pop();
+    }
+    true
 }

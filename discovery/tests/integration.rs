@@ -405,3 +405,211 @@ async fn state_survives_restart_and_corrupt_store_refuses() {
         "{err}"
     );
 }
+
+fn dig(dns: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .arg(format!("@{}", dns.ip()))
+        .args(["-p", &dns.port().to_string(), "+tries=1", "+time=2"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn answers(out: &str) -> Vec<String> {
+    let mut in_answer = false;
+    let mut v = Vec::new();
+    for line in out.lines() {
+        if line.starts_with(";; ANSWER SECTION") {
+            in_answer = true;
+        } else if line.is_empty() || line.starts_with(";;") {
+            in_answer = false;
+        } else if in_answer {
+            v.push(line.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_with_dig() {
+    if tool("dig").is_none() {
+        return;
+    }
+    let server = start(None).await;
+    let (addr, dns) = (server.api_addr, server.dns_addr.unwrap());
+    let (_, svc) = setup(
+        addr,
+        "dns.local",
+        serde_json::json!({"HealthCheckCustomConfig": {"FailureThreshold": 1}}),
+    )
+    .await;
+    for i in 1..=10 {
+        register(
+            addr,
+            &svc,
+            &format!("i{i}"),
+            &format!("10.0.0.{i}"),
+            8000 + i,
+        )
+        .await;
+    }
+    let acked = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        let a = dig(dns, &["api.dns.local", "A"]);
+        let elapsed = acked.elapsed();
+        let srv = dig(dns, &["api.dns.local", "SRV"]);
+        let soa = dig(dns, &["dns.local", "SOA"]);
+        let ns = dig(dns, &["dns.local", "NS"]);
+        let nx = dig(dns, &["nope.dns.local", "A"]);
+        let nodata = dig(dns, &["api.dns.local", "TXT"]);
+        let refused = dig(dns, &["example.com", "A"]);
+        let tcp = dig(dns, &["+tcp", "api.dns.local", "A"]);
+        let target = dig(dns, &["i3.api.dns.local", "A"]);
+        (a, elapsed, srv, soa, ns, nx, nodata, refused, tcp, target)
+    })
+    .await
+    .unwrap();
+    let (a, elapsed, srv, soa, ns, nx, nodata, refused, tcp, target) = out;
+    eprintln!("register -> dig answered in {elapsed:?}");
+    let a_ans = answers(&a);
+    assert_eq!(a_ans.len(), 8, "MULTIVALUE answers at most 8:\n{a}");
+    assert!(
+        a_ans
+            .iter()
+            .all(|l| l.starts_with("api.dns.local. 7 IN A 10.0.0.")),
+        "{a}"
+    );
+    assert!(a.contains("flags: qr aa"), "authoritative: {a}");
+    let srv_ans = answers(&srv);
+    assert_eq!(srv_ans.len(), 8, "{srv}");
+    assert!(srv_ans[0].contains("IN SRV 1 1 80"), "{srv}");
+    assert!(srv.contains(";; ADDITIONAL SECTION"), "{srv}");
+    assert!(
+        answers(&soa)[0].contains("IN SOA ns1.dns.local. hostmaster.dns.local."),
+        "{soa}"
+    );
+    assert!(answers(&ns)[0].contains("IN NS ns1.dns.local."), "{ns}");
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    assert!(
+        nx.contains(";; AUTHORITY SECTION") && nx.contains("SOA"),
+        "{nx}"
+    );
+    assert!(
+        nodata.contains("status: NOERROR") && answers(&nodata).is_empty(),
+        "{nodata}"
+    );
+    assert!(nodata.contains("SOA"), "{nodata}");
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    assert_eq!(answers(&tcp).len(), 8, "{tcp}");
+    assert_eq!(
+        answers(&target),
+        vec!["i3.api.dns.local. 7 IN A 10.0.0.3".to_owned()]
+    );
+
+    // Unhealthy instances leave the answer; when all are unhealthy, all come back (fail open).
+    for i in 1..=10 {
+        let status = if i <= 9 { "UNHEALTHY" } else { "HEALTHY" };
+        let (s, _) = api(
+            addr,
+            "UpdateInstanceCustomHealthStatus",
+            serde_json::json!({"ServiceId": svc, "InstanceId": format!("i{i}"), "Status": status}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let one = tokio::task::spawn_blocking(move || dig(dns, &["api.dns.local", "A"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        answers(&one),
+        vec!["api.dns.local. 7 IN A 10.0.0.10".to_owned()],
+        "{one}"
+    );
+    let (s, _) = api(
+        addr,
+        "UpdateInstanceCustomHealthStatus",
+        serde_json::json!({"ServiceId": svc, "InstanceId": "i10", "Status": "UNHEALTHY"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let all = tokio::task::spawn_blocking(move || dig(dns, &["api.dns.local", "A"]))
+        .await
+        .unwrap();
+    assert_eq!(answers(&all).len(), 8, "fail open: {all}");
+    let (_, m) = http(addr, "GET", "/metrics", &[], b"").await;
+    let m = String::from_utf8(m).unwrap();
+    assert!(m.contains("trellis_discovery_dns_fail_open_total 1"), "{m}");
+    assert!(
+        m.contains("trellis_discovery_dns_queries_total{qtype=\"A\",rcode=\"NOERROR\"}"),
+        "{m}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_truncation_and_weighted() {
+    if tool("dig").is_none() {
+        return;
+    }
+    let server = start(None).await;
+    let (addr, dns) = (server.api_addr, server.dns_addr.unwrap());
+    // AAAA + SRV with long instance ids: 8 SRV answers with additionals overflow 512 bytes.
+    let (s, op) = api(
+        addr,
+        "CreatePrivateDnsNamespace",
+        serde_json::json!({"Name": "big.local", "Vpc": "v"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, got) = api(
+        addr,
+        "GetOperation",
+        serde_json::json!({"OperationId": op["OperationId"]}),
+    )
+    .await;
+    let ns_id = got["Operation"]["Targets"]["NAMESPACE"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, svc) = api(
+        addr,
+        "CreateService",
+        serde_json::json!({"Name": "api", "NamespaceId": ns_id,
+        "DnsConfig": {"RoutingPolicy": "WEIGHTED", "DnsRecords": [{"Type": "A", "TTL": 5}]}}),
+    )
+    .await;
+    let wsvc = svc["Service"]["Id"].as_str().unwrap().to_owned();
+    let (_, svc) = api(
+        addr,
+        "CreateService",
+        serde_json::json!({"Name": "srv", "NamespaceId": ns_id,
+        "DnsConfig": {"DnsRecords": [{"Type": "SRV", "TTL": 5}, {"Type": "AAAA", "TTL": 5}]}}),
+    )
+    .await;
+    let ssvc = svc["Service"]["Id"].as_str().unwrap().to_owned();
+    for i in 0..8 {
+        register(addr, &wsvc, &format!("w{i}"), &format!("10.9.0.{i}"), 80).await;
+        let (s, b) = api(addr, "RegisterInstance", serde_json::json!({"ServiceId": ssvc,
+            "InstanceId": format!("instance-with-a-rather-long-identifier-number-{i:02}"),
+            "Attributes": {"AWS_INSTANCE_IPV6": format!("2001:db8::{i}"), "AWS_INSTANCE_PORT": "443"}})).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let (w, notcp, edns) = tokio::task::spawn_blocking(move || {
+        (
+            dig(dns, &["api.big.local", "A"]),
+            dig(dns, &["+noedns", "+ignore", "srv.big.local", "SRV"]),
+            dig(dns, &["+bufsize=4096", "srv.big.local", "SRV"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers(&w).len(), 1, "WEIGHTED answers one: {w}");
+    assert!(
+        notcp.contains(" tc"),
+        "512-byte UDP answer truncated: {notcp}"
+    );
+    assert!(edns.contains("; EDNS: version: 0"), "{edns}");
+    assert_eq!(answers(&edns).len(), 8, "{edns}");
+    server.shutdown().await;
+}
