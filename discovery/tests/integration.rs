@@ -613,3 +613,175 @@ async fn dns_truncation_and_weighted() {
     assert_eq!(answers(&edns).len(), 8, "{edns}");
     server.shutdown().await;
 }
+
+/// A loopback HTTP app whose /health answers 200 or 500 as `up` says.
+async fn app(up: std::sync::Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let up = up.load(std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let status = if up {
+                    "200 OK"
+                } else {
+                    "500 Internal Server Error"
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Polls the watch API until `pred` holds for the full set; returns the time it took.
+async fn until(
+    addr: SocketAddr,
+    q: &str,
+    limit: Duration,
+    pred: impl Fn(&EndpointSet) -> bool,
+) -> Duration {
+    let t = Instant::now();
+    let mut rev = None;
+    loop {
+        let path = match rev {
+            Some(r) => format!("{q}&revision={r}&wait=1s"),
+            None => q.to_owned(),
+        };
+        let (_, set) = watch(addr, &path).await;
+        let set = set.unwrap();
+        if pred(&set) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < limit,
+            "condition not reached within {limit:?}: {set:?}"
+        );
+        rev = Some(set.revision);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_http_and_tcp_checks() {
+    let server = start(None).await;
+    let addr = server.api_addr;
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let app_addr = app(up.clone()).await;
+    let (_, svc) = setup(
+        addr,
+        "hc.local",
+        serde_json::json!({
+        "HealthCheckConfig": {"Type": "HTTP", "ResourcePath": "/health", "FailureThreshold": 2}}),
+    )
+    .await;
+    register(addr, &svc, "good", "127.0.0.1", app_addr.port()).await;
+    // A closed port: bind, read the port back, close.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    register(addr, &svc, "dead", "127.0.0.1", closed).await;
+    let health = |set: &EndpointSet, id: &str| {
+        set.endpoints
+            .iter()
+            .find(|e| e.instance_id == id)
+            .map(|e| e.health)
+    };
+    let q = "hc.local/api?health=all";
+    until(addr, q, Duration::from_secs(5), |s| {
+        health(s, "good") == Some(trellis_discovery::HealthStatus::Healthy)
+            && health(s, "dead") == Some(trellis_discovery::HealthStatus::Unhealthy)
+    })
+    .await;
+    // Serving set: only the healthy one.
+    let (_, set) = watch(addr, "hc.local/api").await;
+    assert_eq!(
+        set.unwrap()
+            .endpoints
+            .iter()
+            .map(|e| e.instance_id.as_str())
+            .collect::<Vec<_>>(),
+        ["good"]
+    );
+
+    // Failing: out within interval (100ms) x threshold (2) + slack for a loaded machine.
+    up.store(false, std::sync::atomic::Ordering::SeqCst);
+    let took = until(addr, q, Duration::from_secs(5), |s| {
+        health(s, "good") == Some(trellis_discovery::HealthStatus::Unhealthy)
+    })
+    .await;
+    eprintln!("failing instance left after {took:?} (bound 200ms + 100ms)");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Both unhealthy: the watch answer fails open with both.
+    let (_, set) = watch(addr, "hc.local/api").await;
+    assert_eq!(set.unwrap().endpoints.len(), 2);
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    until(addr, q, Duration::from_secs(5), |s| {
+        health(s, "good") == Some(trellis_discovery::HealthStatus::Healthy)
+    })
+    .await;
+    let (_, m) = http(addr, "GET", "/metrics", &[], b"").await;
+    let m = String::from_utf8(m).unwrap();
+    assert!(
+        m.contains("trellis_discovery_health_checks_total{result=\"failure\",type=\"HTTP\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("trellis_discovery_instances{health=\"HEALTHY\"} 1"),
+        "{m}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_heartbeats() {
+    let server = start(None).await;
+    let addr = server.api_addr;
+    let (_, svc) = setup(addr, "ttl.local", serde_json::json!({})).await;
+    let (s, b) = api(addr, "RegisterInstance", serde_json::json!({"ServiceId": svc, "InstanceId": "hb",
+        "Attributes": {"AWS_INSTANCE_IPV4": "127.0.0.1", "AWS_INSTANCE_PORT": "1", "TRELLIS_HEALTH_TTL": "400ms"}})).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, _) = http(addr, "POST", "/v1/heartbeat/ttl.local/api/hb", &[], b"").await;
+    assert_eq!(s, 204);
+    let (_, set) = watch(addr, "ttl.local/api").await;
+    assert_eq!(
+        set.unwrap().endpoints[0].health,
+        trellis_discovery::HealthStatus::Healthy
+    );
+    // Heartbeats keep it healthy...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (s, _) = http(addr, "POST", "/v1/heartbeat/ttl.local/api/hb", &[], b"").await;
+        assert_eq!(s, 204);
+    }
+    let (_, set) = watch(addr, "ttl.local/api?health=all").await;
+    assert_eq!(
+        set.unwrap().endpoints[0].health,
+        trellis_discovery::HealthStatus::Healthy
+    );
+    // ...and silence makes it unhealthy.
+    let took = until(
+        addr,
+        "ttl.local/api?health=all",
+        Duration::from_secs(5),
+        |s| s.endpoints[0].health == trellis_discovery::HealthStatus::Unhealthy,
+    )
+    .await;
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    let (s, _) = http(addr, "POST", "/v1/heartbeat/ttl.local/api/nope", &[], b"").await;
+    assert_eq!(s, 404);
+    server.shutdown().await;
+}
