@@ -104,9 +104,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(trellis_discovery::run(config, async {
-        let _ = tokio::signal::ctrl_c().await;
-    }));
+    let result = runtime.block_on(async {
+        let server = trellis_discovery::Server::start(config).await?;
+        // One plain line for scripts and tests (ports may be ephemeral).
+        println!(
+            "trellis-discovery: api http://{} dns {}",
+            server.api_addr,
+            server.dns_addr.map(|a| a.to_string()).unwrap_or_default()
+        );
+        shutdown_signal().await;
+        server.shutdown().await;
+        Ok::<(), trellis_discovery::ServerError>(())
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -114,4 +123,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

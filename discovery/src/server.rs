@@ -75,8 +75,10 @@ pub struct Server {
 
 impl Server {
     /// Opens the store, binds every listener and starts serving. Bound addresses are on the result.
+    /// The CA issuance API is mounted when a data directory is set.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
-        Self::start_with(config, Vec::new()).await
+        let mounts = crate::ca_mount::mounts(&config)?;
+        Self::start_with(config, mounts).await
     }
 
     /// As [`Server::start`], with extra handlers mounted on the HTTP front (the CA).
@@ -159,8 +161,7 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let mounts = crate::ca_mount::mounts(&config)?;
-    let server = Server::start_with(config, mounts).await?;
+    let server = Server::start(config).await?;
     shutdown.await;
     server.shutdown().await;
     Ok(())

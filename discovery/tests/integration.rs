@@ -785,3 +785,92 @@ async fn ttl_heartbeats() {
     assert_eq!(s, 404);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_registration_storm_loses_no_acknowledged_write() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |dir: &Path| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
+            .args([
+                "serve",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--dns-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let api: SocketAddr = line
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        (child, api)
+    };
+    let (mut child, addr) = spawn(dir.path());
+    let (_, svc) = setup(addr, "storm.local", serde_json::json!({})).await;
+    let acked = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (acked, svc) = (acked.clone(), svc.clone());
+        clients.push(tokio::spawn(async move {
+            for n in 0.. {
+                let id = format!("c{c}-{n}");
+                let body = serde_json::json!({"ServiceId": svc, "InstanceId": id,
+                    "Attributes": {"AWS_INSTANCE_IPV4": "10.0.0.1", "AWS_INSTANCE_PORT": "80"}});
+                let target = "Route53AutoNaming_v20170314.RegisterInstance";
+                let Ok(mut s) = TcpStream::connect(addr).await else { return };
+                let b = body.to_string();
+                let req = format!("POST / HTTP/1.1\r\nhost: x\r\nx-amz-target: {target}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{b}", b.len());
+                if s.write_all(req.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut out = Vec::new();
+                if s.read_to_end(&mut out).await.is_err() || !out.starts_with(b"HTTP/1.1 200") {
+                    return;
+                }
+                acked.lock().push(id);
+            }
+        }));
+    }
+    let t = Instant::now();
+    while acked.lock().len() < 200 && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for c in clients {
+        let _ = c.await;
+    }
+    let acked = acked.lock().clone();
+    assert!(acked.len() >= 50, "storm too small: {}", acked.len());
+    let (mut child, addr) = spawn(dir.path());
+    let (s, set) = watch(addr, "storm.local/api?health=all").await;
+    assert_eq!(s, 200);
+    let have: std::collections::HashSet<String> = set
+        .unwrap()
+        .endpoints
+        .into_iter()
+        .map(|e| e.instance_id)
+        .collect();
+    let lost: Vec<_> = acked.iter().filter(|id| !have.contains(*id)).collect();
+    eprintln!(
+        "acknowledged {} registrations before kill -9, recovered {}",
+        acked.len(),
+        have.len()
+    );
+    assert!(lost.is_empty(), "lost acknowledged registrations: {lost:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
