@@ -874,3 +874,45 @@ async fn kill_9_during_registration_storm_loses_no_acknowledged_write() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_forwarding_for_foreign_names() {
+    if tool("dig").is_none() {
+        return;
+    }
+    // The "upstream resolver" is another trellis, authoritative for upstream.test.
+    let upstream = start(None).await;
+    let (_, svc) = setup(upstream.api_addr, "upstream.test", serde_json::json!({})).await;
+    register(upstream.api_addr, &svc, "u1", "192.0.2.7", 80).await;
+    let mut cfg = ServerConfig::new(loopback());
+    cfg.dns_listen = Some(loopback());
+    cfg.dns_forward = upstream.dns_addr;
+    let server = Server::start(cfg).await.unwrap();
+    let (_, own) = setup(server.api_addr, "own.local", serde_json::json!({})).await;
+    register(server.api_addr, &own, "o1", "192.0.2.9", 80).await;
+    let dns = server.dns_addr.unwrap();
+    let (fwd, local) = tokio::task::spawn_blocking(move || {
+        (
+            dig(dns, &["api.upstream.test", "A"]),
+            dig(dns, &["api.own.local", "A"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        answers(&fwd),
+        vec!["api.upstream.test. 7 IN A 192.0.2.7".to_owned()],
+        "{fwd}"
+    );
+    assert!(
+        !fwd.contains(" aa"),
+        "forwarded answers are not authoritative: {fwd}"
+    );
+    assert_eq!(
+        answers(&local),
+        vec!["api.own.local. 7 IN A 192.0.2.9".to_owned()],
+        "{local}"
+    );
+    server.shutdown().await;
+    upstream.shutdown().await;
+}
