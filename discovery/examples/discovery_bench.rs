@@ -27,30 +27,59 @@ async fn post(addr: SocketAddr, action: &str, body: serde_json::Value) -> serde_
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     serde_json::from_slice(&out[split..]).unwrap()
 }
 
 async fn create_zone(addr: SocketAddr, zone: &str) -> String {
-    let op = post(addr, "CreatePrivateDnsNamespace", serde_json::json!({"Name": zone, "Vpc": "v"})).await;
-    let got = post(addr, "GetOperation", serde_json::json!({"OperationId": op["OperationId"]})).await;
-    got["Operation"]["Targets"]["NAMESPACE"].as_str().unwrap().to_owned()
+    let op = post(
+        addr,
+        "CreatePrivateDnsNamespace",
+        serde_json::json!({"Name": zone, "Vpc": "v"}),
+    )
+    .await;
+    let got = post(
+        addr,
+        "GetOperation",
+        serde_json::json!({"OperationId": op["OperationId"]}),
+    )
+    .await;
+    got["Operation"]["Targets"]["NAMESPACE"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 async fn create_service(addr: SocketAddr, ns: &str, name: &str) -> String {
-    let s = post(addr, "CreateService", serde_json::json!({"Name": name, "NamespaceId": ns,
-        "DnsConfig": {"DnsRecords": [{"Type": "A", "TTL": 60}]}})).await;
+    let s = post(
+        addr,
+        "CreateService",
+        serde_json::json!({"Name": name, "NamespaceId": ns,
+        "DnsConfig": {"DnsRecords": [{"Type": "A", "TTL": 60}]}}),
+    )
+    .await;
     s["Service"]["Id"].as_str().unwrap().to_owned()
 }
 
 async fn register(addr: SocketAddr, svc: &str, id: &str, ip: &str) {
-    post(addr, "RegisterInstance", serde_json::json!({"ServiceId": svc, "InstanceId": id,
-        "Attributes": {"AWS_INSTANCE_IPV4": ip, "AWS_INSTANCE_PORT": "80"}})).await;
+    post(
+        addr,
+        "RegisterInstance",
+        serde_json::json!({"ServiceId": svc, "InstanceId": id,
+        "Attributes": {"AWS_INSTANCE_IPV4": ip, "AWS_INSTANCE_PORT": "80"}}),
+    )
+    .await;
 }
 
 async fn dns_answers(sock: &UdpSocket, dns: SocketAddr, name: &str) -> usize {
     let mut m = Message::new();
-    m.set_id(rand_id()).set_message_type(MessageType::Query).set_op_code(OpCode::Query)
+    m.set_id(rand_id())
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
         .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
     sock.send_to(&m.to_vec().unwrap(), dns).await.unwrap();
     let mut buf = [0u8; 4096];
@@ -69,7 +98,9 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 
 async fn watch_once(addr: SocketAddr, path: &str) -> u64 {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
@@ -105,7 +136,11 @@ async fn latency(samples: usize) {
     for i in 0..samples {
         let rev = watch_once(api, "/v1/watch/lat.local/w").await;
         let waiter = tokio::spawn(async move {
-            watch_once(api, &format!("/v1/watch/lat.local/w?revision={rev}&wait=10s")).await;
+            watch_once(
+                api,
+                &format!("/v1/watch/lat.local/w?revision={rev}&wait=10s"),
+            )
+            .await;
             Instant::now()
         });
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -142,7 +177,9 @@ async fn latency(samples: usize) {
         pct(&mut watch_lat, 0.5),
         pct(&mut watch_lat, 0.99)
     );
-    println!("RegisterInstance durable throughput: {rps:.0}/s (8 clients, new connection per request)");
+    println!(
+        "RegisterInstance durable throughput: {rps:.0}/s (8 clients, new connection per request)"
+    );
     server.shutdown().await;
 }
 
@@ -150,7 +187,13 @@ async fn populate(api: SocketAddr, zone: &str, n: usize) {
     let ns = create_zone(api, zone).await;
     for i in 0..n {
         let svc = create_service(api, &ns, &format!("svc{i}")).await;
-        register(api, &svc, "a", &format!("10.{}.{}.{}", i / 65536 % 256, i / 256 % 256, i % 256)).await;
+        register(
+            api,
+            &svc,
+            "a",
+            &format!("10.{}.{}.{}", i / 65536 % 256, i / 256 % 256, i % 256),
+        )
+        .await;
     }
 }
 

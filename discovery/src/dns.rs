@@ -48,15 +48,100 @@ impl DnsHandler {
     }
 }
 
+impl DnsHandler {
+    /// Resolves one question: from the registry, else forwarded, else REFUSED. Also returns
+    /// whether recursion was available (a forwarded answer).
+    pub(crate) async fn answer(&self, query: &Query, rd: bool) -> (Answer, bool) {
+        if let Some(a) = self.local(query) {
+            return (a, false);
+        }
+        self.foreign(query, rd).await
+    }
+
+    /// The answer for a name outside our zones.
+    pub(crate) async fn foreign(&self, query: &Query, rd: bool) -> (Answer, bool) {
+        let Some(up) = self.forward else {
+            let refused = Answer {
+                rcode: Some(ResponseCode::Refused),
+                ..Answer::default()
+            };
+            return (refused, false);
+        };
+        match forward(up, query.clone(), rd).await {
+            Some(m) => {
+                let a = Answer {
+                    rcode: Some(m.response_code()),
+                    authoritative: false,
+                    answers: m.answers().to_vec(),
+                    authority: m.name_servers().to_vec(),
+                    additionals: m
+                        .additionals()
+                        .iter()
+                        .filter(|r| r.record_type() != QType::OPT)
+                        .cloned()
+                        .collect(),
+                    fail_open: false,
+                };
+                (a, true)
+            }
+            None => {
+                let failed = Answer {
+                    rcode: Some(ResponseCode::ServFail),
+                    ..Answer::default()
+                };
+                (failed, false)
+            }
+        }
+    }
+
+    /// Only the registry: `None` for a name outside our zones.
+    pub(crate) fn local(&self, query: &Query) -> Option<Answer> {
+        let st = self.registry.read();
+        resolve(
+            &st,
+            self.registry.serial(),
+            query.name(),
+            query.query_type(),
+        )
+    }
+
+    pub(crate) fn count(&self, qtype: QType, answer: &Answer) {
+        if answer.fail_open {
+            self.metrics.dns_fail_open.inc();
+        }
+        let rcode = answer.rcode.unwrap_or(ResponseCode::NoError);
+        self.metrics
+            .dns_queries
+            .with_label_values(&[qtype_label(qtype), rcode_label(rcode)])
+            .inc();
+    }
+}
+
+fn qtype_label(q: QType) -> &'static str {
+    match q {
+        QType::A => "A",
+        QType::AAAA => "AAAA",
+        QType::SRV => "SRV",
+        QType::SOA => "SOA",
+        QType::NS => "NS",
+        QType::CNAME => "CNAME",
+        QType::TXT => "TXT",
+        QType::PTR => "PTR",
+        QType::MX => "MX",
+        QType::ANY => "ANY",
+        _ => "OTHER",
+    }
+}
+
 /// What one query resolves to.
 #[derive(Default)]
-struct Answer {
-    rcode: Option<ResponseCode>,
-    authoritative: bool,
-    answers: Vec<Record>,
-    authority: Vec<Record>,
-    additionals: Vec<Record>,
-    fail_open: bool,
+pub(crate) struct Answer {
+    pub(crate) rcode: Option<ResponseCode>,
+    pub(crate) authoritative: bool,
+    pub(crate) answers: Vec<Record>,
+    pub(crate) authority: Vec<Record>,
+    pub(crate) additionals: Vec<Record>,
+    pub(crate) fail_open: bool,
 }
 
 fn name(s: &str) -> Option<Name> {
@@ -126,8 +211,8 @@ fn pick<'a>(e: &ServiceEntry, mut set: Vec<&'a InstanceEntry>) -> Vec<&'a Instan
     }
 }
 
-fn resolve(st: &State, serial: u32, qname: &str, qtype: QType) -> Option<Answer> {
-    let qname = qname.trim_end_matches('.').to_ascii_lowercase();
+fn resolve(st: &State, serial: u32, qname: &Name, qtype: QType) -> Option<Answer> {
+    let qname = qname.to_ascii().trim_end_matches('.').to_ascii_lowercase();
     let ns = st
         .namespaces
         .values()
@@ -344,65 +429,24 @@ impl RequestHandler for DnsHandler {
             }
         };
         let qtype = query.query_type();
-        let qname = query.name().to_string();
-        let resolved = {
-            let st = self.registry.read();
-            resolve(&st, self.registry.serial(), &qname, qtype)
-        };
-        let answer = match resolved {
-            Some(a) => a,
-            None => match self.forward {
-                Some(up) => {
-                    let q = query.original().clone();
-                    match forward(up, q, request.recursion_desired()).await {
-                        Some(m) => {
-                            header.set_recursion_available(true);
-                            Answer {
-                                rcode: Some(m.response_code()),
-                                authoritative: false,
-                                answers: m.answers().to_vec(),
-                                authority: m.name_servers().to_vec(),
-                                additionals: m
-                                    .additionals()
-                                    .iter()
-                                    .filter(|r| r.record_type() != QType::OPT)
-                                    .cloned()
-                                    .collect(),
-                                fail_open: false,
-                            }
-                        }
-                        None => Answer {
-                            rcode: Some(ResponseCode::ServFail),
-                            ..Answer::default()
-                        },
-                    }
-                }
-                None => Answer {
-                    rcode: Some(ResponseCode::Refused),
-                    ..Answer::default()
-                },
-            },
-        };
+        let (answer, ra) = self
+            .answer(query.original(), request.recursion_desired())
+            .await;
+        header.set_recursion_available(ra);
         let mut answer = answer;
         if request.protocol() == hickory_proto::xfer::Protocol::Udp {
             let limit = request
                 .edns()
                 .map(|e| e.max_payload().max(512))
                 .unwrap_or(512) as usize;
-            if truncate(&query, &mut answer, limit) {
+            if truncate(query.original(), &mut answer, limit) {
                 header.set_truncated(true);
             }
         }
-        if answer.fail_open {
-            self.metrics.dns_fail_open.inc();
-        }
+        self.count(qtype, &answer);
         let rcode = answer.rcode.unwrap_or(ResponseCode::NoError);
         header.set_response_code(rcode);
         header.set_authoritative(answer.authoritative);
-        self.metrics
-            .dns_queries
-            .with_label_values(&[&qtype.to_string(), rcode_label(rcode)])
-            .inc();
         let response = builder.build(
             header,
             answer.answers.iter(),
@@ -450,9 +494,9 @@ fn rcode_label(rcode: ResponseCode) -> &'static str {
 }
 
 /// Size of the encoded response (with an OPT record's 11 bytes when EDNS is used).
-fn encoded_len(query: &hickory_proto::op::LowerQuery, a: &Answer) -> usize {
+fn encoded_len(query: &Query, a: &Answer) -> usize {
     let mut m = Message::new();
-    m.add_query(query.original().clone());
+    m.add_query(query.clone());
     m.add_answers(a.answers.iter().cloned());
     m.add_name_servers(a.authority.iter().cloned());
     m.add_additionals(a.additionals.iter().cloned());
@@ -461,7 +505,7 @@ fn encoded_len(query: &hickory_proto::op::LowerQuery, a: &Answer) -> usize {
 
 /// Fits a UDP answer in `limit` bytes (RFC 1035 512 without EDNS): drops additionals, then
 /// answers, and reports whether the client must retry over TCP.
-fn truncate(query: &hickory_proto::op::LowerQuery, a: &mut Answer, limit: usize) -> bool {
+pub(crate) fn truncate(query: &Query, a: &mut Answer, limit: usize) -> bool {
     // Cheap bound first: most answers are far below the limit.
     let bound: usize = 64
         + a.answers

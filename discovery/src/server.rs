@@ -120,9 +120,17 @@ impl Server {
             // TCP on the same port as UDP.
             let tcp = TcpListener::bind(bound).await.map_err(bind(bound))?;
             dns_addr = Some(bound);
-            let handler = DnsHandler::new(registry.clone(), metrics.clone(), config.dns_forward);
-            let mut server = hickory_server::ServerFuture::new(handler);
-            server.register_socket(udp);
+            let handler = Arc::new(DnsHandler::new(
+                registry.clone(),
+                metrics.clone(),
+                config.dns_forward,
+            ));
+            tasks.spawn(crate::dns_udp::serve(
+                Arc::new(udp),
+                handler.clone(),
+                stop_rx.clone(),
+            ));
+            let mut server = hickory_server::ServerFuture::new(SharedHandler(handler));
             server.register_listener(tcp, Duration::from_secs(10));
             let mut stop_dns = stop_rx.clone();
             tasks.spawn(async move {
@@ -165,4 +173,18 @@ pub async fn run(
     shutdown.await;
     server.shutdown().await;
     Ok(())
+}
+
+/// The hickory handler over a shared [`DnsHandler`] (the UDP fast path holds the other reference).
+struct SharedHandler(Arc<DnsHandler>);
+
+#[async_trait::async_trait]
+impl hickory_server::server::RequestHandler for SharedHandler {
+    async fn handle_request<R: hickory_server::server::ResponseHandler>(
+        &self,
+        request: &hickory_server::server::Request,
+        response_handle: R,
+    ) -> hickory_server::server::ResponseInfo {
+        self.0.handle_request(request, response_handle).await
+    }
 }
