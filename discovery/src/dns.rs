@@ -211,30 +211,38 @@ fn pick<'a>(e: &ServiceEntry, mut set: Vec<&'a InstanceEntry>) -> Vec<&'a Instan
     }
 }
 
-fn resolve(st: &State, serial: u32, qname: &Name, qtype: QType) -> Option<Answer> {
-    let qname = qname.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+/// Whether `qname` is `zone` or below it (ASCII case-insensitive, no trailing dots).
+fn in_zone(qname: &str, zone: &str) -> bool {
+    let (q, z) = (qname.as_bytes(), zone.as_bytes());
+    q.len() >= z.len()
+        && q[q.len() - z.len()..].eq_ignore_ascii_case(z)
+        && (q.len() == z.len() || q[q.len() - z.len() - 1] == b'.')
+}
+
+fn resolve(st: &State, serial: u32, query_name: &Name, qtype: QType) -> Option<Answer> {
+    let mut qname = query_name.to_ascii();
+    if qname.ends_with('.') {
+        qname.pop();
+    }
+    qname.make_ascii_lowercase();
     let ns = st
         .namespaces
         .values()
-        .filter(|n| n.kind.is_dns())
-        .filter(|n| {
-            let z = n.name.to_ascii_lowercase();
-            qname == z || qname.ends_with(&format!(".{z}"))
-        })
+        .filter(|n| n.kind.is_dns() && in_zone(&qname, &n.name))
         .max_by_key(|n| n.name.len())?;
     let mut out = Answer {
         authoritative: true,
         ..Answer::default()
     };
-    let soa = soa_record(ns, serial);
-    let owner = name(&qname)?;
+    let soa = || soa_record(ns, serial);
+    let owner = query_name.clone();
     let nodata = |mut out: Answer| {
-        out.authority.extend(soa.clone());
+        out.authority.extend(soa());
         out
     };
     if qname.len() == ns.name.len() {
         match qtype {
-            QType::SOA => out.answers.extend(soa.clone()),
+            QType::SOA => out.answers.extend(soa()),
             QType::NS => {
                 let ns1 = name(&format!("ns1.{}", ns.name))?;
                 out.answers.push(Record::from_rdata(
@@ -251,7 +259,7 @@ fn resolve(st: &State, serial: u32, qname: &Name, qtype: QType) -> Option<Answer
     let labels: Vec<&str> = rel.split('.').collect();
     let nxdomain = |mut out: Answer| {
         out.rcode = Some(ResponseCode::NXDomain);
-        out.authority.extend(soa.clone());
+        out.authority.extend(soa());
         out
     };
     let (svc_label, inst_label) = match labels.as_slice() {
