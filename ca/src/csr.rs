@@ -28,6 +28,7 @@ pub enum KeyKind {
 pub struct VerifiedCsr {
     pub(crate) spki: SubjectPublicKeyInfo,
     pub(crate) kind: KeyKind,
+    pub(crate) common_name: Option<String>,
 }
 
 impl VerifiedCsr {
@@ -97,11 +98,26 @@ impl VerifiedCsr {
             .map_err(|_| CaError::BadCsrSignature)?;
         let spki = SubjectPublicKeyInfo::from_der(spki.raw)
             .map_err(|e| CaError::WeakKey(format!("unsupported public key: {e}")))?;
-        Ok(Self { spki, kind })
+        let common_name = csr
+            .certification_request_info
+            .subject
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        Ok(Self {
+            spki,
+            kind,
+            common_name,
+        })
     }
 
     pub fn key_kind(&self) -> KeyKind {
         self.kind
+    }
+    /// The CSR subject's CN (informational only: the CA decides the subject).
+    pub fn common_name(&self) -> Option<&str> {
+        self.common_name.as_deref()
     }
 }
 

@@ -10,6 +10,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod api;
 mod authority;
 mod ca_dir;
 mod csr;
@@ -31,7 +32,7 @@ pub use ephemeral::{EphemeralCa, IdentityMaterial};
 pub use error::CaError;
 pub use identity::{Credential, Identity, RenewFuture, Renewer, renew_delay};
 pub use metrics::CaMetrics;
-pub use policy::{DnsSans, Policy};
+pub use policy::{DnsSans, Policy, parse_duration};
 pub use renewer::{HttpRenewer, LocalRenewer, generate_key_and_csr};
 pub use serial::Serial;
 pub use token::{AuthError, NewToken, Scope, Tokens};
