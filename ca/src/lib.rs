@@ -13,6 +13,7 @@
 pub mod api;
 mod authority;
 mod ca_dir;
+mod commit;
 mod csr;
 mod ephemeral;
 mod error;

@@ -116,6 +116,25 @@ impl CaApi {
     }
 }
 
+/// `CaApi` as a tower service over already-read bodies (for hosts that compose tower layers).
+impl tower::Service<Request<Bytes>> for CaApi {
+    type Response = Response<Full<Bytes>>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let api = self.clone();
+        Box::pin(async move { Ok(api.handle(req).await) })
+    }
+}
+
 /// Reads a body with the [`MAX_BODY`] limit.
 async fn read_body(body: Incoming) -> Result<Bytes, ()> {
     Limited::new(body, MAX_BODY)
@@ -187,4 +206,61 @@ async fn route(api: &CaApi, req: Request<Incoming>) -> Response<Full<Bytes>> {
         .native();
     };
     api.handle(Request::from_parts(parts, body)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    fn api() -> CaApi {
+        let a = Authority::in_memory("mesh.local".parse().unwrap(), Default::default()).unwrap();
+        CaApi::new(a, Tokens::in_memory(), "us-east-1")
+    }
+
+    #[tokio::test]
+    async fn oneshot_routes() {
+        let r = api()
+            .oneshot(Request::get("/v1/ca/roots").body(Bytes::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = api()
+            .oneshot(Request::post("/v1/ca/sign").body(Bytes::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let r = api()
+            .oneshot(
+                Request::post("/")
+                    .header("x-amz-target", "ACMPrivateCA.DescribeCertificateAuthority")
+                    .body(Bytes::from_static(b"{}"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            r.headers().get("x-amzn-errortype").unwrap(),
+            "MissingAuthenticationTokenException"
+        );
+    }
+
+    #[test]
+    fn matches_paths_and_targets() {
+        let (p, _) = Request::get("/v1/ca/roots").body(()).unwrap().into_parts();
+        assert!(CaApi::matches(&p));
+        let (p, _) = Request::post("/")
+            .header("X-Amz-Target", "ACMPrivateCA.IssueCertificate")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert!(CaApi::matches(&p));
+        let (p, _) = Request::post("/")
+            .header("X-Amz-Target", "Route53AutoNaming_v20170314.ListServices")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert!(!CaApi::matches(&p));
+    }
 }
