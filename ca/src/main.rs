@@ -48,9 +48,10 @@ enum Cmd {
         dir: PathBuf,
         /// The signed intermediate certificate (PEM).
         cert: PathBuf,
-        /// The external root certificate (PEM) it chains to.
+        /// The external root certificate (PEM) it chains to. Without it, CERT must hold the
+        /// intermediate followed by the root.
         #[arg(long)]
-        root: PathBuf,
+        root: Option<PathBuf>,
     },
     /// Issue a certificate for a locally generated key: writes PREFIX.crt (chain) and PREFIX.key.
     Issue {
@@ -180,8 +181,23 @@ fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Cmd::InstallIntermediate { dir, cert, root } => {
+            let cert_pem = read(&cert)?;
+            let (inter, root_pem) = match root {
+                Some(r) => (cert_pem, read(&r)?),
+                None => {
+                    let blocks = pem::parse_many(&cert_pem)
+                        .map_err(|e| format!("{}: {e}", cert.display()))?;
+                    let [i, r] = blocks.as_slice() else {
+                        return Err(format!(
+                            "{}: expected intermediate + root (or pass --root)",
+                            cert.display()
+                        ));
+                    };
+                    (pem::encode(i), pem::encode(r))
+                }
+            };
             CaDir::new(&dir)
-                .install_intermediate(&read(&cert)?, &read(&root)?)
+                .install_intermediate(&inter, &root_pem)
                 .map_err(s)?;
             println!("installed intermediate in {}", dir.display());
         }
@@ -204,11 +220,16 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             let v = VerifiedCsr::parse(csr_pem.as_bytes()).map_err(s)?;
             let issued = a.issue(&v, &id, ttl, false, "cli").map_err(s)?;
-            let crt = out.with_extension("crt");
+            let with_ext = |ext: &str| {
+                let mut p = out.clone().into_os_string();
+                p.push(ext);
+                PathBuf::from(p)
+            };
+            let crt = with_ext(".crt");
             std::fs::write(&crt, &issued.chain_pem)
                 .map_err(|e| format!("{}: {e}", crt.display()))?;
             if let Some(k) = key_pem {
-                let kp = out.with_extension("key");
+                let kp = with_ext(".key");
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
                 std::fs::OpenOptions::new()
@@ -247,6 +268,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let tokens = ca.tokens().map_err(s)?;
             let api = CaApi::new(a, tokens, &region);
             let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            // Note: `serve` also re-signs the CRL daily (CaApi::spawn_maintenance).
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(&listen)
                     .await

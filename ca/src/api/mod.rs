@@ -24,6 +24,8 @@ pub use wire::WireError;
 
 /// Largest request body the API reads.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// How often the CRL is re-signed (its lifetime is 7 days).
+pub const CRL_REFRESH: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// AWS account id shown in ARNs.
 pub const ACCOUNT_ID: &str = "000000000000";
 
@@ -105,6 +107,25 @@ impl CaApi {
         native::handle(self, &parts, body).await
     }
 
+    /// Background upkeep a host must run once per CA: re-signs the CRL every
+    /// [`CRL_REFRESH`] so it never expires (it is also re-signed on every revocation).
+    pub fn spawn_maintenance(&self) -> tokio::task::JoinHandle<()> {
+        let authority = self.inner.authority.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CRL_REFRESH);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let a = authority.clone();
+                match tokio::task::spawn_blocking(move || a.regenerate_crl()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "CRL refresh failed"),
+                    Err(e) => tracing::error!(error = %e, "CRL refresh task failed"),
+                }
+            }
+        })
+    }
+
     /// `/metrics` in Prometheus text format.
     pub fn metrics_response(&self) -> Response<Full<Bytes>> {
         self.inner.authority.update_expiry_gauges();
@@ -153,6 +174,7 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
+    let maintenance = api.spawn_maintenance();
     loop {
         let (stream, _peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
@@ -178,6 +200,7 @@ pub async fn serve(
             let _ = conn.await;
         });
     }
+    maintenance.abort();
     graceful.shutdown().await;
     Ok(())
 }

@@ -364,3 +364,118 @@ fn aws_cli_documented_flow() {
     );
     assert!(!ok && out.contains("MalformedCSRException"), "{out}");
 }
+
+#[test]
+fn cli_external_root_signed_by_openssl() {
+    let Some(openssl) = tool("openssl") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    let d = dir.to_str().unwrap();
+    let out = ca(&[
+        "init",
+        "--dir",
+        d,
+        "--trust-domain",
+        "mesh.local",
+        "--external-root",
+    ]);
+    assert!(out.contains("intermediate.csr"), "{out}");
+    let (ok, out) = run(Command::new(BIN).args([
+        "issue",
+        "--dir",
+        d,
+        "--service",
+        "a",
+        "--namespace",
+        "n",
+        "--out",
+        "/dev/null/x",
+    ]));
+    assert!(!ok && out.contains("install-intermediate"), "{out}");
+    // The "elsewhere" root: openssl.
+    let rk = tmp.path().join("ext-root.key");
+    let rc = tmp.path().join("ext-root.crt");
+    let (ok, out) = run(Command::new(&openssl)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=Corp Root",
+        ])
+        .args([
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ])
+        .arg("-keyout")
+        .arg(&rk)
+        .arg("-out")
+        .arg(&rc));
+    assert!(ok, "{out}");
+    let ext = write(
+        tmp.path(),
+        "ext.cnf",
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+    );
+    let ic = tmp.path().join("inter.crt");
+    let (ok, out) = run(Command::new(&openssl)
+        .args(["x509", "-req", "-days", "30", "-in"])
+        .arg(dir.join("intermediate.csr"))
+        .arg("-CA")
+        .arg(&rc)
+        .arg("-CAkey")
+        .arg(&rk)
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&ic));
+    assert!(ok, "{out}");
+    // A certificate for a different key is refused.
+    let (ok, out) = run(Command::new(BIN)
+        .args(["install-intermediate", "--dir", d])
+        .arg(&rc)
+        .arg("--root")
+        .arg(&rc));
+    assert!(
+        !ok && (out.contains("does not match") || out.contains("not the key")),
+        "{out}"
+    );
+    // Chain file form: intermediate + root in one file.
+    let chain = write(
+        tmp.path(),
+        "chain.pem",
+        &(std::fs::read_to_string(&ic).unwrap() + &std::fs::read_to_string(&rc).unwrap()),
+    );
+    ca(&["install-intermediate", "--dir", d, chain.to_str().unwrap()]);
+    let prefix = tmp.path().join("svc.v1");
+    ca(&[
+        "issue",
+        "--dir",
+        d,
+        "--service",
+        "a",
+        "--namespace",
+        "n",
+        "--out",
+        prefix.to_str().unwrap(),
+    ]);
+    let crt = tmp.path().join("svc.v1.crt");
+    let (ok, out) = run(Command::new(&openssl)
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&rc)
+        .arg("-untrusted")
+        .arg(&crt)
+        .arg(&crt));
+    assert!(ok, "{out}");
+}
