@@ -56,6 +56,9 @@ struct Serve {
     /// Concurrent active health checks.
     #[arg(long, default_value_t = 256)]
     health_concurrency: usize,
+    /// Trust domain of the CA created on first start in `<data-dir>/ca`.
+    #[arg(long, default_value = "mesh.local", env = "TRELLIS_TRUST_DOMAIN")]
+    trust_domain: trellis_core::TrustDomain,
     /// Region used in ARNs.
     #[arg(long, default_value = "us-east-1")]
     region: String,
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         healthy_threshold: s.healthy_threshold.max(1),
         concurrency: s.health_concurrency.max(1),
     };
+    config.trust_domain = s.trust_domain;
     config.registry.region = s.region;
     config.registry.account = s.account;
     let runtime = match tokio::runtime::Runtime::new() {

@@ -916,3 +916,30 @@ async fn dns_forwarding_for_foreign_names() {
     server.shutdown().await;
     upstream.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_is_mounted_and_initialised_on_first_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(Some(dir.path())).await;
+    let (s, roots) = http(server.api_addr, "GET", "/v1/ca/roots", &[], b"").await;
+    assert_eq!(s, 200);
+    let roots = String::from_utf8(roots).unwrap();
+    assert!(roots.contains("BEGIN CERTIFICATE"), "{roots}");
+    // Signing without a credential is refused by the CA, not by the Cloud Map front.
+    let (s, _) = http(server.api_addr, "POST", "/v1/ca/sign", &[], b"{}").await;
+    assert!(s == 401 || s == 403 || s == 400, "{s}");
+    let (_, m) = http(server.api_addr, "GET", "/metrics", &[], b"").await;
+    let m = String::from_utf8(m).unwrap();
+    assert!(
+        m.contains("trellis_discovery_api_requests_total")
+            || m.contains("trellis_discovery_instances"),
+        "{m}"
+    );
+    assert!(m.contains("trellis_ca_"), "CA metrics appended: {m}");
+    server.shutdown().await;
+    // Second start opens the same CA.
+    let server = start(Some(dir.path())).await;
+    let (_, again) = http(server.api_addr, "GET", "/v1/ca/roots", &[], b"").await;
+    assert_eq!(String::from_utf8(again).unwrap(), roots);
+    server.shutdown().await;
+}
