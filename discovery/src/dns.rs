@@ -81,6 +81,7 @@ impl DnsHandler {
                         .cloned()
                         .collect(),
                     fail_open: false,
+                    random: true,
                 };
                 (a, true)
             }
@@ -106,14 +107,26 @@ impl DnsHandler {
     }
 
     pub(crate) fn count(&self, qtype: QType, answer: &Answer) {
+        self.counter(qtype, answer).inc();
         if answer.fail_open {
-            self.metrics.dns_fail_open.inc();
+            self.fail_open_counter().inc();
         }
+    }
+
+    /// The query counter for this answer (resolved once, kept by the UDP answer cache).
+    pub(crate) fn counter(&self, qtype: QType, answer: &Answer) -> prometheus::IntCounter {
         let rcode = answer.rcode.unwrap_or(ResponseCode::NoError);
         self.metrics
             .dns_queries
             .with_label_values(&[qtype_label(qtype), rcode_label(rcode)])
-            .inc();
+    }
+
+    pub(crate) fn fail_open_counter(&self) -> &prometheus::IntCounter {
+        &self.metrics.dns_fail_open
+    }
+
+    pub(crate) fn serial(&self) -> u32 {
+        self.registry.serial()
     }
 }
 
@@ -142,6 +155,8 @@ pub(crate) struct Answer {
     pub(crate) authority: Vec<Record>,
     pub(crate) additionals: Vec<Record>,
     pub(crate) fail_open: bool,
+    /// Chosen at random per query (not cacheable).
+    pub(crate) random: bool,
 }
 
 fn name(s: &str) -> Option<Name> {
@@ -295,6 +310,9 @@ fn resolve(st: &State, serial: u32, query_name: &Name, qtype: QType) -> Option<A
     }
     let (set, fail_open) = serving(e);
     out.fail_open = fail_open;
+    // A random choice per query: the UDP answer cache must not pin one.
+    let weighted = dns.routing_policy == Some(RoutingPolicy::Weighted);
+    out.random = set.len() > MULTIVALUE_MAX || (weighted && set.len() > 1);
     match qtype {
         QType::A | QType::AAAA => {
             let kind = if qtype == QType::A {
