@@ -220,6 +220,11 @@ async fn health(n: usize) {
     cfg.data_dir = Some(dir.path().to_path_buf());
     cfg.health.interval = Duration::from_secs(1);
     cfg.health.timeout = Duration::from_millis(500);
+    cfg.health.concurrency = std::env::var("HEALTH_CONCURRENCY")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(cfg.health.concurrency);
+    let concurrency = cfg.health.concurrency;
     let server = Server::start(cfg).await.unwrap();
     let api = server.api_addr;
     let ns = create_zone(api, "hc.local").await;
@@ -255,7 +260,7 @@ async fn health(n: usize) {
     );
     let expected = n as f64 * el;
     println!(
-        "health: {n} instances, interval 1s: {:.0} checks/s of {:.0} scheduled (drift {:.1}%), CPU {:.0}% of one core (checker + target listener)",
+        "health: {n} instances, interval 1s, concurrency {concurrency}: {:.0} checks/s of {:.0} scheduled (drift {:.1}%), CPU {:.0}% of one core (checker + target listener)",
         (c1 - c0) / el,
         n as f64,
         100.0 * (expected - (c1 - c0)) / expected,

@@ -41,7 +41,7 @@ impl Default for HealthConfig {
             interval: Duration::from_secs(10),
             timeout: Duration::from_secs(2),
             healthy_threshold: 1,
-            concurrency: 256,
+            concurrency: 1024,
         }
     }
 }
