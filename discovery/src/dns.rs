@@ -48,15 +48,115 @@ impl DnsHandler {
     }
 }
 
+impl DnsHandler {
+    /// Resolves one question: from the registry, else forwarded, else REFUSED. Also returns
+    /// whether recursion was available (a forwarded answer).
+    pub(crate) async fn answer(&self, query: &Query, rd: bool) -> (Answer, bool) {
+        if let Some(a) = self.local(query) {
+            return (a, false);
+        }
+        self.foreign(query, rd).await
+    }
+
+    /// The answer for a name outside our zones.
+    pub(crate) async fn foreign(&self, query: &Query, rd: bool) -> (Answer, bool) {
+        let Some(up) = self.forward else {
+            let refused = Answer {
+                rcode: Some(ResponseCode::Refused),
+                ..Answer::default()
+            };
+            return (refused, false);
+        };
+        match forward(up, query.clone(), rd).await {
+            Some(m) => {
+                let a = Answer {
+                    rcode: Some(m.response_code()),
+                    authoritative: false,
+                    answers: m.answers().to_vec(),
+                    authority: m.name_servers().to_vec(),
+                    additionals: m
+                        .additionals()
+                        .iter()
+                        .filter(|r| r.record_type() != QType::OPT)
+                        .cloned()
+                        .collect(),
+                    fail_open: false,
+                    random: true,
+                };
+                (a, true)
+            }
+            None => {
+                let failed = Answer {
+                    rcode: Some(ResponseCode::ServFail),
+                    ..Answer::default()
+                };
+                (failed, false)
+            }
+        }
+    }
+
+    /// Only the registry: `None` for a name outside our zones.
+    pub(crate) fn local(&self, query: &Query) -> Option<Answer> {
+        let st = self.registry.read();
+        resolve(
+            &st,
+            self.registry.serial(),
+            query.name(),
+            query.query_type(),
+        )
+    }
+
+    pub(crate) fn count(&self, qtype: QType, answer: &Answer) {
+        self.counter(qtype, answer).inc();
+        if answer.fail_open {
+            self.fail_open_counter().inc();
+        }
+    }
+
+    /// The query counter for this answer (resolved once, kept by the UDP answer cache).
+    pub(crate) fn counter(&self, qtype: QType, answer: &Answer) -> prometheus::IntCounter {
+        let rcode = answer.rcode.unwrap_or(ResponseCode::NoError);
+        self.metrics
+            .dns_queries
+            .with_label_values(&[qtype_label(qtype), rcode_label(rcode)])
+    }
+
+    pub(crate) fn fail_open_counter(&self) -> &prometheus::IntCounter {
+        &self.metrics.dns_fail_open
+    }
+
+    pub(crate) fn serial(&self) -> u32 {
+        self.registry.serial()
+    }
+}
+
+fn qtype_label(q: QType) -> &'static str {
+    match q {
+        QType::A => "A",
+        QType::AAAA => "AAAA",
+        QType::SRV => "SRV",
+        QType::SOA => "SOA",
+        QType::NS => "NS",
+        QType::CNAME => "CNAME",
+        QType::TXT => "TXT",
+        QType::PTR => "PTR",
+        QType::MX => "MX",
+        QType::ANY => "ANY",
+        _ => "OTHER",
+    }
+}
+
 /// What one query resolves to.
 #[derive(Default)]
-struct Answer {
-    rcode: Option<ResponseCode>,
-    authoritative: bool,
-    answers: Vec<Record>,
-    authority: Vec<Record>,
-    additionals: Vec<Record>,
-    fail_open: bool,
+pub(crate) struct Answer {
+    pub(crate) rcode: Option<ResponseCode>,
+    pub(crate) authoritative: bool,
+    pub(crate) answers: Vec<Record>,
+    pub(crate) authority: Vec<Record>,
+    pub(crate) additionals: Vec<Record>,
+    pub(crate) fail_open: bool,
+    /// Chosen at random per query (not cacheable).
+    pub(crate) random: bool,
 }
 
 fn name(s: &str) -> Option<Name> {
@@ -126,30 +226,38 @@ fn pick<'a>(e: &ServiceEntry, mut set: Vec<&'a InstanceEntry>) -> Vec<&'a Instan
     }
 }
 
-fn resolve(st: &State, serial: u32, qname: &str, qtype: QType) -> Option<Answer> {
-    let qname = qname.trim_end_matches('.').to_ascii_lowercase();
+/// Whether `qname` is `zone` or below it (ASCII case-insensitive, no trailing dots).
+fn in_zone(qname: &str, zone: &str) -> bool {
+    let (q, z) = (qname.as_bytes(), zone.as_bytes());
+    q.len() >= z.len()
+        && q[q.len() - z.len()..].eq_ignore_ascii_case(z)
+        && (q.len() == z.len() || q[q.len() - z.len() - 1] == b'.')
+}
+
+fn resolve(st: &State, serial: u32, query_name: &Name, qtype: QType) -> Option<Answer> {
+    let mut qname = query_name.to_ascii();
+    if qname.ends_with('.') {
+        qname.pop();
+    }
+    qname.make_ascii_lowercase();
     let ns = st
         .namespaces
         .values()
-        .filter(|n| n.kind.is_dns())
-        .filter(|n| {
-            let z = n.name.to_ascii_lowercase();
-            qname == z || qname.ends_with(&format!(".{z}"))
-        })
+        .filter(|n| n.kind.is_dns() && in_zone(&qname, &n.name))
         .max_by_key(|n| n.name.len())?;
     let mut out = Answer {
         authoritative: true,
         ..Answer::default()
     };
-    let soa = soa_record(ns, serial);
-    let owner = name(&qname)?;
+    let soa = || soa_record(ns, serial);
+    let owner = query_name.clone();
     let nodata = |mut out: Answer| {
-        out.authority.extend(soa.clone());
+        out.authority.extend(soa());
         out
     };
     if qname.len() == ns.name.len() {
         match qtype {
-            QType::SOA => out.answers.extend(soa.clone()),
+            QType::SOA => out.answers.extend(soa()),
             QType::NS => {
                 let ns1 = name(&format!("ns1.{}", ns.name))?;
                 out.answers.push(Record::from_rdata(
@@ -166,7 +274,7 @@ fn resolve(st: &State, serial: u32, qname: &str, qtype: QType) -> Option<Answer>
     let labels: Vec<&str> = rel.split('.').collect();
     let nxdomain = |mut out: Answer| {
         out.rcode = Some(ResponseCode::NXDomain);
-        out.authority.extend(soa.clone());
+        out.authority.extend(soa());
         out
     };
     let (svc_label, inst_label) = match labels.as_slice() {
@@ -202,6 +310,9 @@ fn resolve(st: &State, serial: u32, qname: &str, qtype: QType) -> Option<Answer>
     }
     let (set, fail_open) = serving(e);
     out.fail_open = fail_open;
+    // A random choice per query: the UDP answer cache must not pin one.
+    let weighted = dns.routing_policy == Some(RoutingPolicy::Weighted);
+    out.random = set.len() > MULTIVALUE_MAX || (weighted && set.len() > 1);
     match qtype {
         QType::A | QType::AAAA => {
             let kind = if qtype == QType::A {
@@ -344,55 +455,24 @@ impl RequestHandler for DnsHandler {
             }
         };
         let qtype = query.query_type();
-        let qname = query.name().to_string();
-        let resolved = {
-            let st = self.registry.read();
-            resolve(&st, self.registry.serial(), &qname, qtype)
-        };
-        let answer = match resolved {
-            Some(a) => a,
-            None => match self.forward {
-                Some(up) => {
-                    let q = query.original().clone();
-                    match forward(up, q, request.recursion_desired()).await {
-                        Some(m) => {
-                            header.set_recursion_available(true);
-                            Answer {
-                                rcode: Some(m.response_code()),
-                                authoritative: false,
-                                answers: m.answers().to_vec(),
-                                authority: m.name_servers().to_vec(),
-                                additionals: m
-                                    .additionals()
-                                    .iter()
-                                    .filter(|r| r.record_type() != QType::OPT)
-                                    .cloned()
-                                    .collect(),
-                                fail_open: false,
-                            }
-                        }
-                        None => Answer {
-                            rcode: Some(ResponseCode::ServFail),
-                            ..Answer::default()
-                        },
-                    }
-                }
-                None => Answer {
-                    rcode: Some(ResponseCode::Refused),
-                    ..Answer::default()
-                },
-            },
-        };
-        if answer.fail_open {
-            self.metrics.dns_fail_open.inc();
+        let (answer, ra) = self
+            .answer(query.original(), request.recursion_desired())
+            .await;
+        header.set_recursion_available(ra);
+        let mut answer = answer;
+        if request.protocol() == hickory_proto::xfer::Protocol::Udp {
+            let limit = request
+                .edns()
+                .map(|e| e.max_payload().max(512))
+                .unwrap_or(512) as usize;
+            if truncate(query.original(), &mut answer, limit) {
+                header.set_truncated(true);
+            }
         }
+        self.count(qtype, &answer);
         let rcode = answer.rcode.unwrap_or(ResponseCode::NoError);
         header.set_response_code(rcode);
         header.set_authoritative(answer.authoritative);
-        self.metrics
-            .dns_queries
-            .with_label_values(&[&qtype.to_string(), &rcode.to_str().to_ascii_uppercase()])
-            .inc();
         let response = builder.build(
             header,
             answer.answers.iter(),
@@ -425,4 +505,47 @@ async fn send<'a, R: ResponseHandler>(
             h.into()
         }
     }
+}
+
+fn rcode_label(rcode: ResponseCode) -> &'static str {
+    match rcode {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::NotImp => "NOTIMP",
+        _ => "OTHER",
+    }
+}
+
+/// Size of the encoded response (with an OPT record's 11 bytes when EDNS is used).
+fn encoded_len(query: &Query, a: &Answer) -> usize {
+    let mut m = Message::new();
+    m.add_query(query.clone());
+    m.add_answers(a.answers.iter().cloned());
+    m.add_name_servers(a.authority.iter().cloned());
+    m.add_additionals(a.additionals.iter().cloned());
+    m.to_vec().map(|v| v.len() + 11).unwrap_or(usize::MAX)
+}
+
+/// Fits a UDP answer in `limit` bytes (RFC 1035 512 without EDNS): drops additionals, then
+/// answers, and reports whether the client must retry over TCP.
+pub(crate) fn truncate(query: &Query, a: &mut Answer, limit: usize) -> bool {
+    // Cheap bound first: most answers are far below the limit.
+    let bound: usize = 64
+        + a.answers
+            .iter()
+            .chain(&a.authority)
+            .chain(&a.additionals)
+            .map(|r| r.name().len() + 80)
+            .sum::<usize>();
+    if bound <= limit || encoded_len(query, a) <= limit {
+        return false;
+    }
+    a.additionals.clear();
+    while !a.answers.is_empty() && encoded_len(query, a) > limit {
+        a.answers.pop();
+    }
+    true
 }

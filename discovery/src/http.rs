@@ -47,6 +47,14 @@ pub trait Mount: Send + Sync + 'static {
         &self,
         req: Request<Bytes>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Full<Bytes>>> + Send + '_>>;
+    /// Extra Prometheus text appended to `/metrics`.
+    fn metrics(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Background upkeep started with the server and stopped with it.
+    fn spawn_maintenance(&self) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
 }
 
 pub struct Front {
@@ -111,11 +119,13 @@ impl Front {
         let path = parts.uri.path().to_owned();
         match (&parts.method, path.as_str()) {
             (&Method::POST, "/") => self.cloud_map(parts, body).await,
-            (&Method::GET, "/metrics") => respond(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.metrics.render(&self.registry),
-            ),
+            (&Method::GET, "/metrics") => {
+                let mut text = self.metrics.render(&self.registry);
+                for m in &self.mounts {
+                    text.extend(m.metrics().unwrap_or_default());
+                }
+                respond(StatusCode::OK, "text/plain; version=0.0.4", text)
+            }
             (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
             (&Method::GET, p) if p.starts_with("/v1/watch/") => {
                 self.watch(&p["/v1/watch/".len()..], parts.uri.query())

@@ -16,6 +16,8 @@ mod ca_mount;
 #[cfg(feature = "server")]
 mod dns;
 #[cfg(feature = "server")]
+mod dns_udp;
+#[cfg(feature = "server")]
 mod health;
 #[cfg(feature = "server")]
 mod http;

@@ -56,6 +56,9 @@ struct Serve {
     /// Concurrent active health checks.
     #[arg(long, default_value_t = 256)]
     health_concurrency: usize,
+    /// Trust domain of the CA created on first start in `<data-dir>/ca`.
+    #[arg(long, default_value = "mesh.local", env = "TRELLIS_TRUST_DOMAIN")]
+    trust_domain: trellis_core::TrustDomain,
     /// Region used in ARNs.
     #[arg(long, default_value = "us-east-1")]
     region: String,
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         healthy_threshold: s.healthy_threshold.max(1),
         concurrency: s.health_concurrency.max(1),
     };
+    config.trust_domain = s.trust_domain;
     config.registry.region = s.region;
     config.registry.account = s.account;
     let runtime = match tokio::runtime::Runtime::new() {
@@ -104,9 +108,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(trellis_discovery::run(config, async {
-        let _ = tokio::signal::ctrl_c().await;
-    }));
+    let result = runtime.block_on(async {
+        let server = trellis_discovery::Server::start(config).await?;
+        // One plain line for scripts and tests (ports may be ephemeral).
+        println!(
+            "trellis-discovery: api http://{} dns {}",
+            server.api_addr,
+            server.dns_addr.map(|a| a.to_string()).unwrap_or_default()
+        );
+        shutdown_signal().await;
+        server.shutdown().await;
+        Ok::<(), trellis_discovery::ServerError>(())
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -114,4 +127,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub require_signature: Option<bool>,
     pub health: HealthConfig,
     pub registry: RegistryConfig,
+    /// Trust domain of the CA created on first start (`<data-dir>/ca`).
+    pub trust_domain: trellis_core::TrustDomain,
 }
 
 impl ServerConfig {
@@ -59,7 +61,16 @@ impl ServerConfig {
             require_signature: None,
             health: HealthConfig::default(),
             registry: RegistryConfig::default(),
+            trust_domain: default_trust_domain(),
         }
+    }
+}
+
+fn default_trust_domain() -> trellis_core::TrustDomain {
+    // A constant that satisfies the trust-domain grammar.
+    match "mesh.local".parse() {
+        Ok(t) => t,
+        Err(_) => unreachable!("mesh.local is a valid trust domain"),
     }
 }
 
@@ -71,12 +82,15 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    maintenance: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
     /// Opens the store, binds every listener and starts serving. Bound addresses are on the result.
+    /// The CA issuance API is mounted when a data directory is set.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
-        Self::start_with(config, Vec::new()).await
+        let mounts = crate::ca_mount::mounts(&config)?;
+        Self::start_with(config, mounts).await
     }
 
     /// As [`Server::start`], with extra handlers mounted on the HTTP front (the CA).
@@ -92,6 +106,10 @@ impl Server {
         let metrics = Metrics::new();
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        let maintenance: Vec<_> = mounts
+            .iter()
+            .filter_map(|m| m.spawn_maintenance())
+            .collect();
 
         let bind = |addr| move |source| ServerError::Bind { addr, source };
         let listener = TcpListener::bind(config.api_listen)
@@ -113,14 +131,19 @@ impl Server {
 
         let mut dns_addr = None;
         if let Some(addr) = config.dns_listen {
-            let udp = UdpSocket::bind(addr).await.map_err(bind(addr))?;
-            let bound = udp.local_addr().map_err(bind(addr))?;
-            // TCP on the same port as UDP.
-            let tcp = TcpListener::bind(bound).await.map_err(bind(bound))?;
+            let (udp, tcp, bound) = bind_dns(addr).await?;
             dns_addr = Some(bound);
-            let handler = DnsHandler::new(registry.clone(), metrics.clone(), config.dns_forward);
-            let mut server = hickory_server::ServerFuture::new(handler);
-            server.register_socket(udp);
+            let handler = Arc::new(DnsHandler::new(
+                registry.clone(),
+                metrics.clone(),
+                config.dns_forward,
+            ));
+            tasks.spawn(crate::dns_udp::serve(
+                Arc::new(udp),
+                handler.clone(),
+                stop_rx.clone(),
+            ));
+            let mut server = hickory_server::ServerFuture::new(SharedHandler(handler));
             server.register_listener(tcp, Duration::from_secs(10));
             let mut stop_dns = stop_rx.clone();
             tasks.spawn(async move {
@@ -140,6 +163,7 @@ impl Server {
             metrics,
             stop,
             tasks,
+            maintenance,
         })
     }
 
@@ -150,6 +174,9 @@ impl Server {
     /// Stops accepting, ends connections and background tasks.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        for m in &self.maintenance {
+            m.abort();
+        }
         while self.tasks.join_next().await.is_some() {}
     }
 }
@@ -159,9 +186,41 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let mounts = crate::ca_mount::mounts(&config)?;
-    let server = Server::start_with(config, mounts).await?;
+    let server = Server::start(config).await?;
     shutdown.await;
     server.shutdown().await;
     Ok(())
+}
+
+/// The hickory handler over a shared [`DnsHandler`] (the UDP fast path holds the other reference).
+struct SharedHandler(Arc<DnsHandler>);
+
+#[async_trait::async_trait]
+impl hickory_server::server::RequestHandler for SharedHandler {
+    async fn handle_request<R: hickory_server::server::ResponseHandler>(
+        &self,
+        request: &hickory_server::server::Request,
+        response_handle: R,
+    ) -> hickory_server::server::ResponseInfo {
+        self.0.handle_request(request, response_handle).await
+    }
+}
+
+/// UDP and TCP on the same port. With port 0 the UDP port the kernel picks may be taken for TCP:
+/// try a few ports.
+async fn bind_dns(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), ServerError> {
+    let bind = |addr| move |source| ServerError::Bind { addr, source };
+    let mut attempts = 0;
+    loop {
+        let udp = UdpSocket::bind(addr).await.map_err(bind(addr))?;
+        let bound = udp.local_addr().map_err(bind(addr))?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp, bound)),
+            Err(e) if addr.port() == 0 && attempts < 16 => {
+                tracing::debug!(error = %e, %bound, "TCP port taken, trying another");
+                attempts += 1;
+            }
+            Err(e) => return Err(bind(bound)(e)),
+        }
+    }
 }

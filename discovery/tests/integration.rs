@@ -405,3 +405,541 @@ async fn state_survives_restart_and_corrupt_store_refuses() {
         "{err}"
     );
 }
+
+fn dig(dns: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .arg(format!("@{}", dns.ip()))
+        .args(["-p", &dns.port().to_string(), "+tries=1", "+time=2"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn answers(out: &str) -> Vec<String> {
+    let mut in_answer = false;
+    let mut v = Vec::new();
+    for line in out.lines() {
+        if line.starts_with(";; ANSWER SECTION") {
+            in_answer = true;
+        } else if line.is_empty() || line.starts_with(";;") {
+            in_answer = false;
+        } else if in_answer {
+            v.push(line.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_with_dig() {
+    if tool("dig").is_none() {
+        return;
+    }
+    let server = start(None).await;
+    let (addr, dns) = (server.api_addr, server.dns_addr.unwrap());
+    let (_, svc) = setup(
+        addr,
+        "dns.local",
+        serde_json::json!({"HealthCheckCustomConfig": {"FailureThreshold": 1}}),
+    )
+    .await;
+    for i in 1..=10 {
+        register(
+            addr,
+            &svc,
+            &format!("i{i}"),
+            &format!("10.0.0.{i}"),
+            8000 + i,
+        )
+        .await;
+    }
+    let acked = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        let a = dig(dns, &["api.dns.local", "A"]);
+        let elapsed = acked.elapsed();
+        let srv = dig(dns, &["api.dns.local", "SRV"]);
+        let soa = dig(dns, &["dns.local", "SOA"]);
+        let ns = dig(dns, &["dns.local", "NS"]);
+        let nx = dig(dns, &["nope.dns.local", "A"]);
+        let nodata = dig(dns, &["api.dns.local", "TXT"]);
+        let refused = dig(dns, &["example.com", "A"]);
+        let tcp = dig(dns, &["+tcp", "api.dns.local", "A"]);
+        let target = dig(dns, &["i3.api.dns.local", "A"]);
+        (a, elapsed, srv, soa, ns, nx, nodata, refused, tcp, target)
+    })
+    .await
+    .unwrap();
+    let (a, elapsed, srv, soa, ns, nx, nodata, refused, tcp, target) = out;
+    eprintln!("register -> dig answered in {elapsed:?}");
+    let a_ans = answers(&a);
+    assert_eq!(a_ans.len(), 8, "MULTIVALUE answers at most 8:\n{a}");
+    assert!(
+        a_ans
+            .iter()
+            .all(|l| l.starts_with("api.dns.local. 7 IN A 10.0.0.")),
+        "{a}"
+    );
+    assert!(a.contains("flags: qr aa"), "authoritative: {a}");
+    let srv_ans = answers(&srv);
+    assert_eq!(srv_ans.len(), 8, "{srv}");
+    assert!(srv_ans[0].contains("IN SRV 1 1 80"), "{srv}");
+    assert!(srv.contains(";; ADDITIONAL SECTION"), "{srv}");
+    assert!(
+        answers(&soa)[0].contains("IN SOA ns1.dns.local. hostmaster.dns.local."),
+        "{soa}"
+    );
+    assert!(answers(&ns)[0].contains("IN NS ns1.dns.local."), "{ns}");
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    assert!(
+        nx.contains(";; AUTHORITY SECTION") && nx.contains("SOA"),
+        "{nx}"
+    );
+    assert!(
+        nodata.contains("status: NOERROR") && answers(&nodata).is_empty(),
+        "{nodata}"
+    );
+    assert!(nodata.contains("SOA"), "{nodata}");
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    assert_eq!(answers(&tcp).len(), 8, "{tcp}");
+    assert_eq!(
+        answers(&target),
+        vec!["i3.api.dns.local. 7 IN A 10.0.0.3".to_owned()]
+    );
+
+    // Unhealthy instances leave the answer; when all are unhealthy, all come back (fail open).
+    for i in 1..=10 {
+        let status = if i <= 9 { "UNHEALTHY" } else { "HEALTHY" };
+        let (s, _) = api(
+            addr,
+            "UpdateInstanceCustomHealthStatus",
+            serde_json::json!({"ServiceId": svc, "InstanceId": format!("i{i}"), "Status": status}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let one = tokio::task::spawn_blocking(move || dig(dns, &["api.dns.local", "A"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        answers(&one),
+        vec!["api.dns.local. 7 IN A 10.0.0.10".to_owned()],
+        "{one}"
+    );
+    let (s, _) = api(
+        addr,
+        "UpdateInstanceCustomHealthStatus",
+        serde_json::json!({"ServiceId": svc, "InstanceId": "i10", "Status": "UNHEALTHY"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let all = tokio::task::spawn_blocking(move || dig(dns, &["api.dns.local", "A"]))
+        .await
+        .unwrap();
+    assert_eq!(answers(&all).len(), 8, "fail open: {all}");
+    let (_, m) = http(addr, "GET", "/metrics", &[], b"").await;
+    let m = String::from_utf8(m).unwrap();
+    assert!(m.contains("trellis_discovery_dns_fail_open_total 1"), "{m}");
+    assert!(
+        m.contains("trellis_discovery_dns_queries_total{qtype=\"A\",rcode=\"NOERROR\"}"),
+        "{m}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_truncation_and_weighted() {
+    if tool("dig").is_none() {
+        return;
+    }
+    let server = start(None).await;
+    let (addr, dns) = (server.api_addr, server.dns_addr.unwrap());
+    // AAAA + SRV with long instance ids: 8 SRV answers with additionals overflow 512 bytes.
+    let (s, op) = api(
+        addr,
+        "CreatePrivateDnsNamespace",
+        serde_json::json!({"Name": "big.local", "Vpc": "v"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, got) = api(
+        addr,
+        "GetOperation",
+        serde_json::json!({"OperationId": op["OperationId"]}),
+    )
+    .await;
+    let ns_id = got["Operation"]["Targets"]["NAMESPACE"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, svc) = api(
+        addr,
+        "CreateService",
+        serde_json::json!({"Name": "api", "NamespaceId": ns_id,
+        "DnsConfig": {"RoutingPolicy": "WEIGHTED", "DnsRecords": [{"Type": "A", "TTL": 5}]}}),
+    )
+    .await;
+    let wsvc = svc["Service"]["Id"].as_str().unwrap().to_owned();
+    let (_, svc) = api(
+        addr,
+        "CreateService",
+        serde_json::json!({"Name": "srv", "NamespaceId": ns_id,
+        "DnsConfig": {"DnsRecords": [{"Type": "SRV", "TTL": 5}, {"Type": "AAAA", "TTL": 5}]}}),
+    )
+    .await;
+    let ssvc = svc["Service"]["Id"].as_str().unwrap().to_owned();
+    for i in 0..8 {
+        register(addr, &wsvc, &format!("w{i}"), &format!("10.9.0.{i}"), 80).await;
+        let (s, b) = api(addr, "RegisterInstance", serde_json::json!({"ServiceId": ssvc,
+            "InstanceId": format!("instance-with-a-rather-long-identifier-number-{i:02}"),
+            "Attributes": {"AWS_INSTANCE_IPV6": format!("2001:db8::{i}"), "AWS_INSTANCE_PORT": "443"}})).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let (w, notcp, edns) = tokio::task::spawn_blocking(move || {
+        (
+            dig(dns, &["api.big.local", "A"]),
+            dig(dns, &["+noedns", "+ignore", "srv.big.local", "SRV"]),
+            dig(dns, &["+bufsize=4096", "srv.big.local", "SRV"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers(&w).len(), 1, "WEIGHTED answers one: {w}");
+    assert!(
+        notcp.contains(" tc"),
+        "512-byte UDP answer truncated: {notcp}"
+    );
+    assert!(edns.contains("; EDNS: version: 0"), "{edns}");
+    assert_eq!(answers(&edns).len(), 8, "{edns}");
+    server.shutdown().await;
+}
+
+/// A loopback HTTP app whose /health answers 200 or 500 as `up` says.
+async fn app(up: std::sync::Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let up = up.load(std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let status = if up {
+                    "200 OK"
+                } else {
+                    "500 Internal Server Error"
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Polls the watch API until `pred` holds for the full set; returns the time it took.
+async fn until(
+    addr: SocketAddr,
+    q: &str,
+    limit: Duration,
+    pred: impl Fn(&EndpointSet) -> bool,
+) -> Duration {
+    let t = Instant::now();
+    let mut rev = None;
+    loop {
+        let path = match rev {
+            Some(r) => format!("{q}&revision={r}&wait=1s"),
+            None => q.to_owned(),
+        };
+        let (_, set) = watch(addr, &path).await;
+        let set = set.unwrap();
+        if pred(&set) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < limit,
+            "condition not reached within {limit:?}: {set:?}"
+        );
+        rev = Some(set.revision);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_http_and_tcp_checks() {
+    let server = start(None).await;
+    let addr = server.api_addr;
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let app_addr = app(up.clone()).await;
+    let (_, svc) = setup(
+        addr,
+        "hc.local",
+        serde_json::json!({
+        "HealthCheckConfig": {"Type": "HTTP", "ResourcePath": "/health", "FailureThreshold": 2}}),
+    )
+    .await;
+    register(addr, &svc, "good", "127.0.0.1", app_addr.port()).await;
+    // A closed port: bind, read the port back, close.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    register(addr, &svc, "dead", "127.0.0.1", closed).await;
+    let health = |set: &EndpointSet, id: &str| {
+        set.endpoints
+            .iter()
+            .find(|e| e.instance_id == id)
+            .map(|e| e.health)
+    };
+    let q = "hc.local/api?health=all";
+    until(addr, q, Duration::from_secs(5), |s| {
+        health(s, "good") == Some(trellis_discovery::HealthStatus::Healthy)
+            && health(s, "dead") == Some(trellis_discovery::HealthStatus::Unhealthy)
+    })
+    .await;
+    // Serving set: only the healthy one.
+    let (_, set) = watch(addr, "hc.local/api").await;
+    assert_eq!(
+        set.unwrap()
+            .endpoints
+            .iter()
+            .map(|e| e.instance_id.as_str())
+            .collect::<Vec<_>>(),
+        ["good"]
+    );
+
+    // Failing: out within interval (100ms) x threshold (2) + slack for a loaded machine.
+    up.store(false, std::sync::atomic::Ordering::SeqCst);
+    let took = until(addr, q, Duration::from_secs(5), |s| {
+        health(s, "good") == Some(trellis_discovery::HealthStatus::Unhealthy)
+    })
+    .await;
+    eprintln!("failing instance left after {took:?} (bound 200ms + 100ms)");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Both unhealthy: the watch answer fails open with both.
+    let (_, set) = watch(addr, "hc.local/api").await;
+    assert_eq!(set.unwrap().endpoints.len(), 2);
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    until(addr, q, Duration::from_secs(5), |s| {
+        health(s, "good") == Some(trellis_discovery::HealthStatus::Healthy)
+    })
+    .await;
+    let (_, m) = http(addr, "GET", "/metrics", &[], b"").await;
+    let m = String::from_utf8(m).unwrap();
+    assert!(
+        m.contains("trellis_discovery_health_checks_total{result=\"failure\",type=\"HTTP\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("trellis_discovery_instances{health=\"HEALTHY\"} 1"),
+        "{m}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_heartbeats() {
+    let server = start(None).await;
+    let addr = server.api_addr;
+    let (_, svc) = setup(addr, "ttl.local", serde_json::json!({})).await;
+    let (s, b) = api(addr, "RegisterInstance", serde_json::json!({"ServiceId": svc, "InstanceId": "hb",
+        "Attributes": {"AWS_INSTANCE_IPV4": "127.0.0.1", "AWS_INSTANCE_PORT": "1", "TRELLIS_HEALTH_TTL": "400ms"}})).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, _) = http(addr, "POST", "/v1/heartbeat/ttl.local/api/hb", &[], b"").await;
+    assert_eq!(s, 204);
+    let (_, set) = watch(addr, "ttl.local/api").await;
+    assert_eq!(
+        set.unwrap().endpoints[0].health,
+        trellis_discovery::HealthStatus::Healthy
+    );
+    // Heartbeats keep it healthy...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (s, _) = http(addr, "POST", "/v1/heartbeat/ttl.local/api/hb", &[], b"").await;
+        assert_eq!(s, 204);
+    }
+    let (_, set) = watch(addr, "ttl.local/api?health=all").await;
+    assert_eq!(
+        set.unwrap().endpoints[0].health,
+        trellis_discovery::HealthStatus::Healthy
+    );
+    // ...and silence makes it unhealthy.
+    let took = until(
+        addr,
+        "ttl.local/api?health=all",
+        Duration::from_secs(5),
+        |s| s.endpoints[0].health == trellis_discovery::HealthStatus::Unhealthy,
+    )
+    .await;
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    let (s, _) = http(addr, "POST", "/v1/heartbeat/ttl.local/api/nope", &[], b"").await;
+    assert_eq!(s, 404);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_registration_storm_loses_no_acknowledged_write() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |dir: &Path| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
+            .args([
+                "serve",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--dns-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let api: SocketAddr = line
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        (child, api)
+    };
+    let (mut child, addr) = spawn(dir.path());
+    let (_, svc) = setup(addr, "storm.local", serde_json::json!({})).await;
+    let acked = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (acked, svc) = (acked.clone(), svc.clone());
+        clients.push(tokio::spawn(async move {
+            for n in 0.. {
+                let id = format!("c{c}-{n}");
+                let body = serde_json::json!({"ServiceId": svc, "InstanceId": id,
+                    "Attributes": {"AWS_INSTANCE_IPV4": "10.0.0.1", "AWS_INSTANCE_PORT": "80"}});
+                let target = "Route53AutoNaming_v20170314.RegisterInstance";
+                let Ok(mut s) = TcpStream::connect(addr).await else { return };
+                let b = body.to_string();
+                let req = format!("POST / HTTP/1.1\r\nhost: x\r\nx-amz-target: {target}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{b}", b.len());
+                if s.write_all(req.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut out = Vec::new();
+                if s.read_to_end(&mut out).await.is_err() || !out.starts_with(b"HTTP/1.1 200") {
+                    return;
+                }
+                acked.lock().push(id);
+            }
+        }));
+    }
+    let t = Instant::now();
+    while acked.lock().len() < 200 && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for c in clients {
+        let _ = c.await;
+    }
+    let acked = acked.lock().clone();
+    assert!(acked.len() >= 50, "storm too small: {}", acked.len());
+    let (mut child, addr) = spawn(dir.path());
+    let (s, set) = watch(addr, "storm.local/api?health=all").await;
+    assert_eq!(s, 200);
+    let have: std::collections::HashSet<String> = set
+        .unwrap()
+        .endpoints
+        .into_iter()
+        .map(|e| e.instance_id)
+        .collect();
+    let lost: Vec<_> = acked.iter().filter(|id| !have.contains(*id)).collect();
+    eprintln!(
+        "acknowledged {} registrations before kill -9, recovered {}",
+        acked.len(),
+        have.len()
+    );
+    assert!(lost.is_empty(), "lost acknowledged registrations: {lost:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_forwarding_for_foreign_names() {
+    if tool("dig").is_none() {
+        return;
+    }
+    // The "upstream resolver" is another trellis, authoritative for upstream.test.
+    let upstream = start(None).await;
+    let (_, svc) = setup(upstream.api_addr, "upstream.test", serde_json::json!({})).await;
+    register(upstream.api_addr, &svc, "u1", "192.0.2.7", 80).await;
+    let mut cfg = ServerConfig::new(loopback());
+    cfg.dns_listen = Some(loopback());
+    cfg.dns_forward = upstream.dns_addr;
+    let server = Server::start(cfg).await.unwrap();
+    let (_, own) = setup(server.api_addr, "own.local", serde_json::json!({})).await;
+    register(server.api_addr, &own, "o1", "192.0.2.9", 80).await;
+    let dns = server.dns_addr.unwrap();
+    let (fwd, local) = tokio::task::spawn_blocking(move || {
+        (
+            dig(dns, &["api.upstream.test", "A"]),
+            dig(dns, &["api.own.local", "A"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        answers(&fwd),
+        vec!["api.upstream.test. 7 IN A 192.0.2.7".to_owned()],
+        "{fwd}"
+    );
+    assert!(
+        !fwd.contains(" aa"),
+        "forwarded answers are not authoritative: {fwd}"
+    );
+    assert_eq!(
+        answers(&local),
+        vec!["api.own.local. 7 IN A 192.0.2.9".to_owned()],
+        "{local}"
+    );
+    server.shutdown().await;
+    upstream.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_is_mounted_and_initialised_on_first_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(Some(dir.path())).await;
+    let (s, roots) = http(server.api_addr, "GET", "/v1/ca/roots", &[], b"").await;
+    assert_eq!(s, 200);
+    let roots = String::from_utf8(roots).unwrap();
+    assert!(roots.contains("BEGIN CERTIFICATE"), "{roots}");
+    // Signing without a credential is refused by the CA, not by the Cloud Map front.
+    let (s, _) = http(server.api_addr, "POST", "/v1/ca/sign", &[], b"{}").await;
+    assert!(s == 401 || s == 403 || s == 400, "{s}");
+    let (_, m) = http(server.api_addr, "GET", "/metrics", &[], b"").await;
+    let m = String::from_utf8(m).unwrap();
+    assert!(
+        m.contains("trellis_discovery_api_requests_total")
+            || m.contains("trellis_discovery_instances"),
+        "{m}"
+    );
+    assert!(m.contains("trellis_ca_"), "CA metrics appended: {m}");
+    server.shutdown().await;
+    // Second start opens the same CA.
+    let server = start(Some(dir.path())).await;
+    let (_, again) = http(server.api_addr, "GET", "/v1/ca/roots", &[], b"").await;
+    assert_eq!(String::from_utf8(again).unwrap(), roots);
+    server.shutdown().await;
+}
