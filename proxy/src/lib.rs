@@ -10,6 +10,7 @@
 //! [`relay_tcp`].
 
 mod admin;
+mod authz;
 mod balance;
 mod body;
 mod circuit;
@@ -32,6 +33,7 @@ mod splice;
 mod watch;
 
 pub use admin::{Admin, Health};
+pub use authz::authorize;
 pub use balance::{LeastRequest, PeakEwma, Pick, RoundRobin, Weighted, balancer};
 pub use body::ProxyBody;
 pub use circuit::Breaker;

@@ -76,6 +76,16 @@ fn sidecar(path: Option<PathBuf>, log_json: bool, check: bool) -> ExitCode {
         };
         tracing::info!(admin = %running.admin_addr, inbound = ?running.inbound_addr,
             egress = ?running.egress_addr, upstreams = ?running.upstream_addrs, "sidecar started");
+        // One machine-readable line with the bound addresses (ports may have been 0).
+        println!(
+            "{}",
+            serde_json::json!({
+                "admin": running.admin_addr,
+                "inbound": running.inbound_addr,
+                "egress": running.egress_addr,
+                "upstreams": running.upstream_addrs,
+            })
+        );
         let running = std::sync::Arc::new(running);
         spawn_signals(shutdown, std::sync::Arc::clone(&running), path);
         // All handles but ours end with the signal task; wait for the drain.

@@ -1,5 +1,7 @@
 //! The sidecar over real sockets on loopback: apps, a fake control plane, real HTTP clients.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;
