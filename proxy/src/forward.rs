@@ -22,6 +22,7 @@ use crate::retry::is_idempotent;
 /// Timeouts and retry limits of one forwarding path.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardPolicy {
+    pub connect_timeout: Duration,
     pub per_try_timeout: Duration,
     pub request_timeout: Duration,
     pub max_retries: u32,
@@ -115,7 +116,14 @@ pub async fn forward(
             .saturating_duration_since(now)
             .min(policy.per_try_timeout);
         let guard = ep.start();
-        let result = match tokio::time::timeout(budget, client.send(up)).await {
+        let send = async {
+            if downstream_upgrade.is_some() {
+                client.send_upgrade(up).await
+            } else {
+                client.send(up).await
+            }
+        };
+        let result = match tokio::time::timeout(budget, send).await {
             Ok(r) => r,
             Err(_) if now + budget >= deadline => Err(ProxyError::RequestTimeout),
             Err(_) => Err(ProxyError::UpstreamTimeout),
@@ -229,6 +237,8 @@ pub struct Target {
     pub cluster: Arc<Cluster>,
     pub client: UpstreamClient,
     pub policy: ForwardPolicy,
+    /// mTLS for raw TCP upstreams (`None`: plaintext with splice).
+    pub tcp_tls: Option<crate::tls::MtlsConnector>,
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use support::*;
 
 fn config(app: std::net::SocketAddr) -> String {
     format!(
-        "[outbound]\nupstreams = [{{ service = \"api\", local_port = 0 }}]\n\n[[clusters]]\nservice = \"api\"\nendpoints = [{{ address = \"{app}\" }}]\n"
+        "[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n\n[[clusters]]\nservice = \"api\"\nendpoints = [{{ address = \"{app}\" }}]\n"
     )
 }
 

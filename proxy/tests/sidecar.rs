@@ -20,7 +20,7 @@ fn static_upstream(extra_resilience: &str, endpoints: &[std::net::SocketAddr]) -
         .map(|a| format!("{{ address = \"{a}\" }}"))
         .collect();
     format!(
-        "{}{extra_resilience}\n[outbound]\negress_listen = \"127.0.0.1:0\"\nupstreams = [{{ service = \"api\", local_port = 0 }}]\n\n[[clusters]]\nservice = \"api\"\nendpoints = [{}]\n",
+        "{}{extra_resilience}\n[outbound]\negress_listen = \"127.0.0.1:0\"\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n\n[[clusters]]\nservice = \"api\"\nendpoints = [{}]\n",
         base(),
         eps.join(", ")
     )
@@ -136,7 +136,7 @@ async fn tcp_upstream_relays_large_streams() {
         }
     });
     let toml = format!(
-        "{}\n[outbound]\nupstreams = [{{ service = \"db\", local_port = 0, protocol = \"tcp\" }}]\n\n[[clusters]]\nservice = \"db\"\nendpoints = [{{ address = \"{echo_addr}\" }}]\n",
+        "{}\n[outbound]\nupstreams = [{{ service = \"db\", local_port = 0, protocol = \"tcp\", danger_plaintext = true }}]\n\n[[clusters]]\nservice = \"db\"\nendpoints = [{{ address = \"{echo_addr}\" }}]\n",
         base()
     );
     let (sc, stop) = sidecar(&toml).await;
@@ -258,7 +258,7 @@ async fn outlier_ejection_removes_a_5xx_endpoint() {
 
 fn discovery_config(cp: std::net::SocketAddr) -> String {
     format!(
-        "{}\n[control_plane]\naddress = \"{cp}\"\nwatch_wait = \"2s\"\n\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0 }}]\n",
+        "{}\n[control_plane]\naddress = \"{cp}\"\nwatch_wait = \"2s\"\n\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n",
         base()
     )
 }
