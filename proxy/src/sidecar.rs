@@ -718,6 +718,7 @@ fn spawn_cert_expiry(
     gauge: prometheus::IntGauge,
     stop: CancellationToken,
 ) {
+    gauge.set(identity.not_after().unix_timestamp());
     tokio::spawn(async move {
         loop {
             gauge.set(identity.not_after().unix_timestamp());

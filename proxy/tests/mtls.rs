@@ -298,3 +298,246 @@ async fn certificate_rotation_under_load_fails_no_request() {
         r.wait().await;
     }
 }
+
+/// A fake sign API (`POST /v1/ca/sign`, `GET /v1/ca/roots`) over an in-process CA, accepting one
+/// bearer token and issuing for one SPIFFE id. Returns its address and how many it signed.
+async fn sign_api(
+    ca: Arc<EphemeralCa>,
+    token: &'static str,
+    service: &'static str,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use http_body_util::{BodyExt, Full};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let signed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = signed.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (ca, count) = (ca.clone(), count.clone());
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (ca, count) = (ca.clone(), count.clone());
+                        async move {
+                            let reply = |code: u16, body: String| {
+                                let mut r =
+                                    http::Response::new(Full::new(bytes::Bytes::from(body)));
+                                *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                                Ok::<_, std::convert::Infallible>(r)
+                            };
+                            match req.uri().path() {
+                                "/v1/ca/roots" => reply(200, ca.roots_pem()),
+                                "/v1/ca/sign" => {
+                                    let auth = req
+                                        .headers()
+                                        .get("authorization")
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("");
+                                    if auth != format!("Bearer {token}") {
+                                        return reply(401, "{\"message\":\"bad token\"}".into());
+                                    }
+                                    let csr = req.into_body().collect().await.unwrap().to_bytes();
+                                    let id = ca.spiffe_id("my-app.local", service).unwrap();
+                                    let csr = trellis_ca::VerifiedCsr::parse(&csr).unwrap();
+                                    let issued = ca
+                                        .authority()
+                                        .issue(&csr, &id, None, true, "test")
+                                        .unwrap();
+                                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                    reply(200, issued.chain_pem)
+                                }
+                                _ => reply(404, String::new()),
+                            }
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, signed)
+}
+
+#[tokio::test]
+async fn bootstraps_its_certificate_from_the_sign_api_with_a_token() {
+    let ca = Arc::new(EphemeralCa::new("trellis.local").unwrap());
+    let (cp, signed) = sign_api(ca.clone(), "join-t0ken", "api").await;
+    let app = app("api-app", None).await;
+    let toml = |token: &str| {
+        format!(
+            "{}\n[control_plane]\naddress = \"{cp}\"\ntoken = \"{token}\"\n",
+            server_config("api", app.addr, "http", "web")
+        )
+    };
+    // A wrong token fails the start with a message about the identity.
+    let err = trellis_proxy::start(
+        Config::from_toml(&toml("wrong")).unwrap(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("identity"), "{err}");
+
+    let stop = CancellationToken::new();
+    let api = trellis_proxy::start(
+        Config::from_toml(&toml("join-t0ken")).unwrap(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(signed.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        api.identity().unwrap().spiffe_id().service().as_str(),
+        "api"
+    );
+    let c = h1_client();
+    assert_eq!(
+        get(&c, &format!("http://{}/ready", api.admin_addr)).await.0,
+        200
+    );
+    let config = String::from_utf8(
+        get(&c, &format!("http://{}/config", api.admin_addr))
+            .await
+            .2
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        !config.contains("join-t0ken") && config.contains("<redacted>"),
+        "{config}"
+    );
+    let metrics = String::from_utf8(
+        get(&c, &format!("http://{}/metrics", api.admin_addr))
+            .await
+            .2
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        !metrics.contains("trellis_proxy_cert_expiry_timestamp_seconds 0"),
+        "{metrics}"
+    );
+
+    // A caller with a certificate from the same CA gets through.
+    let web_id = ca
+        .issue_identity("my-app.local", "web", None)
+        .await
+        .unwrap();
+    let (web, web_stop) = start(
+        &client_config("web", "api", api.inbound_addr.unwrap(), "http"),
+        web_id,
+    )
+    .await;
+    assert_eq!(
+        get(&c, &format!("http://{}/", web.upstream_addrs["api"]))
+            .await
+            .1,
+        "api-app"
+    );
+    for (r, t) in [(web, web_stop), (api, stop)] {
+        t.cancel();
+        r.wait().await;
+    }
+}
+
+/// `openssl` from PATH; a missing tool skips the test, or fails it when CI requires tools.
+fn openssl() -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("openssl"))
+            .find(|f| f.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("TRELLIS_REQUIRE_TOOLS").is_none(),
+            "openssl is required (TRELLIS_REQUIRE_TOOLS=1)"
+        );
+        eprintln!("skipping: openssl not on PATH");
+    }
+    found
+}
+
+/// Runs `openssl s_client` against `addr`, sends one HTTP request, returns stdout+stderr.
+fn s_client(
+    openssl: &std::path::Path,
+    addr: SocketAddr,
+    cert: Option<(&std::path::Path, &std::path::Path)>,
+    ca: &std::path::Path,
+) -> String {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(openssl);
+    cmd.args([
+        "s_client",
+        "-connect",
+        &addr.to_string(),
+        "-tls1_3",
+        "-ign_eof",
+        "-quiet",
+        "-alpn",
+        "http/1.1",
+        "-CAfile",
+    ])
+    .arg(ca);
+    if let Some((c, k)) = cert {
+        // -cert sends only the leaf; the intermediate travels with -cert_chain.
+        cmd.arg("-cert")
+            .arg(c)
+            .arg("-cert_chain")
+            .arg(c)
+            .arg("-key")
+            .arg(k);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n");
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test]
+async fn openssl_client_needs_a_certificate() {
+    let Some(openssl) = openssl() else { return };
+    let ca = EphemeralCa::new("trellis.local").unwrap();
+    let api_id = ca
+        .issue_identity("my-app.local", "api", None)
+        .await
+        .unwrap();
+    let app = app("api-app", None).await;
+    let (api, stop) = start(&server_config("api", app.addr, "http", "web"), api_id).await;
+    let inbound = api.inbound_addr.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_pem = dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, ca.roots_pem()).unwrap();
+    let web = ca.issue_material("my-app.local", "web", None).unwrap();
+    let (cert, key) = (dir.path().join("web.pem"), dir.path().join("web.key"));
+    std::fs::write(&cert, &web.issued.chain_pem).unwrap();
+    std::fs::write(&key, &web.key_pem).unwrap();
+
+    let o = openssl.clone();
+    let without = tokio::task::spawn_blocking(move || s_client(&o, inbound, None, &ca_pem))
+        .await
+        .unwrap();
+    assert!(!without.contains("HTTP/1.1 200"), "{without}");
+    let ca_pem = dir.path().join("ca.pem");
+    let with = tokio::task::spawn_blocking(move || {
+        s_client(&openssl, inbound, Some((&cert, &key)), &ca_pem)
+    })
+    .await
+    .unwrap();
+    assert!(with.contains("HTTP/1.1 200"), "{with}");
+    stop.cancel();
+    api.wait().await;
+}
