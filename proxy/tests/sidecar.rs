@@ -421,3 +421,55 @@ where
     }
     panic!("condition not met in 2 s");
 }
+
+#[tokio::test]
+async fn slowloris_headers_time_out_and_max_connections_is_enforced() {
+    let a = app("a", None).await;
+    let limits = "\n[limits]\nheader_read_timeout = \"300ms\"\nmax_connections = 2\n";
+    let (sc, stop) = sidecar(&static_upstream(limits, &[a.addr])).await;
+    let port = sc.upstream_addrs["api"];
+
+    // A client that never finishes its headers is cut off.
+    let mut slow = TcpStream::connect(port).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut out)).await;
+    assert!(closed.is_ok(), "slow client still connected after 5 s");
+
+    // Two open connections fill the limit; a third is closed at once and counted.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    let mut third = TcpStream::connect(port).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut out)).await;
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    let metrics = String::from_utf8(
+        get(&h1_client(), &format!("http://{}/metrics", sc.admin_addr))
+            .await
+            .2
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metrics.contains("trellis_proxy_connections_rejected_total 1"),
+        "{metrics}"
+    );
+    drop(held);
+    // Slots free again once those connections close.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get(&h1_client(), &format!("http://{port}/")).await.0, 200);
+    stop.cancel();
+    sc.wait().await;
+}
