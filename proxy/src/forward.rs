@@ -103,7 +103,7 @@ pub async fn forward(
         };
         let mut up = Request::new(req_body);
         *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = endpoint_uri(ep.addr, &path);
+        *up.uri_mut() = endpoint_uri(&ep.authority, &path);
         *up.version_mut() = version;
         *up.headers_mut() = if replayable {
             parts.headers.clone()
@@ -214,10 +214,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-fn endpoint_uri(addr: SocketAddr, path: &PathAndQuery) -> Uri {
+fn endpoint_uri(authority: &Authority, path: &PathAndQuery) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Authority::try_from(addr.to_string()).ok();
+    parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path.clone());
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"))
 }
