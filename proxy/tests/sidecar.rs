@@ -273,13 +273,13 @@ async fn discovery_endpoints_ready_removal_and_control_plane_down() {
     let ready = format!("http://{}/ready", sc.admin_addr);
     let port = sc.upstream_addrs["api"];
 
-    // Not ready before the first snapshot... (revision 0 is held by the fake until a change)
-    assert_eq!(get(&c, &ready).await.0, 503);
+    // The first poll is answered at once (no revision yet): ready, with an empty set.
+    wait_until(|| async { get(&c, &ready).await.0 == 200 }).await;
     cp.publish(&[
         ("a", a.addr, HealthStatus::Healthy),
         ("b", b.addr, HealthStatus::Healthy),
     ]);
-    wait_until(|| async { get(&c, &ready).await.0 == 200 }).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..10 {
         seen.insert(get(&c, &format!("http://{port}/")).await.1);
@@ -470,6 +470,37 @@ async fn slowloris_headers_time_out_and_max_connections_is_enforced() {
     // Slots free again once those connections close.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(get(&h1_client(), &format!("http://{port}/")).await.0, 200);
+    stop.cancel();
+    sc.wait().await;
+}
+
+#[tokio::test]
+async fn not_ready_until_the_first_endpoint_snapshot() {
+    // A control plane that is not there: the watcher keeps retrying and /ready stays 503.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let (sc, stop) = sidecar(&discovery_config(closed)).await;
+    let c = h1_client();
+    for _ in 0..3 {
+        assert_eq!(
+            get(&c, &format!("http://{}/ready", sc.admin_addr)).await.0,
+            503
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        get(&c, &format!("http://{}/live", sc.admin_addr)).await.0,
+        200
+    );
+    // No endpoints yet: requests get 503 from the proxy, not a hang.
+    assert_eq!(
+        get(&c, &format!("http://{}/", sc.upstream_addrs["api"]))
+            .await
+            .0,
+        503
+    );
     stop.cancel();
     sc.wait().await;
 }
