@@ -87,6 +87,13 @@ fn sidecar(path: Option<PathBuf>, log_json: bool, check: bool) -> ExitCode {
             })
         );
         let running = std::sync::Arc::new(running);
+        if let Some(p) = &path {
+            spawn_file_watch(
+                p.clone(),
+                std::sync::Arc::downgrade(&running),
+                shutdown.clone(),
+            );
+        }
         spawn_signals(shutdown, std::sync::Arc::clone(&running), path);
         // All handles but ours end with the signal task; wait for the drain.
         wait(running).await;
@@ -134,6 +141,40 @@ fn spawn_signals(
             }
         }
         shutdown.cancel();
+    });
+}
+
+/// How often the config file's modification time is checked (reload on change, like SIGHUP).
+const FILE_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn spawn_file_watch(
+    path: PathBuf,
+    running: std::sync::Weak<trellis_proxy::Running>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut last = mtime(&path);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(FILE_WATCH_INTERVAL) => {}
+            }
+            let now = mtime(&path);
+            if now == last {
+                continue;
+            }
+            last = now;
+            let Some(running) = running.upgrade() else {
+                return;
+            };
+            match Config::load(Some(&path), &ProcessEnv) {
+                Ok(c) => running.reload(&c),
+                Err(e) => {
+                    tracing::error!(error = %e, "config file changed but is invalid; keeping the running config")
+                }
+            }
+        }
     });
 }
 

@@ -70,6 +70,18 @@ async fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     }
     assert!(switched, "reload applied");
 
+    // A file change alone is picked up too (polled every second).
+    std::fs::write(&path, config(a.addr)).unwrap();
+    let mut switched = false;
+    for _ in 0..150 {
+        if get(&c, &format!("http://{port}/")).await.1 == "a" {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(switched, "file change applied");
+
     // SIGTERM with a request in flight: it completes, then the process exits 0.
     let slow = {
         let c = c.clone();

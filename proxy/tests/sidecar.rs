@@ -504,3 +504,35 @@ async fn not_ready_until_the_first_endpoint_snapshot() {
     stop.cancel();
     sc.wait().await;
 }
+
+#[tokio::test]
+async fn circuit_breaker_fails_fast_beyond_max_requests() {
+    let a = app("a", None).await;
+    let (sc, stop) = sidecar(&static_upstream("max_requests = 1", &[a.addr])).await;
+    let port = sc.upstream_addrs["api"];
+    let slow =
+        tokio::spawn(async move { get(&h1_client(), &format!("http://{port}/slow")).await.0 });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = h1_client();
+    let (s, _, _) = get(&c, &format!("http://{port}/")).await;
+    assert_eq!(s, 503, "second concurrent request overflows");
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(
+        get(&c, &format!("http://{port}/")).await.0,
+        200,
+        "slot released"
+    );
+    let metrics = String::from_utf8(
+        get(&c, &format!("http://{}/metrics", sc.admin_addr))
+            .await
+            .2
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metrics.contains("trellis_proxy_upstream_overflow_total{upstream=\"api\"} 1"),
+        "{metrics}"
+    );
+    stop.cancel();
+    sc.wait().await;
+}
