@@ -208,8 +208,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for h in named {
         headers.remove(h);
     }
+    // `te: trailers` is end-to-end in practice (gRPC needs it); every other TE value is hop-by-hop.
+    let keep_te = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for h in &HOP_BY_HOP {
-        headers.remove(h);
+        if !(keep_te && h == header::TE) {
+            headers.remove(h);
+        }
     }
     headers.remove(header::UPGRADE);
 }
@@ -261,6 +267,9 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.contains_key(header::TE), "te: trailers survives for gRPC");
     }
 
     #[test]
