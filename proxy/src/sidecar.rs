@@ -376,7 +376,7 @@ pub async fn start_with(
                 metrics: metrics.clone(),
                 access_log: log,
                 protocol,
-                connect_timeout: r_connect_timeout(&target),
+                connect_timeout: target.policy.connect_timeout,
             };
             let tls = tls.clone();
             async move {
@@ -571,9 +571,6 @@ async fn relay_to_cluster(down: TcpStream, target: &Target, connect_timeout: std
     cluster.metrics.response(None);
 }
 
-fn r_connect_timeout(t: &Target) -> std::time::Duration {
-    t.policy.connect_timeout
-}
 
 /// Everything one inbound connection needs.
 struct InboundConn {
