@@ -571,7 +571,6 @@ async fn relay_to_cluster(down: TcpStream, target: &Target, connect_timeout: std
     cluster.metrics.response(None);
 }
 
-
 /// Everything one inbound connection needs.
 struct InboundConn {
     target: Target,
