@@ -54,8 +54,13 @@ fn sidecar(path: Option<PathBuf>, log_json: bool, check: bool) -> ExitCode {
         println!("config ok");
         return ExitCode::SUCCESS;
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.runtime.worker_threads > 0 {
+    // One worker: a current-thread runtime (no work stealing, no cross-thread wake-ups).
+    let mut rt = if config.runtime.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.runtime.worker_threads > 1 {
         rt.worker_threads(config.runtime.worker_threads);
     }
     let rt = match rt.enable_all().build() {
