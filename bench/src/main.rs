@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use trellis_bench::report::{self, ScenarioResult};
-use trellis_bench::scenarios::{http, tcp};
+use trellis_bench::scenarios::{Subject, http, tcp, trellis};
 use trellis_bench::{Ctx, proc};
 
 const SCENARIOS: &[&str] = &["http1-keepalive", "http1-newconn", "http1-large", "tcp"];
@@ -74,6 +74,7 @@ fn run(args: Args) -> Result<()> {
     if !args.no_install {
         install_tools()?;
     }
+    build_trellis(&root)?;
     let work = root.join("bench/work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -93,25 +94,14 @@ fn run(args: Args) -> Result<()> {
     let mut results: Vec<ScenarioResult> = Vec::new();
     for s in selected {
         let r = match s {
-            "http1-keepalive" => http::run(
-                &ctx,
-                http::Shape::KeepAlive,
-                "trellis",
-                http::standard_subjects(vec![]),
-            )?,
-            "http1-newconn" => http::run(
-                &ctx,
-                http::Shape::NewConnection,
-                "trellis",
-                http::standard_subjects(vec![]),
-            )?,
-            "http1-large" => http::run(
-                &ctx,
-                http::Shape::Large,
-                "trellis",
-                http::standard_subjects(vec![]),
-            )?,
-            "tcp" => tcp::run(&ctx, "trellis", tcp::standard_subjects(vec![]))?,
+            "http1-keepalive" => {
+                http::run(&ctx, http::Shape::KeepAlive, "trellis", http_subjects())?
+            }
+            "http1-newconn" => {
+                http::run(&ctx, http::Shape::NewConnection, "trellis", http_subjects())?
+            }
+            "http1-large" => http::run(&ctx, http::Shape::Large, "trellis", http_subjects())?,
+            "tcp" => tcp::run(&ctx, "trellis", tcp_subjects())?,
             _ => unreachable!("checked above"),
         };
         print!("{}", r.to_markdown());
@@ -124,6 +114,39 @@ fn run(args: Args) -> Result<()> {
     report::write_all(&out, &header(&ctx), &results)?;
     eprintln!("results written to {}", out.display());
     let _ = std::fs::remove_dir_all(&ctx.work);
+    Ok(())
+}
+
+fn http_subjects() -> Vec<Subject<'static>> {
+    http::standard_subjects(vec![Subject::new("trellis", |ctx, port, origin| {
+        trellis::sidecar(ctx, port, origin, false)
+    })])
+}
+
+fn tcp_subjects() -> Vec<Subject<'static>> {
+    tcp::standard_subjects(vec![Subject::new("trellis", |ctx, port, origin| {
+        trellis::sidecar(ctx, port, origin, true)
+    })])
+}
+
+/// Builds the release binaries the trellis subjects run.
+fn build_trellis(root: &std::path::Path) -> Result<()> {
+    let ok = Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "trellis-proxy",
+            "-p",
+            "trellis-discovery",
+        ])
+        .status()
+        .context("running cargo build")?
+        .success();
+    if !ok {
+        bail!("cargo build --release of the trellis binaries failed");
+    }
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use trellis_core::{SpiffeId, TrustDomain};
 
+use crate::commit::GroupCommit;
 use crate::csr::VerifiedCsr;
 use crate::error::CaError;
 use crate::journal::{self, Journal};
@@ -135,18 +136,18 @@ struct Entry {
     revoked: Option<(RevokeReason, OffsetDateTime)>,
 }
 
-#[derive(Debug)]
 pub(crate) struct Files {
     pub(crate) dir: PathBuf,
-    index: Journal,
-    audit: Journal,
+    commit: GroupCommit,
 }
 
 impl Files {
     pub(crate) fn open(dir: PathBuf) -> Result<Self, CaError> {
         Ok(Self {
-            index: Journal::open(&dir.join(crate::ca_dir::INDEX))?,
-            audit: Journal::open(&dir.join(crate::ca_dir::AUDIT))?,
+            commit: GroupCommit::new(
+                Journal::open(&dir.join(crate::ca_dir::AUDIT))?,
+                Journal::open(&dir.join(crate::ca_dir::INDEX))?,
+            ),
             dir,
         })
     }
@@ -162,7 +163,7 @@ struct Inner {
     root_not_after: Option<OffsetDateTime>,
     roots: ArcSwap<Vec<CertificateDer<'static>>>,
     entries: Mutex<HashMap<Serial, Entry>>,
-    files: Mutex<Option<Files>>,
+    files: Option<Files>,
     crl: ArcSwap<String>,
     metrics: CaMetrics,
 }
@@ -214,7 +215,7 @@ impl Authority {
                 root_not_after: p.root_not_after,
                 roots: ArcSwap::from_pointee(p.roots),
                 entries: Mutex::new(entries),
-                files: Mutex::new(p.files),
+                files: p.files,
                 crl: ArcSwap::from_pointee(String::new()),
                 metrics: CaMetrics::new(),
             }),
@@ -274,7 +275,7 @@ impl Authority {
     }
     /// The directory this CA persists to, if any.
     pub fn dir(&self) -> Option<PathBuf> {
-        self.inner.files.lock().as_ref().map(|f| f.dir.clone())
+        self.inner.files.as_ref().map(|f| f.dir.clone())
     }
 
     /// Signs a workload certificate for `id` over the CSR's key. `ttl` defaults to the policy
@@ -425,12 +426,10 @@ impl Authority {
 
     /// Appends audit then index, both fsynced, before anything is returned to the caller.
     fn record(&self, audit: &AuditRecord, index: &IndexRecord) -> Result<(), CaError> {
-        let mut files = self.inner.files.lock();
-        if let Some(f) = files.as_mut() {
-            f.audit.append(std::slice::from_ref(audit))?;
-            f.index.append(std::slice::from_ref(index))?;
+        match &self.inner.files {
+            Some(f) => f.commit.append(audit, index),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Looks up an issued certificate (leaf DER) by serial.

@@ -28,6 +28,7 @@ pub enum KeyKind {
 pub struct VerifiedCsr {
     pub(crate) spki: SubjectPublicKeyInfo,
     pub(crate) kind: KeyKind,
+    pub(crate) common_name: Option<String>,
 }
 
 impl VerifiedCsr {
@@ -97,11 +98,26 @@ impl VerifiedCsr {
             .map_err(|_| CaError::BadCsrSignature)?;
         let spki = SubjectPublicKeyInfo::from_der(spki.raw)
             .map_err(|e| CaError::WeakKey(format!("unsupported public key: {e}")))?;
-        Ok(Self { spki, kind })
+        let common_name = csr
+            .certification_request_info
+            .subject
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        Ok(Self {
+            spki,
+            kind,
+            common_name,
+        })
     }
 
     pub fn key_kind(&self) -> KeyKind {
         self.kind
+    }
+    /// The CSR subject's CN (informational only: the CA decides the subject).
+    pub fn common_name(&self) -> Option<&str> {
+        self.common_name.as_deref()
     }
 }
 
@@ -130,6 +146,34 @@ mod tests {
             VerifiedCsr::parse(csr_for(&k).as_bytes()).unwrap().kind,
             KeyKind::Ed25519
         );
+    }
+
+    #[test]
+    fn mutated_csrs_never_panic() {
+        use rand::Rng;
+        let k = KeyPair::generate().unwrap();
+        let der = CertificateParams::default()
+            .serialize_request(&k)
+            .unwrap()
+            .der()
+            .to_vec();
+        let mut rng = rand::rng();
+        let mut accepted = 0;
+        for _ in 0..2000 {
+            let mut m = der.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..m.len());
+                m[i] = rng.random();
+            }
+            if rng.random_bool(0.1) {
+                m.truncate(rng.random_range(0..m.len()));
+            }
+            if VerifiedCsr::from_der(&m).is_ok() {
+                accepted += 1;
+            }
+        }
+        // A mutation can hit an unsigned, ignored byte; anything more means no signature check.
+        assert!(accepted < 100, "{accepted}");
     }
 
     #[test]

@@ -33,6 +33,17 @@ impl Journal {
         })
     }
 
+    /// Appends already-encoded lines as one write, then fsyncs.
+    pub(crate) fn write_raw(&mut self, buf: &[u8]) -> Result<(), CaError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all(buf)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| CaError::io(&self.path, e))
+    }
+
     /// Appends several records as one write, then fsyncs.
     pub(crate) fn append<T: Serialize>(&mut self, records: &[T]) -> Result<(), CaError> {
         let mut buf = Vec::with_capacity(256 * records.len());

@@ -10,8 +10,10 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod api;
 mod authority;
 mod ca_dir;
+mod commit;
 mod csr;
 mod ephemeral;
 mod error;
@@ -31,8 +33,8 @@ pub use ephemeral::{EphemeralCa, IdentityMaterial};
 pub use error::CaError;
 pub use identity::{Credential, Identity, RenewFuture, Renewer, renew_delay};
 pub use metrics::CaMetrics;
-pub use policy::{DnsSans, Policy};
-pub use renewer::{HttpRenewer, LocalRenewer, generate_key_and_csr};
+pub use policy::{DnsSans, Policy, parse_duration};
+pub use renewer::{FileRenewer, HttpRenewer, LocalRenewer, generate_key_and_csr};
 pub use serial::Serial;
 pub use token::{AuthError, NewToken, Scope, Tokens};
 pub use trust::{TrustBundle, crypto_provider, peer_spiffe_id, spiffe_id_of};

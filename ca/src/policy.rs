@@ -71,6 +71,21 @@ impl Policy {
     }
 }
 
+/// `3600`, `3600s`, `90m`, `24h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let (num, mult) = match s.as_bytes().last()? {
+        b's' => (&s[..s.len() - 1], 1),
+        b'm' => (&s[..s.len() - 1], 60),
+        b'h' => (&s[..s.len() - 1], 3600),
+        b'd' => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()?
+        .checked_mul(mult)
+        .map(Duration::from_secs)
+}
+
 mod secs {
     use std::time::Duration;
 

@@ -38,7 +38,7 @@ def main() -> int:
             problems.append(f"sidecar healthCheck must be interval 30, timeout 5, retries 3: {hc}")
         if not any("/ready" in part for part in hc.get("command", [])):
             problems.append("sidecar healthCheck must probe /ready")
-        if not any(e["name"] == "TRELLIS_SERVICE" for e in proxy.get("environment", [])):
+        if not any(e["name"] == "TRELLIS_IDENTITY__SERVICE" for e in proxy.get("environment", [])):
             problems.append("sidecar must be configured from TRELLIS_* environment variables")
     app = containers.get("app", {})
     if {"containerName": "trellis-proxy", "condition": "HEALTHY"} not in app.get("dependsOn", []):

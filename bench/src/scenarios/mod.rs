@@ -4,6 +4,7 @@
 pub mod http;
 pub mod peers;
 pub mod tcp;
+pub mod trellis;
 
 use std::net::SocketAddr;
 use std::time::Duration;

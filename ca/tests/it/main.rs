@@ -3,5 +3,7 @@
 
 mod support;
 
+mod api;
+mod cli;
 mod hierarchy;
 mod tls;
