@@ -1,2 +1,3 @@
-//! trellis-proxy: the sidecar and the internal load balancer (work in progress). Nothing is
-//! implemented yet.
+//! trellis-proxy: the sidecar and the internal load balancer (work in progress).
+
+pub mod route;
