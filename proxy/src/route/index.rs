@@ -257,7 +257,7 @@ mod tests {
     /// Differential test: random rule sets and requests; the index picks what a scan picks.
     #[test]
     fn index_agrees_with_priority_scan() {
-        let mut rng = StdRng::seed_from_u64(0x7e11_15);
+        let mut rng = StdRng::seed_from_u64(0x7e_1115);
         let h = HeaderMap::new();
         for round in 0..200 {
             let n = rng.random_range(1..40);
