@@ -1,3 +1,4 @@
 //! trellis-proxy: the sidecar and the internal load balancer (work in progress).
 
+pub mod lb;
 pub mod route;

@@ -1,0 +1,311 @@
+//! One listener's live state (the compiled rules behind `ArcSwap`) and the request path:
+//! route → action → (pick group → pick target → forward).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::config::{LimitsConfig, ListenerConfig, ListenerProtocol};
+use super::error::{ForwardError, WeightError};
+use super::metrics::{Metrics, RuleMetrics};
+use super::target::{InFlight, TargetGroup};
+use crate::route::{Action, Matched, RequestView, RuleIndex, STICKY_COOKIE, Weight};
+
+pub type LbBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type ForwardClient = Client<HttpConnector, Incoming>;
+
+/// Headers that describe one hop and are not forwarded.
+const HOP_BY_HOP: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TRAILER,
+];
+
+pub struct ListenerState {
+    pub config: ListenerConfig,
+    pub index: ArcSwap<RuleIndex>,
+    /// Per rule position, then one for the default action.
+    rule_metrics: Vec<RuleMetrics>,
+    writer: Mutex<()>,
+    pub local: SocketAddr,
+}
+
+/// What the request path needs from the whole LB.
+pub struct Shared {
+    pub groups: Vec<Arc<TargetGroup>>,
+    pub client: ForwardClient,
+    pub limits: LimitsConfig,
+}
+
+impl ListenerState {
+    pub fn new(
+        config: ListenerConfig,
+        index: RuleIndex,
+        metrics: &Metrics,
+        local: SocketAddr,
+    ) -> Self {
+        let mut rule_metrics: Vec<_> = index
+            .rules()
+            .iter()
+            .map(|r| metrics.rule(&config.name, &r.name))
+            .collect();
+        rule_metrics.push(metrics.rule(&config.name, "default"));
+        Self {
+            index: ArcSwap::from_pointee(index),
+            rule_metrics,
+            writer: Mutex::new(()),
+            local,
+            config,
+        }
+    }
+
+    /// Swap in new weights for `rule`'s forward action. In-flight requests keep the index they
+    /// started with; nothing is dropped.
+    pub fn set_weights(
+        &self,
+        rule: &str,
+        weights: &[(&str, Weight)],
+    ) -> Result<Vec<(String, u16)>, WeightError> {
+        let _w = self.writer.lock();
+        let cur = self.index.load_full();
+        let pos = cur
+            .position(rule)
+            .ok_or_else(|| WeightError::UnknownRule(rule.to_owned()))?;
+        let Action::Forward(f) = &cur.rules()[pos].action else {
+            return Err(WeightError::NotForward(rule.to_owned()));
+        };
+        if let Some((n, _)) = weights
+            .iter()
+            .find(|(n, _)| !f.groups().iter().any(|g| &*g.name == *n))
+        {
+            return Err(WeightError::UnknownGroup((*n).to_owned()));
+        }
+        let next = f
+            .with_weights(weights)
+            .map_err(|e| WeightError::Invalid(e.to_string()))?;
+        let out = next
+            .groups()
+            .iter()
+            .map(|g| (g.name.to_string(), g.weight.get()))
+            .collect();
+        self.index
+            .store(Arc::new(cur.with_action(pos, Action::Forward(next))));
+        Ok(out)
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self.config.protocol {
+            ListenerProtocol::Http => "http",
+            ListenerProtocol::Https => "https",
+        }
+    }
+}
+
+enum Decision {
+    Respond(Response<LbBody>),
+    Forward {
+        slot: usize,
+        cookie: Option<HeaderValue>,
+    },
+}
+
+/// The request path. Never fails: every error becomes a response from the wire table.
+pub async fn handle(
+    shared: Arc<Shared>,
+    l: Arc<ListenerState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<LbBody>, Infallible> {
+    let start = Instant::now();
+    let index = l.index.load_full();
+    let (pos, decision) = {
+        let view = RequestView::of(&req, peer.ip());
+        let matched = index.route(&view);
+        let pos = match matched {
+            Matched::Rule(i, _) => i,
+            Matched::Default(_) => l.rule_metrics.len() - 1,
+        };
+        let decision = match matched.action() {
+            Action::FixedResponse(f) => {
+                let mut resp = Response::new(full(f.body.clone()));
+                *resp.status_mut() = f.status;
+                if let Some(ct) = f
+                    .content_type
+                    .as_deref()
+                    .and_then(|c| HeaderValue::from_str(c).ok())
+                {
+                    resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+                }
+                Decision::Respond(resp)
+            }
+            Action::Redirect(r) => {
+                let loc = r.location(&view, l.scheme(), l.local.port());
+                let mut resp = Response::new(full(Bytes::new()));
+                *resp.status_mut() = r.status;
+                match HeaderValue::from_str(&loc) {
+                    Ok(v) => {
+                        resp.headers_mut().insert(header::LOCATION, v);
+                    }
+                    Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
+                }
+                Decision::Respond(resp)
+            }
+            Action::Forward(f) => {
+                let pick = f.pick(req.headers(), rand::random());
+                let cookie = match (pick.set_cookie, f.stickiness) {
+                    (true, Some(ttl)) => HeaderValue::from_str(&format!(
+                        "{STICKY_COOKIE}={}; Max-Age={}; Path=/; HttpOnly",
+                        pick.group.name,
+                        ttl.as_secs()
+                    ))
+                    .ok(),
+                    _ => None,
+                };
+                Decision::Forward {
+                    slot: pick.group.slot,
+                    cookie,
+                }
+            }
+        };
+        (pos, decision)
+    };
+    drop(index);
+    let m = &l.rule_metrics[pos.min(l.rule_metrics.len() - 1)];
+    m.requests.inc();
+    let resp = match decision {
+        Decision::Respond(r) => r,
+        Decision::Forward { slot, cookie } => {
+            let mut resp = match shared.groups.get(slot) {
+                Some(g) => match forward(&shared, g, &l, peer, req).await {
+                    Ok(r) => r,
+                    Err(e) => error_response(&e),
+                },
+                None => error_response(&ForwardError::NoTarget(String::new())),
+            };
+            if let Some(c) = cookie {
+                resp.headers_mut().append(header::SET_COOKIE, c);
+            }
+            resp
+        }
+    };
+    m.latency.observe(start.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+async fn forward(
+    shared: &Shared,
+    group: &TargetGroup,
+    l: &ListenerState,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<LbBody>, ForwardError> {
+    let inflight = group
+        .pick(rand::random())
+        .ok_or_else(|| ForwardError::NoTarget(group.name.to_string()))?;
+    let addr = inflight.target().addr;
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let uri: http::Uri = format!("http://{addr}{pq}")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ForwardError::BadRequest(e.to_string()))?;
+    let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_11;
+    let h = req.headers_mut();
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+    if !h.contains_key(header::HOST)
+        && let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
+    {
+        h.insert(header::HOST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+        h.append("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static(l.scheme()));
+
+    let t0 = Instant::now();
+    let result =
+        tokio::time::timeout(shared.limits.request_timeout, shared.client.request(req)).await;
+    let (status, out) = match result {
+        Ok(Ok(resp)) => {
+            let status = resp.status().as_u16();
+            let resp = resp.map(|b| {
+                GuardedBody {
+                    inner: b,
+                    _inflight: inflight,
+                }
+                .boxed_unsync()
+            });
+            (status, Ok(resp))
+        }
+        Ok(Err(e)) => (502, Err(ForwardError::Upstream(e.to_string()))),
+        Err(_) => (504, Err(ForwardError::UpstreamTimeout)),
+    };
+    let elapsed = t0.elapsed();
+    group.metrics.record_status(status);
+    group.metrics.latency.observe(elapsed.as_secs_f64());
+    group.window.record(Instant::now(), status, elapsed);
+    out
+}
+
+pub fn full(b: Bytes) -> LbBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn error_response(e: &ForwardError) -> Response<LbBody> {
+    tracing::debug!(error = %e, "answering with an error");
+    let mut r = Response::new(full(Bytes::from(format!("{}\n", e.status()))));
+    *r.status_mut() = e.status();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream body, holding the target's in-flight count until it ends.
+    struct GuardedBody {
+        #[pin]
+        inner: Incoming,
+        _inflight: InFlight,
+    }
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
