@@ -1,47 +1,153 @@
-//! trellis-proxy: parses the command line, installs tracing and runs the chosen front end.
+//! `trellis-proxy`: parses the command line, loads config, installs tracing, runs the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use trellis_proxy::{Config, ProcessEnv};
 
-#[derive(Parser)]
-#[command(name = "trellis-proxy", version, about)]
+#[derive(Debug, Parser)]
+#[command(name = "trellis-proxy", version, about = "Trellis data plane")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand)]
+#[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the sidecar next to one app instance.
+    Sidecar {
+        /// TOML config; `TRELLIS_*` variables override it (or configure everything without it).
+        #[arg(long, env = "TRELLIS_CONFIG")]
+        config: Option<PathBuf>,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+        /// Check the config and exit.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run the path-based internal load balancer.
     Lb {
         /// The LB config (TOML).
         #[arg(long, short)]
         config: PathBuf,
-        /// Only validate the config and exit.
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+        /// Check the config and exit.
         #[arg(long)]
         check: bool,
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match Cli::parse().command {
-        Command::Lb { config, check } => run_lb(config, check).await,
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Sidecar {
+            config,
+            log_json,
+            check,
+        } => sidecar(config, log_json, check),
+        Command::Lb {
+            config,
+            log_json,
+            check,
+        } => lb(config, log_json, check),
     }
 }
 
-async fn run_lb(path: PathBuf, check: bool) -> ExitCode {
-    let config = match trellis_proxy::lb::LbConfig::load(&path).and_then(|c| c.compile().map(|_| c))
-    {
+fn sidecar(path: Option<PathBuf>, log_json: bool, check: bool) -> ExitCode {
+    install_tracing(log_json);
+    let config = match Config::load(path.as_deref(), &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("trellis-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime.worker_threads > 0 {
+        rt.worker_threads(config.runtime.worker_threads);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis-proxy: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let running = match trellis_proxy::start(config, shutdown.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("trellis-proxy: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(admin = %running.admin_addr, inbound = ?running.inbound_addr,
+            egress = ?running.egress_addr, upstreams = ?running.upstream_addrs, "sidecar started");
+        let running = std::sync::Arc::new(running);
+        spawn_signals(shutdown, std::sync::Arc::clone(&running), path);
+        // All handles but ours end with the signal task; wait for the drain.
+        wait(running).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait(running: std::sync::Arc<trellis_proxy::Running>) {
+    // The signal task holds a clone until SIGTERM; poll until we own it, then wait for the drain.
+    let mut running = running;
+    loop {
+        match std::sync::Arc::try_unwrap(running) {
+            Ok(r) => return r.wait().await,
+            Err(r) => {
+                running = r;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn spawn_signals(
+    shutdown: CancellationToken,
+    running: std::sync::Arc<trellis_proxy::Running>,
+    path: Option<PathBuf>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => match Config::load(path.as_deref(), &ProcessEnv) {
+                    Ok(c) => running.reload(&c),
+                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running config"),
+                },
+            }
+        }
+        shutdown.cancel();
+    });
+}
+
+fn lb(path: PathBuf, log_json: bool, check: bool) -> ExitCode {
+    use trellis_proxy::lb::LbConfig;
+    install_tracing(log_json);
+    let config = match LbConfig::load(&path).and_then(|c| c.compile().map(|_| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("trellis-proxy lb: {e}");
@@ -49,48 +155,59 @@ async fn run_lb(path: PathBuf, check: bool) -> ExitCode {
         }
     };
     if check {
-        println!("{}: ok", path.display());
+        println!("config ok");
         return ExitCode::SUCCESS;
     }
-    let stop = CancellationToken::new();
-    let handle = match trellis_proxy::lb::start(config, stop.clone()).await {
-        Ok(h) => h,
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
         Err(e) => {
-            eprintln!("trellis-proxy lb: {e}");
-            return ExitCode::from(1);
+            eprintln!("trellis-proxy lb: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
         }
     };
-    for (name, addr) in &handle.listeners {
-        println!("listener {name} on {addr}");
-    }
-    println!("admin on {}", handle.admin);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("signal received; draining");
-        stop.cancel();
-    });
-    handle.run_until_stopped().await;
-    ExitCode::SUCCESS
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let handle = match trellis_proxy::lb::start(config, shutdown.clone()).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("trellis-proxy lb: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(listeners = ?handle.listeners, admin = %handle.admin, "lb started");
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("signal received; draining");
+            shutdown.cancel();
+        });
+        handle.run_until_stopped().await;
+        ExitCode::SUCCESS
+    })
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+fn install_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
     }
 }
