@@ -526,6 +526,49 @@ action = {{ type = "forward", target_groups = [{{ name = "blue", weight = 100 }}
 }
 
 #[tokio::test]
+async fn refused_connect_goes_to_another_target() {
+    let a = upstream("a").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let cfg = format!(
+        r#"
+[[target_group]]
+name = "g"
+targets = ["{dead}", "{}"]
+health_check = {{ path = "/health", interval = "1h", timeout = "1s" }}
+{LISTENER}
+[[listener.rule]]
+name = "all"
+priority = 1
+action = {{ type = "forward", target_groups = [{{ name = "g" }}] }}
+"#,
+        a.addr
+    );
+    let (h, base, _) = lb(&cfg).await;
+    let c = client();
+    for _ in 0..20 {
+        let r = get(&c, &format!("{base}/")).await;
+        assert_eq!((r.status, r.body.as_str()), (200, "a"));
+    }
+    // A request with a body is not replayed: it may fail, but gets the gateway's status.
+    let mut statuses = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        statuses.insert(
+            send(&c, "POST", &format!("{base}/"), &[], "payload")
+                .await
+                .status,
+        );
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 502),
+        "{statuses:?}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn admin_ready_and_drain_on_shutdown() {
     let a = upstream("a").await;
     let cfg = format!(

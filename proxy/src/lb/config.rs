@@ -87,6 +87,9 @@ pub struct LimitsConfig {
     /// Largest request head (HTTP/1 read buffer, HTTP/2 header list).
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// Time to connect to a target.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
     /// Time for the upstream to answer before the LB sends 504.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -100,6 +103,7 @@ impl Default for LimitsConfig {
         Self {
             header_read_timeout: default_header_read_timeout(),
             max_header_bytes: default_max_header_bytes(),
+            connect_timeout: default_connect_timeout(),
             request_timeout: default_request_timeout(),
             drain_timeout: default_drain_timeout(),
         }
@@ -114,6 +118,9 @@ fn default_header_read_timeout() -> Duration {
 }
 fn default_max_header_bytes() -> usize {
     16 * 1024
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_request_timeout() -> Duration {
     Duration::from_secs(60)

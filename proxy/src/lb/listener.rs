@@ -15,8 +15,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -25,9 +23,10 @@ use super::error::{ForwardError, WeightError};
 use super::metrics::{Metrics, RuleMetrics};
 use super::target::{InFlight, TargetGroup};
 use crate::route::{Action, Matched, RequestView, RuleIndex, STICKY_COOKIE, Weight};
+use crate::{ProxyBody, ProxyError, UpstreamClient};
 
 pub type LbBody = UnsyncBoxBody<Bytes, hyper::Error>;
-pub type ForwardClient = Client<HttpConnector, Incoming>;
+pub type ForwardClient = UpstreamClient;
 
 /// Headers that describe one hop and are not forwarded.
 const HOP_BY_HOP: [header::HeaderName; 7] = [
@@ -216,20 +215,19 @@ async fn forward(
     group: &TargetGroup,
     l: &ListenerState,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<LbBody>, ForwardError> {
-    let inflight = group
-        .pick(rand::random())
-        .ok_or_else(|| ForwardError::NoTarget(group.name.to_string()))?;
-    let addr = inflight.target().addr;
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let uri: http::Uri = format!("http://{addr}{pq}")
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| ForwardError::BadRequest(e.to_string()))?;
-    let authority = req.uri().authority().map(|a| a.as_str().to_owned());
-    *req.uri_mut() = uri;
-    *req.version_mut() = http::Version::HTTP_11;
-    let h = req.headers_mut();
+    let (mut parts, body) = req.into_parts();
+    // A bodiless request that never reached a target (connect failed) may go to another one.
+    let retryable = body.is_end_stream();
+    let mut body = Some(ProxyBody::from(body));
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+    let h = &mut parts.headers;
     for name in HOP_BY_HOP {
         h.remove(name);
     }
@@ -243,30 +241,65 @@ async fn forward(
     }
     h.insert("x-forwarded-proto", HeaderValue::from_static(l.scheme()));
 
-    let t0 = Instant::now();
-    let result =
-        tokio::time::timeout(shared.limits.request_timeout, shared.client.request(req)).await;
-    let (status, out) = match result {
-        Ok(Ok(resp)) => {
-            let status = resp.status().as_u16();
-            let resp = resp.map(|b| {
-                GuardedBody {
-                    inner: b,
-                    _inflight: inflight,
-                }
-                .boxed_unsync()
-            });
-            (status, Ok(resp))
-        }
-        Ok(Err(e)) => (502, Err(ForwardError::Upstream(e.to_string()))),
-        Err(_) => (504, Err(ForwardError::UpstreamTimeout)),
-    };
-    let elapsed = t0.elapsed();
-    group.metrics.record_status(status);
-    group.metrics.latency.observe(elapsed.as_secs_f64());
-    group.window.record(Instant::now(), status, elapsed);
-    out
+    let attempts = if retryable { MAX_ATTEMPTS } else { 1 };
+    let mut avoid = None;
+    let mut last_err = ForwardError::NoTarget(group.name.to_string());
+    for attempt in 1..=attempts {
+        let inflight = group
+            .pick(rand::random(), avoid)
+            .ok_or_else(|| ForwardError::NoTarget(group.name.to_string()))?;
+        let addr = inflight.target().addr;
+        let uri: http::Uri = format!("http://{addr}{pq}")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ForwardError::BadRequest(e.to_string()))?;
+        let mut req = Request::new(body.take().unwrap_or_else(ProxyBody::empty));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = if attempt == attempts {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+
+        let t0 = Instant::now();
+        let result =
+            tokio::time::timeout(shared.limits.request_timeout, shared.client.send(req)).await;
+        let (status, out) = match result {
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                let resp = resp.map(|b| {
+                    GuardedBody {
+                        inner: b,
+                        _inflight: inflight,
+                    }
+                    .boxed_unsync()
+                });
+                (status, Ok(resp))
+            }
+            Ok(Err(e @ (ProxyError::ConnectFailed | ProxyError::ConnectTimeout)))
+                if attempt < attempts =>
+            {
+                tracing::debug!(target = %addr, error = %e, "connect failed; trying another target");
+                avoid = Some(addr);
+                last_err = ForwardError::Upstream(e.to_string());
+                continue;
+            }
+            Ok(Err(ProxyError::ConnectTimeout)) | Err(_) => {
+                (504, Err(ForwardError::UpstreamTimeout))
+            }
+            Ok(Err(e)) => (502, Err(ForwardError::Upstream(e.to_string()))),
+        };
+        let elapsed = t0.elapsed();
+        group.metrics.record_status(status);
+        group.metrics.latency.observe(elapsed.as_secs_f64());
+        group.window.record(Instant::now(), status, elapsed);
+        return out;
+    }
+    Err(last_err)
 }
+
+/// Tries per request when a connect fails (bodiless requests only).
+const MAX_ATTEMPTS: usize = 2;
 
 pub fn full(b: Bytes) -> LbBody {
     Full::new(b).map_err(|never| match never {}).boxed_unsync()

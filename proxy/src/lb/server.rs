@@ -65,11 +65,12 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
     let tasks = TaskTracker::new();
     let probe_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    // TODO(merge): replace with the sidecar's forwarding client and pool.
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_timer(TokioTimer::new())
-        .build_http::<hyper::body::Incoming>();
+    // The sidecar's pooled upstream client (HTTP/1.1 to targets).
+    let client = crate::UpstreamClient::new(
+        config.limits.connect_timeout,
+        Duration::from_secs(30),
+        false,
+    );
 
     let window_of = |name: &str| {
         config

@@ -174,9 +174,11 @@ impl TargetGroup {
 
     /// Choose a target and count it in flight. Unhealthy targets are skipped unless all are
     /// (then all non-draining ones are used and `fail_open` counted). `rnd` drives slow start.
-    pub fn pick(&self, rnd: u32) -> Option<InFlight> {
+    /// `avoid` (a target that just refused a connection) is skipped unless it is the only one.
+    pub fn pick(&self, rnd: u32, avoid: Option<SocketAddr>) -> Option<InFlight> {
         let ts = self.targets.load();
-        let live = |t: &&Arc<Target>| !t.is_draining();
+        let others = ts.iter().any(|t| Some(t.addr) != avoid && !t.is_draining());
+        let live = |t: &&Arc<Target>| !(t.is_draining() || others && Some(t.addr) == avoid);
         let any_healthy = ts.iter().filter(live).any(|t| t.is_healthy());
         if !any_healthy {
             self.metrics.fail_open.inc();
@@ -309,15 +311,15 @@ mod tests {
     async fn round_robin_skips_unhealthy_and_fails_open() {
         let g = group(&["127.0.0.1:1", "127.0.0.1:2"], Algorithm::RoundRobin);
         let seen: Vec<u16> = (0..4)
-            .map(|_| g.pick(0).unwrap().target().addr.port())
+            .map(|_| g.pick(0, None).unwrap().target().addr.port())
             .collect();
         assert_eq!(seen.iter().filter(|p| **p == 1).count(), 2);
         let ts = g.targets();
         g.set_healthy(&ts[0], false);
-        assert!((0..4).all(|_| g.pick(0).unwrap().target().addr.port() == 2));
+        assert!((0..4).all(|_| g.pick(0, None).unwrap().target().addr.port() == 2));
         assert_eq!(g.metrics.fail_open.get(), 0);
         g.set_healthy(&ts[1], false);
-        assert!(g.pick(0).is_some());
+        assert!(g.pick(0, None).is_some());
         assert_eq!(g.metrics.fail_open.get(), 1);
     }
 
@@ -327,13 +329,13 @@ mod tests {
             &["127.0.0.1:1", "127.0.0.1:2"],
             Algorithm::LeastOutstandingRequests,
         );
-        let a = g.pick(0).unwrap();
-        let b = g.pick(0).unwrap();
+        let a = g.pick(0, None).unwrap();
+        let b = g.pick(0, None).unwrap();
         assert_ne!(a.target().addr, b.target().addr);
         let busy = a.target().addr;
         drop(b);
         for _ in 0..5 {
-            assert_ne!(g.pick(0).unwrap().target().addr, busy);
+            assert_ne!(g.pick(0, None).unwrap().target().addr, busy);
         }
     }
 
@@ -341,13 +343,13 @@ mod tests {
     async fn removed_target_drains_then_leaves() {
         let g = group(&["127.0.0.1:1", "127.0.0.1:2"], Algorithm::RoundRobin);
         let held = loop {
-            let f = g.pick(0).unwrap();
+            let f = g.pick(0, None).unwrap();
             if f.target().addr.port() == 1 {
                 break f;
             }
         };
         g.set_members(&["127.0.0.1:2".parse().unwrap()]);
-        assert!((0..4).all(|_| g.pick(0).unwrap().target().addr.port() == 2));
+        assert!((0..4).all(|_| g.pick(0, None).unwrap().target().addr.port() == 2));
         assert_eq!(g.targets().len(), 2, "still draining its in-flight request");
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(g.targets().len(), 2);
