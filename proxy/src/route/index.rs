@@ -309,4 +309,32 @@ mod tests {
         assert_eq!(name(idx.route(&view("/svc999/x", &h))), "r999");
         assert_eq!(name(idx.route(&view("/nope", &h))), "<default>");
     }
+
+    /// Microbench, not a test: `cargo test --release -p trellis-proxy --lib route_match_cost --
+    /// --ignored --nocapture` prints ns per match at 1, 100 and 1,000 rules (index and scan).
+    #[test]
+    #[ignore]
+    fn route_match_cost() {
+        let h = HeaderMap::new();
+        for n in [1u32, 100, 1000] {
+            let rules = (1..=n)
+                .map(|i| rule(&format!("r{i}"), i, vec![paths(&[&format!("/svc{i}/*")])]))
+                .collect();
+            let idx = RuleIndex::new(rules, fixed(404)).unwrap();
+            let path = format!("/svc{n}/item");
+            let req = view(&path, &h);
+            const ITERS: u32 = 200_000;
+            let t = std::time::Instant::now();
+            for _ in 0..ITERS {
+                std::hint::black_box(idx.route(std::hint::black_box(&req)));
+            }
+            let indexed = t.elapsed() / ITERS;
+            let t = std::time::Instant::now();
+            for _ in 0..ITERS / 10 {
+                std::hint::black_box(idx.scan(std::hint::black_box(&req)));
+            }
+            let scanned = t.elapsed() / (ITERS / 10);
+            println!("{n:>5} rules: index {indexed:?}/match, linear scan {scanned:?}/match");
+        }
+    }
 }
