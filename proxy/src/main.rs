@@ -178,18 +178,31 @@ fn lb(path: PathBuf, log_json: bool, check: bool) -> ExitCode {
             }
         };
         tracing::info!(listeners = ?handle.listeners, admin = %handle.admin, "lb started");
+        let reloader = handle.reloader();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
             ) else {
                 tracing::error!("cannot install signal handlers");
                 return;
             };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => {
+                        let result = LbConfig::load(&path)
+                            .map_err(trellis_proxy::lb::LbError::from)
+                            .and_then(|c| reloader.reload(c));
+                        match result {
+                            Ok(()) => tracing::info!("config reloaded (SIGHUP)"),
+                            Err(e) => tracing::error!(error = %e, "reload failed; keeping the running config"),
+                        }
+                    }
+                }
             }
             tracing::info!("signal received; draining");
             shutdown.cancel();

@@ -569,6 +569,66 @@ action = {{ type = "forward", target_groups = [{{ name = "g" }}] }}
 }
 
 #[tokio::test]
+async fn config_reload_swaps_rules_and_refuses_structural_changes() {
+    let a = upstream("a").await;
+    let b = upstream("b").await;
+    let rules = |listen: &str, path: &str, wa: u32, wb: u32| {
+        format!(
+            r#"{}{}
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "web"
+listen = "{listen}"
+default_action = {{ type = "fixed-response", status = 404 }}
+
+[[listener.rule]]
+name = "r"
+priority = 1
+conditions = [{{ field = "path-pattern", values = ["{path}"] }}]
+action = {{ type = "forward", target_groups = [{{ name = "a", weight = {wa} }}, {{ name = "b", weight = {wb} }}] }}
+"#,
+            group("a", &[&a], ""),
+            group("b", &[&b], "")
+        )
+    };
+    let (h, base, admin) = lb(&rules("127.0.0.1:0", "/one/*", 1, 0)).await;
+    let bound = h.listeners[0].1.to_string();
+    let c = client();
+    assert_eq!(get(&c, &format!("{base}/one/x")).await.body, "a");
+    assert_eq!(get(&c, &format!("{base}/two/x")).await.status, 404);
+    // A reload that moves the listener is refused; one that keeps it applies.
+    let cfg = |s: &str| LbConfig::from_str(s).unwrap();
+    let err = h
+        .reloader()
+        .reload(cfg(&rules("127.0.0.1:1", "/two/*", 0, 1)))
+        .unwrap_err();
+    assert!(err.to_string().contains("listeners changed"), "{err}");
+    h.reloader()
+        .reload(cfg(&rules(&bound, "/two/*", 0, 1)))
+        .unwrap();
+    assert_eq!(get(&c, &format!("{base}/two/x")).await.body, "b");
+    assert_eq!(get(&c, &format!("{base}/one/x")).await.status, 404);
+    // Over the admin API; a bad config is refused with its message and changes nothing.
+    let url = format!("{admin}/v1/reload");
+    let r = send(&c, "POST", &url, &[], &rules(&bound, "/two/*", 0, 0)).await;
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("weights are zero"), "{}", r.body);
+    assert_eq!(get(&c, &format!("{base}/two/x")).await.body, "b");
+    let r = send(&c, "POST", &url, &[], &rules(&bound, "/three/*", 1, 0)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(get(&c, &format!("{base}/three/x")).await.body, "a");
+    let renamed = rules(&bound, "/three/*", 1, 0)
+        .replace("name = \"b\"", "name = \"c\"")
+        .replace("{ name = \"b\",", "{ name = \"c\",");
+    let r = send(&c, "POST", &url, &[], &renamed).await;
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("target groups changed"), "{}", r.body);
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn admin_ready_and_drain_on_shutdown() {
     let a = upstream("a").await;
     let cfg = format!(

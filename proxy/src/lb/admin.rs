@@ -14,17 +14,59 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::LbConfig;
 use super::deploy::Deployment;
-use super::error::WeightError;
+use super::error::{LbError, WeightError};
 use super::listener::{LbBody, ListenerState, full};
 use super::metrics::Metrics;
 use super::target::TargetGroup;
 use crate::route::{Action, Weight};
 
+/// Largest config accepted by `POST /v1/reload`.
+const MAX_CONFIG: usize = 8 << 20;
+
+/// Apply a new config's rules and weights to the running listeners. Listeners (names, addresses,
+/// TLS), target groups and deployments need a restart; a reload that changes them is refused.
+pub fn reload(admin: &Admin, next: LbConfig) -> Result<(), LbError> {
+    let compiled = next.compile()?;
+    let same_groups = compiled.target_groups.len() == admin.groups.len()
+        && compiled
+            .target_groups
+            .iter()
+            .zip(&admin.groups)
+            .all(|((c, _), g)| c.name == *g.name);
+    if !same_groups {
+        return Err(LbError::Reload(
+            "target groups changed; restart to apply".into(),
+        ));
+    }
+    let same_listeners = compiled.listeners.len() == admin.listeners.len()
+        && compiled
+            .listeners
+            .iter()
+            .zip(&admin.listeners)
+            .all(|(c, l)| {
+                c.config.name == l.config.name
+                    && (c.config.listen == l.config.listen || c.config.listen == l.local)
+                    && c.config.protocol == l.config.protocol
+            });
+    if !same_listeners {
+        return Err(LbError::Reload(
+            "listeners changed; restart to apply".into(),
+        ));
+    }
+    for (c, l) in compiled.listeners.into_iter().zip(&admin.listeners) {
+        l.replace_rules(c.index, &admin.metrics);
+    }
+    admin.metrics.weight_changes.inc();
+    admin.config.store(Arc::new(next));
+    tracing::info!("config reloaded");
+    Ok(())
+}
+
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
 
 pub struct Admin {
-    pub config: LbConfig,
+    pub config: arc_swap::ArcSwap<LbConfig>,
     pub listeners: Vec<Arc<ListenerState>>,
     pub groups: Vec<Arc<TargetGroup>>,
     pub deployments: Vec<Arc<Deployment>>,
@@ -48,6 +90,25 @@ pub async fn handle(
             }
         }
         (&Method::GET, ["config"]) => json_resp(StatusCode::OK, &config_view(&admin)),
+        (&Method::POST, ["v1", "reload"]) => {
+            let text = http_body_util::Limited::new(req.into_body(), MAX_CONFIG)
+                .collect()
+                .await
+                .map(|b| b.to_bytes());
+            let result = match text {
+                Ok(b) => match std::str::from_utf8(&b) {
+                    Ok(t) => LbConfig::from_str(t)
+                        .map_err(LbError::from)
+                        .and_then(|c| reload(&admin, c)),
+                    Err(e) => Err(LbError::Reload(format!("body is not UTF-8: {e}"))),
+                },
+                Err(e) => Err(LbError::Reload(format!("reading body: {e}"))),
+            };
+            match result {
+                Ok(()) => json_resp(StatusCode::OK, &json!({ "reloaded": true })),
+                Err(e) => json_resp(StatusCode::BAD_REQUEST, &json!({ "error": e.to_string() })),
+            }
+        }
         (&Method::GET, ["v1", "deployments"]) => {
             let v: Vec<_> = admin.deployments.iter().map(|d| d.view()).collect();
             json_resp(StatusCode::OK, &json!(v))
@@ -111,7 +172,8 @@ fn config_view(admin: &Admin) -> serde_json::Value {
         .listeners
         .iter()
         .map(|l| {
-            let idx = l.index.load();
+            let routes = l.routes.load();
+            let idx = &routes.index;
             let rules: Vec<_> = idx
                 .rules()
                 .iter()
@@ -131,7 +193,7 @@ fn config_view(admin: &Admin) -> serde_json::Value {
             json!({ "name": l.config.name, "address": l.local.to_string(), "rules": rules })
         })
         .collect();
-    json!({ "config": admin.config, "live": live })
+    json!({ "config": *admin.config.load_full(), "live": live })
 }
 
 fn text(status: StatusCode, body: String) -> Response<LbBody> {

@@ -38,6 +38,8 @@ pub enum LbError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("reload refused: {0}")]
+    Reload(String),
     #[error("listener {listener:?}: TLS: {reason}")]
     Tls { listener: String, reason: String },
 }

@@ -41,11 +41,29 @@ const HOP_BY_HOP: [header::HeaderName; 7] = [
 
 pub struct ListenerState {
     pub config: ListenerConfig,
-    pub index: ArcSwap<RuleIndex>,
-    /// Per rule position, then one for the default action.
-    rule_metrics: Vec<RuleMetrics>,
+    /// Swapped whole on every change; a request keeps the one it started with.
+    pub routes: ArcSwap<Routes>,
     writer: Mutex<()>,
     pub local: SocketAddr,
+}
+
+/// The compiled rules and their metric handles, by rule position.
+pub struct Routes {
+    pub index: RuleIndex,
+    /// Per rule position, then one for the default action.
+    metrics: Vec<RuleMetrics>,
+}
+
+impl Routes {
+    fn new(index: RuleIndex, listener: &str, metrics: &Metrics) -> Self {
+        let mut m: Vec<_> = index
+            .rules()
+            .iter()
+            .map(|r| metrics.rule(listener, &r.name))
+            .collect();
+        m.push(metrics.rule(listener, "default"));
+        Self { index, metrics: m }
+    }
 }
 
 /// What the request path needs from the whole LB.
@@ -62,15 +80,8 @@ impl ListenerState {
         metrics: &Metrics,
         local: SocketAddr,
     ) -> Self {
-        let mut rule_metrics: Vec<_> = index
-            .rules()
-            .iter()
-            .map(|r| metrics.rule(&config.name, &r.name))
-            .collect();
-        rule_metrics.push(metrics.rule(&config.name, "default"));
         Self {
-            index: ArcSwap::from_pointee(index),
-            rule_metrics,
+            routes: ArcSwap::from_pointee(Routes::new(index, &config.name, metrics)),
             writer: Mutex::new(()),
             local,
             config,
@@ -85,7 +96,8 @@ impl ListenerState {
         weights: &[(&str, Weight)],
     ) -> Result<Vec<(String, u16)>, WeightError> {
         let _w = self.writer.lock();
-        let cur = self.index.load_full();
+        let routes = self.routes.load_full();
+        let cur = &routes.index;
         let pos = cur
             .position(rule)
             .ok_or_else(|| WeightError::UnknownRule(rule.to_owned()))?;
@@ -106,9 +118,18 @@ impl ListenerState {
             .iter()
             .map(|g| (g.name.to_string(), g.weight.get()))
             .collect();
-        self.index
-            .store(Arc::new(cur.with_action(pos, Action::Forward(next))));
+        self.routes.store(Arc::new(Routes {
+            index: cur.with_action(pos, Action::Forward(next)),
+            metrics: routes.metrics.clone(),
+        }));
         Ok(out)
+    }
+
+    /// Replace all rules (config reload).
+    pub fn replace_rules(&self, index: RuleIndex, metrics: &Metrics) {
+        let _w = self.writer.lock();
+        self.routes
+            .store(Arc::new(Routes::new(index, &self.config.name, metrics)));
     }
 
     fn scheme(&self) -> &'static str {
@@ -135,13 +156,14 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<LbBody>, Infallible> {
     let start = Instant::now();
-    let index = l.index.load_full();
+    let routes = l.routes.load_full();
+    let index = &routes.index;
     let (pos, decision) = {
         let view = RequestView::of(&req, peer.ip());
         let matched = index.route(&view);
         let pos = match matched {
             Matched::Rule(i, _) => i,
-            Matched::Default(_) => l.rule_metrics.len() - 1,
+            Matched::Default(_) => routes.metrics.len() - 1,
         };
         let decision = match matched.action() {
             Action::FixedResponse(f) => {
@@ -187,8 +209,7 @@ pub async fn handle(
         };
         (pos, decision)
     };
-    drop(index);
-    let m = &l.rule_metrics[pos.min(l.rule_metrics.len() - 1)];
+    let m = &routes.metrics[pos.min(routes.metrics.len() - 1)];
     m.requests.inc();
     let resp = match decision {
         Decision::Respond(r) => r,

@@ -18,4 +18,4 @@ pub mod window;
 
 pub use config::{ConfigError, LbConfig};
 pub use error::{ForwardError, LbError, WeightError};
-pub use server::{LbHandle, start};
+pub use server::{LbHandle, Reloader, start};

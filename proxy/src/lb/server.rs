@@ -30,12 +30,29 @@ pub struct LbHandle {
     /// `(listener name, bound address)` in config order.
     pub listeners: Vec<(String, SocketAddr)>,
     pub admin: SocketAddr,
+    state: Arc<Admin>,
     stop: CancellationToken,
     tasks: TaskTracker,
     drain: Duration,
 }
 
+/// Applies new configs to a running LB (SIGHUP, tests); cheap to clone.
+#[derive(Clone)]
+pub struct Reloader(Arc<Admin>);
+
+impl Reloader {
+    /// New rules and weights take effect for the next request; in-flight ones are untouched.
+    /// Changes to listeners or target groups are refused (restart to apply).
+    pub fn reload(&self, config: LbConfig) -> Result<(), LbError> {
+        admin::reload(&self.0, config)
+    }
+}
+
 impl LbHandle {
+    pub fn reloader(&self) -> Reloader {
+        Reloader(Arc::clone(&self.state))
+    }
+
     pub fn listener(&self, name: &str) -> Option<SocketAddr> {
         self.listeners
             .iter()
@@ -184,13 +201,14 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
     }
     let drain = config.limits.drain_timeout;
     let admin = Arc::new(Admin {
-        config,
+        config: arc_swap::ArcSwap::from_pointee(config),
         listeners: states,
         groups,
         deployments,
         metrics,
         stop: stop.clone(),
     });
+    let state = Arc::clone(&admin);
     tasks.spawn(accept_loop(
         admin_tcp,
         None,
@@ -206,6 +224,7 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
     Ok(LbHandle {
         listeners: bound,
         admin: admin_addr,
+        state,
         stop,
         tasks,
         drain,
