@@ -245,8 +245,8 @@ async fn forward(
     let pq = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let h = &mut parts.headers;
     for name in HOP_BY_HOP {
@@ -270,9 +270,12 @@ async fn forward(
             .pick(rand::random(), avoid)
             .ok_or_else(|| ForwardError::NoTarget(group.name.to_string()))?;
         let addr = inflight.target().addr;
-        let uri: http::Uri = format!("http://{addr}{pq}")
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| ForwardError::BadRequest(e.to_string()))?;
+        let uri = http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(inflight.target().authority.clone())
+            .path_and_query(pq.clone())
+            .build()
+            .map_err(|e| ForwardError::BadRequest(e.to_string()))?;
         let mut req = Request::new(body.take().unwrap_or_else(ProxyBody::empty));
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;

@@ -21,6 +21,8 @@ use super::window::Window;
 #[derive(Debug)]
 pub struct Target {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once.
+    pub authority: http::uri::Authority,
     healthy: AtomicBool,
     draining: AtomicBool,
     outstanding: AtomicUsize,
@@ -35,6 +37,7 @@ impl Target {
     fn new(addr: SocketAddr, since: u64) -> Self {
         Self {
             addr,
+            authority: addr_authority(addr),
             // Targets start in rotation; a failing one leaves after `unhealthy_threshold` checks.
             healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),
@@ -56,6 +59,12 @@ impl Target {
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Relaxed)
     }
+}
+
+fn addr_authority(addr: SocketAddr) -> http::uri::Authority {
+    // A socket address always renders as a valid authority (`1.2.3.4:80`, `[::1]:80`).
+    http::uri::Authority::try_from(addr.to_string())
+        .unwrap_or_else(|_| http::uri::Authority::from_static("invalid.invalid"))
 }
 
 /// Holds one in-flight request against a target; dropping it (when the response body ends)
