@@ -27,7 +27,7 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$WORK"
+  [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -48,9 +48,9 @@ http {
   server { listen 127.0.0.1:$BACKEND; location / { return 200 "ok"; } }
 }
 CONF
-nginx -p "$WORK/backend" -c "$WORK/backend/nginx.conf" -g 'daemon off;' &
+nginx -p "$WORK/backend" -c "$WORK/backend/nginx.conf" -g "daemon off;" >"$WORK/backend/out.log" 2>&1 &
 PIDS+=($!)
-wait_port "$BACKEND"
+wait_port "$BACKEND" || { cat "$WORK/backend/out.log" "$WORK/backend/error.log" >&2; exit 1; }
 
 # run_wrk URL -> "rps p99_ms"
 run_wrk() {
@@ -91,7 +91,7 @@ for n in $RULES; do
   d="$WORK/haproxy-$n"; mkdir -p "$d"
   hp=$(free_port)
   {
-    echo "global"; echo "  nbthread $WORKERS"; echo "  maxconn 20000"
+    echo "global"; echo "  nbthread $WORKERS"; echo "  maxconn 4096"
     echo "defaults"; echo "  mode http"; echo "  timeout connect 2s"; echo "  timeout client 30s"; echo "  timeout server 30s"
     echo "  option http-keep-alive"
     echo "frontend fe"; echo "  bind 127.0.0.1:$hp"
