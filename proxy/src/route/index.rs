@@ -6,6 +6,7 @@
 //! lists merged, so it only evaluates rules that could match, still in priority order.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::action::Action;
 use super::condition::Condition;
@@ -44,7 +45,7 @@ impl<'a> Matched<'a> {
 pub struct RuleIndex {
     /// Sorted by priority, so a smaller position means evaluated first.
     rules: Vec<Rule>,
-    by_segment: HashMap<Box<str>, Vec<u32>>,
+    by_segment: HashMap<Box<str>, Vec<u32>, SegmentHash>,
     general: Vec<u32>,
     default: Action,
 }
@@ -59,7 +60,7 @@ impl RuleIndex {
                 second: w[1].name.to_string(),
             });
         }
-        let mut by_segment: HashMap<Box<str>, Vec<u32>> = HashMap::new();
+        let mut by_segment: HashMap<Box<str>, Vec<u32>, SegmentHash> = HashMap::default();
         let mut general = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
             let i = i as u32;
@@ -110,10 +111,13 @@ impl RuleIndex {
 
     /// The lowest-priority rule that matches, else the default action. No allocation.
     pub fn route(&self, req: &RequestView<'_>) -> Matched<'_> {
-        let bucket: &[u32] = self
-            .by_segment
-            .get(req.first_segment())
-            .map_or(&[], Vec::as_slice);
+        let bucket: &[u32] = if self.by_segment.is_empty() {
+            &[]
+        } else {
+            self.by_segment
+                .get(req.first_segment())
+                .map_or(&[], Vec::as_slice)
+        };
         let (mut a, mut b) = (bucket.iter().peekable(), self.general.iter().peekable());
         loop {
             let next = match (a.peek(), b.peek()) {
@@ -137,6 +141,32 @@ impl RuleIndex {
             Some((i, r)) => Matched::Rule(i, r),
             None => Matched::Default(&self.default),
         }
+    }
+}
+
+/// FNV-1a for the segment map: short keys, and SipHash's flooding resistance buys nothing here
+/// because the stored keys come from config, not from clients (a client only looks up).
+type SegmentHash = BuildHasherDefault<Fnv1a>;
+
+#[derive(Default)]
+struct Fnv1a(u64);
+
+impl Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
     }
 }
 
