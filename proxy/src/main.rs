@@ -28,6 +28,18 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Run the path-based internal load balancer.
+    Lb {
+        /// The LB config (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+        /// Check the config and exit.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -38,6 +50,11 @@ fn main() -> ExitCode {
             log_json,
             check,
         } => sidecar(config, log_json, check),
+        Command::Lb {
+            config,
+            log_json,
+            check,
+        } => lb(config, log_json, check),
     }
 }
 
@@ -181,6 +198,74 @@ fn spawn_file_watch(
             }
         }
     });
+}
+
+fn lb(path: PathBuf, log_json: bool, check: bool) -> ExitCode {
+    use trellis_proxy::lb::LbConfig;
+    install_tracing(log_json);
+    let config = match LbConfig::load(&path).and_then(|c| c.compile().map(|_| c)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("trellis-proxy lb: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis-proxy lb: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let handle = match trellis_proxy::lb::start(config, shutdown.clone()).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("trellis-proxy lb: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(listeners = ?handle.listeners, admin = %handle.admin, "lb started");
+        let reloader = handle.reloader();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => {
+                        let result = LbConfig::load(&path)
+                            .map_err(trellis_proxy::lb::LbError::from)
+                            .and_then(|c| reloader.reload(c));
+                        match result {
+                            Ok(()) => tracing::info!("config reloaded (SIGHUP)"),
+                            Err(e) => tracing::error!(error = %e, "reload failed; keeping the running config"),
+                        }
+                    }
+                }
+            }
+            tracing::info!("signal received; draining");
+            shutdown.cancel();
+        });
+        handle.run_until_stopped().await;
+        ExitCode::SUCCESS
+    })
 }
 
 fn install_tracing(json: bool) {
