@@ -251,3 +251,30 @@ async fn identity_bootstraps_over_http_and_renews() {
     );
     let _: Arc<TrustBundle> = id.trust_bundle().clone();
 }
+
+#[tokio::test]
+async fn bundle_add_is_served_without_restart() {
+    let ca = start().await;
+    let other = trellis_ca::EphemeralCa::new("mesh.local").unwrap();
+    let dir = CaDir::new(ca.api.authority().dir().unwrap());
+    dir.bundle_add(&other.roots_pem()).unwrap();
+    assert_eq!(ca.api.reload_trust_bundle().unwrap(), 2);
+    let (st, roots) = call("GET", &format!("{}/v1/ca/roots", ca.url), None, "").await;
+    assert_eq!(st, 200);
+    assert_eq!(trellis_ca::parse_certs(&roots).unwrap().len(), 2);
+    // A renewing identity picks the new bundle up at its next renewal.
+    let tok = ca
+        .api
+        .tokens()
+        .create(ws("my-app", "api"))
+        .unwrap()
+        .bearer();
+    let id = Identity::bootstrap(&ca.url, &tok, "mesh.local".parse().unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(id.trust_bundle().roots().len(), 2);
+    dir.bundle_remove(&other.roots_pem()).unwrap();
+    assert_eq!(ca.api.reload_trust_bundle().unwrap(), 1);
+    id.rotate_now().await.unwrap();
+    assert_eq!(id.trust_bundle().roots().len(), 1);
+}
