@@ -64,6 +64,10 @@ impl CaDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// Whether a CA (initialised, or waiting for its external intermediate) lives here.
+    pub fn exists(&self) -> bool {
+        self.file(CONFIG).exists()
+    }
     fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
