@@ -55,6 +55,16 @@ async fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     let port = addrs["upstreams"]["api"].as_str().unwrap().to_owned();
     let c = h1_client();
     assert_eq!(get(&c, &format!("http://{admin}/ready")).await.0, 200);
+    // The container health check the ECS example uses.
+    let probe = |path: &str| {
+        Command::new(env!("CARGO_BIN_EXE_trellis-proxy"))
+            .args(["probe", &format!("http://{admin}{path}")])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(probe("/ready"));
+    assert!(!probe("/nope"));
     assert_eq!(get(&c, &format!("http://{port}/")).await.1, "a");
 
     // SIGHUP: the static cluster now points at b.
@@ -111,4 +121,34 @@ fn invalid_config_fails_at_start_naming_the_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_connectionz"), "{err}");
+}
+
+#[test]
+fn ecs_task_definition_environment_loads() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/ecs/task-definition.json"
+    );
+    let td: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut env = trellis_proxy::MapEnv::default();
+    for c in td["containerDefinitions"].as_array().unwrap() {
+        for e in c["environment"].as_array().into_iter().flatten() {
+            let name = e["name"].as_str().unwrap();
+            if name.starts_with("TRELLIS_") {
+                env.0
+                    .insert(name.to_owned(), e["value"].as_str().unwrap().to_owned());
+            }
+        }
+        for e in c["secrets"].as_array().into_iter().flatten() {
+            // Secrets arrive as environment variables at run time; any value stands in here.
+            env.0.insert(
+                e["name"].as_str().unwrap().to_owned(),
+                "from-secrets-manager".to_owned(),
+            );
+        }
+    }
+    assert!(env.0.contains_key("TRELLIS_IDENTITY__SERVICE"), "{env:?}");
+    let c = trellis_proxy::Config::load(None, &env).unwrap();
+    assert_eq!(c.identity.service.as_str(), "api");
 }
