@@ -93,12 +93,13 @@ async fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     assert!(switched, "file change applied");
 
     // SIGTERM with a request in flight: it completes, then the process exits 0.
+    let seen = a.hits.load(std::sync::atomic::Ordering::SeqCst);
     let slow = {
         let c = c.clone();
         let port = port.clone();
         tokio::spawn(async move { get(&c, &format!("http://{port}/slow")).await.0 })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_hits(&a, seen + 1).await;
     signal(child.id(), "-TERM");
     assert_eq!(slow.await.unwrap(), 200);
     let status = tokio::task::spawn_blocking(move || child.wait())

@@ -366,7 +366,7 @@ async fn sigterm_drain_finishes_in_flight_requests() {
             get(&c, &format!("http://{port}/slow")).await.0
         }));
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    wait_hits(&a, 10).await;
     stop.cancel();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
@@ -512,7 +512,7 @@ async fn circuit_breaker_fails_fast_beyond_max_requests() {
     let port = sc.upstream_addrs["api"];
     let slow =
         tokio::spawn(async move { get(&h1_client(), &format!("http://{port}/slow")).await.0 });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_hits(&a, 1).await;
     let c = h1_client();
     let (s, _, _) = get(&c, &format!("http://{port}/")).await;
     assert_eq!(s, 503, "second concurrent request overflows");
