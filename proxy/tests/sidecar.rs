@@ -536,3 +536,28 @@ async fn circuit_breaker_fails_fast_beyond_max_requests() {
     stop.cancel();
     sc.wait().await;
 }
+
+#[tokio::test]
+async fn weighted_balancer_splits_by_weight() {
+    let stable = app("stable", None).await;
+    let canary = app("canary", None).await;
+    let toml = format!(
+        "{}\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true, balancer = \"weighted\" }}]\n\n[[clusters]]\nservice = \"api\"\nendpoints = [{{ address = \"{}\", weight = 9 }}, {{ address = \"{}\", weight = 1 }}]\n",
+        base(),
+        stable.addr,
+        canary.addr
+    );
+    let (sc, stop) = sidecar(&toml).await;
+    let port = sc.upstream_addrs["api"];
+    let c = h1_client();
+    let mut canaries = 0;
+    for _ in 0..300 {
+        if get(&c, &format!("http://{port}/")).await.1 == "canary" {
+            canaries += 1;
+        }
+    }
+    // Expected 30; generous bounds for a random split.
+    assert!((8..=60).contains(&canaries), "{canaries}");
+    stop.cancel();
+    sc.wait().await;
+}
