@@ -153,3 +153,49 @@ fn ecs_task_definition_environment_loads() {
     let c = trellis_proxy::Config::load(None, &env).unwrap();
     assert_eq!(c.identity.service.as_str(), "api");
 }
+
+#[tokio::test]
+async fn json_access_log() {
+    let a = app("a", None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, config(a.addr)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-proxy"))
+        .env_clear()
+        .args(["sidecar", "--log-json", "--config"])
+        .arg(&path)
+        .env("TRELLIS_IDENTITY__NAMESPACE", "my-app.local")
+        .env("TRELLIS_IDENTITY__SERVICE", "web")
+        .env("TRELLIS_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("TRELLIS_RUNTIME__ACCESS_LOG", "true")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addrs: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let port = addrs["upstreams"]["api"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get(&h1_client(), &format!("http://{port}/hello?x=1"))
+            .await
+            .0,
+        200
+    );
+    signal(child.id(), "-TERM");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let entry = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "trellis_proxy::access")
+        .unwrap_or_else(|| panic!("no access log line in {log}"));
+    assert_eq!(entry["fields"]["status"], 200, "{entry}");
+    assert_eq!(entry["fields"]["path"], "/hello", "{entry}");
+    assert_eq!(entry["fields"]["upstream"], "api", "{entry}");
+}
