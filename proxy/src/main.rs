@@ -40,6 +40,14 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Health probe for containers without curl: GET an http:// URL, exit 0 on 2xx, 1 otherwise.
+    Probe {
+        /// e.g. http://127.0.0.1:9901/ready
+        url: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +63,13 @@ fn main() -> ExitCode {
             log_json,
             check,
         } => lb(config, log_json, check),
+        Command::Probe { url, timeout } => match probe(&url, timeout) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trellis-proxy probe: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -278,5 +293,35 @@ fn install_tracing(json: bool) {
         b.json().init();
     } else {
         b.init();
+    }
+}
+
+/// One blocking HTTP/1.0 GET; no runtime needed for a health check.
+fn probe(url: &str, timeout: std::time::Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority}: no address"))?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)
+        .map_err(|e| format!("reading status: {e}"))?;
+    match &head[9..12] {
+        [b'2', _, _] => Ok(()),
+        code => Err(format!("status {}", String::from_utf8_lossy(code))),
     }
 }

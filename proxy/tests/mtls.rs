@@ -541,3 +541,50 @@ async fn openssl_client_needs_a_certificate() {
     stop.cancel();
     api.wait().await;
 }
+
+#[tokio::test]
+async fn upgrade_crosses_two_sidecars_over_mtls() {
+    let ca = EphemeralCa::new("trellis.local").unwrap();
+    let api_id = ca
+        .issue_identity("my-app.local", "api", None)
+        .await
+        .unwrap();
+    let web_id = ca
+        .issue_identity("my-app.local", "web", None)
+        .await
+        .unwrap();
+    let app = app("api-app", None).await;
+    let (api, api_stop) = start(&server_config("api", app.addr, "http", "web"), api_id).await;
+    let (web, web_stop) = start(
+        &client_config("web", "api", api.inbound_addr.unwrap(), "http"),
+        web_id,
+    )
+    .await;
+    let mut s = TcpStream::connect(web.upstream_addrs["api"]).await.unwrap();
+    s.write_all(
+        b"GET /upgrade HTTP/1.1\r\nhost: api\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    s.write_all(b"ping over two hops").await.unwrap();
+    let mut echo = [0u8; 18];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping over two hops");
+    drop(s);
+    for (r, t) in [(web, web_stop), (api, api_stop)] {
+        t.cancel();
+        r.wait().await;
+    }
+}

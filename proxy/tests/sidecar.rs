@@ -366,7 +366,7 @@ async fn sigterm_drain_finishes_in_flight_requests() {
             get(&c, &format!("http://{port}/slow")).await.0
         }));
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    wait_hits(&a, 10).await;
     stop.cancel();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
@@ -512,7 +512,7 @@ async fn circuit_breaker_fails_fast_beyond_max_requests() {
     let port = sc.upstream_addrs["api"];
     let slow =
         tokio::spawn(async move { get(&h1_client(), &format!("http://{port}/slow")).await.0 });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_hits(&a, 1).await;
     let c = h1_client();
     let (s, _, _) = get(&c, &format!("http://{port}/")).await;
     assert_eq!(s, 503, "second concurrent request overflows");
@@ -533,6 +533,31 @@ async fn circuit_breaker_fails_fast_beyond_max_requests() {
         metrics.contains("trellis_proxy_upstream_overflow_total{upstream=\"api\"} 1"),
         "{metrics}"
     );
+    stop.cancel();
+    sc.wait().await;
+}
+
+#[tokio::test]
+async fn weighted_balancer_splits_by_weight() {
+    let stable = app("stable", None).await;
+    let canary = app("canary", None).await;
+    let toml = format!(
+        "{}\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true, balancer = \"weighted\" }}]\n\n[[clusters]]\nservice = \"api\"\nendpoints = [{{ address = \"{}\", weight = 9 }}, {{ address = \"{}\", weight = 1 }}]\n",
+        base(),
+        stable.addr,
+        canary.addr
+    );
+    let (sc, stop) = sidecar(&toml).await;
+    let port = sc.upstream_addrs["api"];
+    let c = h1_client();
+    let mut canaries = 0;
+    for _ in 0..300 {
+        if get(&c, &format!("http://{port}/")).await.1 == "canary" {
+            canaries += 1;
+        }
+    }
+    // Expected 30; generous bounds for a random split.
+    assert!((8..=60).contains(&canaries), "{canaries}");
     stop.cancel();
     sc.wait().await;
 }

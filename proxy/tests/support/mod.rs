@@ -255,3 +255,17 @@ request_timeout = "5s"
 "#
     .to_owned()
 }
+
+/// Waits (up to 5 s) until `app` has seen at least `n` requests: "the request is in flight".
+pub async fn wait_hits(app: &App, n: usize) {
+    for _ in 0..500 {
+        if app.hits.load(Ordering::SeqCst) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "app saw {} requests, expected {n}",
+        app.hits.load(Ordering::SeqCst)
+    );
+}
