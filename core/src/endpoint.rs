@@ -85,7 +85,10 @@ mod tests {
             namespace: "n".into(),
             service: "s".into(),
             revision: 1,
-            endpoints: vec![ep("a", HealthStatus::Healthy), ep("b", HealthStatus::Unhealthy)],
+            endpoints: vec![
+                ep("a", HealthStatus::Healthy),
+                ep("b", HealthStatus::Unhealthy),
+            ],
         };
         assert_eq!(set.serving().count(), 1);
         set.endpoints[0].health = HealthStatus::Unhealthy;

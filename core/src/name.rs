@@ -192,7 +192,10 @@ mod tests {
             "a".repeat(64).parse::<ServiceName>(),
             Err(NameError::TooLong { .. })
         ));
-        assert!(matches!("".parse::<ServiceName>(), Err(NameError::Empty { .. })));
+        assert!(matches!(
+            "".parse::<ServiceName>(),
+            Err(NameError::Empty { .. })
+        ));
         assert!(matches!(
             "api.v1".parse::<ServiceName>(),
             Err(NameError::InvalidChar { ch: '.', .. })

@@ -13,7 +13,9 @@ use crate::name::{NameError, NamespaceName, ServiceName, TrustDomain};
 pub enum SpiffeIdError {
     #[error("SPIFFE id {0:?} does not start with spiffe://")]
     Scheme(String),
-    #[error("SPIFFE id {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/svc/<service>")]
+    #[error(
+        "SPIFFE id {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/svc/<service>"
+    )]
     Shape(String),
     #[error("SPIFFE id {id:?}: {source}")]
     Name {

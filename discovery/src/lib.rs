@@ -1,1 +1,62 @@
-//! trellis-discovery: the control plane (work in progress). Nothing is implemented yet.
+//! trellis-discovery: the control plane.
+//!
+//! What it does: a Cloud Map-compatible registry (AWS JSON 1.1 API, SigV4), a long-poll watch API
+//! for sidecars (`GET /v1/watch/<namespace>/<service>`), an authoritative DNS server over the DNS
+//! namespaces (hickory-server), active/custom/TTL health checks, and an embedded crash-safe store.
+//! What it does not do: proxy traffic (that is `trellis-proxy`) or replicate state across nodes.
+//!
+//! Without the default `server` feature only the client-side types build (the wire error table).
+
+mod error;
+
+#[cfg(feature = "server")]
+mod api;
+#[cfg(feature = "server")]
+mod ca_mount;
+#[cfg(feature = "server")]
+mod dns;
+#[cfg(feature = "server")]
+mod health;
+#[cfg(feature = "server")]
+mod http;
+#[cfg(feature = "server")]
+mod metrics;
+#[cfg(feature = "server")]
+pub mod model;
+#[cfg(feature = "server")]
+mod registry;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+mod sigv4;
+#[cfg(feature = "server")]
+mod store;
+
+pub use error::ApiError;
+pub use trellis_core::{Endpoint, EndpointSet, HealthStatus};
+
+#[cfg(feature = "server")]
+pub use {
+    health::HealthConfig,
+    http::{Auth, MAX_BODY, Mount},
+    registry::{Registry, RegistryConfig},
+    server::{Server, ServerConfig, ServerError, run},
+    sigv4::Credentials,
+    store::{MemoryStore, RedbStore, STORE_FILE, Store, StoreError, Write},
+};
+
+/// The watch API path for a service (what the sidecar polls).
+pub fn watch_path(
+    namespace: &str,
+    service: &str,
+    revision: Option<u64>,
+    wait: std::time::Duration,
+) -> String {
+    match revision {
+        Some(r) => format!(
+            "/v1/watch/{namespace}/{service}?revision={r}&wait={}s",
+            wait.as_secs()
+        ),
+        None => format!("/v1/watch/{namespace}/{service}?wait={}s", wait.as_secs()),
+    }
+}

@@ -1,4 +1,117 @@
-fn main() {
-    eprintln!("trellis-discovery: not implemented yet");
-    std::process::exit(2);
+//! `trellis-discovery serve`: parses the CLI, installs tracing and runs the control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use trellis_discovery::{Credentials, HealthConfig, ServerConfig};
+
+#[derive(Parser)]
+#[command(name = "trellis-discovery", version, about = "Trellis control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Cloud Map API, the watch API, DNS and health checks.
+    Serve(Serve),
+}
+
+#[derive(Parser)]
+struct Serve {
+    /// Cloud Map API, watch API, /metrics and CA address.
+    #[arg(long, default_value = "127.0.0.1:9400", env = "TRELLIS_API_LISTEN")]
+    api_listen: SocketAddr,
+    /// Authoritative DNS address (UDP and TCP).
+    #[arg(long, default_value = "127.0.0.1:9053", env = "TRELLIS_DNS_LISTEN")]
+    dns_listen: SocketAddr,
+    /// State directory (registry store, CA).
+    #[arg(long, default_value = "./.trellis", env = "TRELLIS_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Forward names outside our zones to this resolver (default: answer REFUSED).
+    #[arg(long, env = "TRELLIS_DNS_FORWARD")]
+    dns_forward: Option<SocketAddr>,
+    /// Access key id accepted for SigV4 (required when the API listens off loopback).
+    #[arg(long, env = "TRELLIS_ACCESS_KEY_ID")]
+    access_key_id: Option<String>,
+    /// Secret access key for SigV4.
+    #[arg(long, env = "TRELLIS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    secret_access_key: Option<String>,
+    /// Verify SigV4 even on loopback.
+    #[arg(long)]
+    require_signature: bool,
+    /// Active health check interval.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    health_interval: Duration,
+    /// Active health check timeout.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    health_timeout: Duration,
+    /// Consecutive successes before an unhealthy instance is healthy again.
+    #[arg(long, default_value_t = 1)]
+    healthy_threshold: u32,
+    /// Concurrent active health checks.
+    #[arg(long, default_value_t = 256)]
+    health_concurrency: usize,
+    /// Region used in ARNs.
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    /// Account id used in ARNs.
+    #[arg(long, default_value = "123456789012")]
+    account: String,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let Command::Serve(s) = Cli::parse().command;
+    let credentials = match (s.access_key_id, s.secret_access_key) {
+        (Some(access_key_id), Some(secret_access_key)) => Some(Credentials {
+            access_key_id,
+            secret_access_key,
+        }),
+        (None, None) => None,
+        _ => {
+            eprintln!("trellis-discovery: --access-key-id and --secret-access-key go together");
+            return ExitCode::from(2);
+        }
+    };
+    let mut config = ServerConfig::new(s.api_listen);
+    config.dns_listen = Some(s.dns_listen);
+    config.data_dir = Some(s.data_dir);
+    config.dns_forward = s.dns_forward;
+    config.credentials = credentials;
+    config.require_signature = s.require_signature.then_some(true);
+    config.health = HealthConfig {
+        interval: s.health_interval,
+        timeout: s.health_timeout,
+        healthy_threshold: s.healthy_threshold.max(1),
+        concurrency: s.health_concurrency.max(1),
+    };
+    config.registry.region = s.region;
+    config.registry.account = s.account;
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trellis-discovery: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(trellis_discovery::run(config, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis-discovery: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

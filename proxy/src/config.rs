@@ -510,7 +510,7 @@ listen = "0.0.0.0:15000"
 app = "127.0.0.1:8080"
 
 [outbound]
-upstreams = [{ service = "api", local_port = 9191 }]
+upstreams = [{ service = "api", local_port = 9191, danger_plaintext = true }]
 
 [[clusters]]
 service = "api"

@@ -17,6 +17,8 @@ const EWMA_DEFAULT_NS: f64 = 1_000_000.0;
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: SocketAddr,
+    /// `ip:port` as a URI authority, built once (not per request).
+    pub authority: http::uri::Authority,
     pub instance_id: String,
     pub weight: u32,
     in_flight: AtomicU32,
@@ -31,6 +33,8 @@ impl EndpointState {
     pub fn new(instance_id: impl Into<String>, addr: SocketAddr, weight: u32) -> Self {
         EndpointState {
             addr,
+            authority: http::uri::Authority::try_from(addr.to_string())
+                .unwrap_or_else(|_| http::uri::Authority::from_static("0.0.0.0")),
             instance_id: instance_id.into(),
             weight: weight.max(1),
             in_flight: AtomicU32::new(0),

@@ -22,6 +22,7 @@ use crate::retry::is_idempotent;
 /// Timeouts and retry limits of one forwarding path.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardPolicy {
+    pub connect_timeout: Duration,
     pub per_try_timeout: Duration,
     pub request_timeout: Duration,
     pub max_retries: u32,
@@ -102,7 +103,7 @@ pub async fn forward(
         };
         let mut up = Request::new(req_body);
         *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = endpoint_uri(ep.addr, &path);
+        *up.uri_mut() = endpoint_uri(&ep.authority, &path);
         *up.version_mut() = version;
         *up.headers_mut() = if replayable {
             parts.headers.clone()
@@ -115,7 +116,14 @@ pub async fn forward(
             .saturating_duration_since(now)
             .min(policy.per_try_timeout);
         let guard = ep.start();
-        let result = match tokio::time::timeout(budget, client.send(up)).await {
+        let send = async {
+            if downstream_upgrade.is_some() {
+                client.send_upgrade(up).await
+            } else {
+                client.send(up).await
+            }
+        };
+        let result = match tokio::time::timeout(budget, send).await {
             Ok(r) => r,
             Err(_) if now + budget >= deadline => Err(ProxyError::RequestTimeout),
             Err(_) => Err(ProxyError::UpstreamTimeout),
@@ -200,16 +208,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for h in named {
         headers.remove(h);
     }
+    // `te: trailers` is end-to-end in practice (gRPC needs it); every other TE value is hop-by-hop.
+    let keep_te = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for h in &HOP_BY_HOP {
-        headers.remove(h);
+        if !(keep_te && h == header::TE) {
+            headers.remove(h);
+        }
     }
     headers.remove(header::UPGRADE);
 }
 
-fn endpoint_uri(addr: SocketAddr, path: &PathAndQuery) -> Uri {
+fn endpoint_uri(authority: &Authority, path: &PathAndQuery) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Authority::try_from(addr.to_string()).ok();
+    parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path.clone());
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"))
 }
@@ -229,6 +243,8 @@ pub struct Target {
     pub cluster: Arc<Cluster>,
     pub client: UpstreamClient,
     pub policy: ForwardPolicy,
+    /// mTLS for raw TCP upstreams (`None`: plaintext with splice).
+    pub tcp_tls: Option<crate::tls::MtlsConnector>,
 }
 
 #[cfg(test)]
@@ -251,6 +267,9 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.contains_key(header::TE), "te: trailers survives for gRPC");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! [`relay_tcp`].
 
 mod admin;
+mod authz;
 mod balance;
 mod body;
 mod circuit;
@@ -31,9 +32,11 @@ pub mod route;
 mod server;
 mod sidecar;
 mod splice;
+mod tls;
 mod watch;
 
 pub use admin::{Admin, Health};
+pub use authz::authorize;
 pub use balance::{LeastRequest, PeakEwma, Pick, RoundRobin, Weighted, balancer};
 pub use body::ProxyBody;
 pub use circuit::Breaker;
@@ -54,5 +57,6 @@ pub use outlier::{OutlierPolicy, Verdict};
 pub use relay::{COPY_BUF_SIZE, relay_copy, relay_tcp};
 pub use retry::{RetryBudget, is_idempotent};
 pub use server::{HttpMode, builder as http_builder, serve};
-pub use sidecar::{APP_CLUSTER, Running, run, start};
+pub use sidecar::{APP_CLUSTER, Running, StartOptions, run, start, start_with};
+pub use tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, MtlsIo, client_config};
 pub use watch::{WatchTarget, apply as apply_endpoint_set, run as watch_endpoints};

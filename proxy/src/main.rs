@@ -71,8 +71,13 @@ fn sidecar(path: Option<PathBuf>, log_json: bool, check: bool) -> ExitCode {
         println!("config ok");
         return ExitCode::SUCCESS;
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.runtime.worker_threads > 0 {
+    // One worker: a current-thread runtime (no work stealing, no cross-thread wake-ups).
+    let mut rt = if config.runtime.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.runtime.worker_threads > 1 {
         rt.worker_threads(config.runtime.worker_threads);
     }
     let rt = match rt.enable_all().build() {
@@ -93,7 +98,24 @@ fn sidecar(path: Option<PathBuf>, log_json: bool, check: bool) -> ExitCode {
         };
         tracing::info!(admin = %running.admin_addr, inbound = ?running.inbound_addr,
             egress = ?running.egress_addr, upstreams = ?running.upstream_addrs, "sidecar started");
+        // One machine-readable line with the bound addresses (ports may have been 0).
+        println!(
+            "{}",
+            serde_json::json!({
+                "admin": running.admin_addr,
+                "inbound": running.inbound_addr,
+                "egress": running.egress_addr,
+                "upstreams": running.upstream_addrs,
+            })
+        );
         let running = std::sync::Arc::new(running);
+        if let Some(p) = &path {
+            spawn_file_watch(
+                p.clone(),
+                std::sync::Arc::downgrade(&running),
+                shutdown.clone(),
+            );
+        }
         spawn_signals(shutdown, std::sync::Arc::clone(&running), path);
         // All handles but ours end with the signal task; wait for the drain.
         wait(running).await;
@@ -210,6 +232,40 @@ fn lb(path: PathBuf, log_json: bool, check: bool) -> ExitCode {
         handle.run_until_stopped().await;
         ExitCode::SUCCESS
     })
+}
+
+/// How often the config file's modification time is checked (reload on change, like SIGHUP).
+const FILE_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn spawn_file_watch(
+    path: PathBuf,
+    running: std::sync::Weak<trellis_proxy::Running>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut last = mtime(&path);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(FILE_WATCH_INTERVAL) => {}
+            }
+            let now = mtime(&path);
+            if now == last {
+                continue;
+            }
+            last = now;
+            let Some(running) = running.upgrade() else {
+                return;
+            };
+            match Config::load(Some(&path), &ProcessEnv) {
+                Ok(c) => running.reload(&c),
+                Err(e) => {
+                    tracing::error!(error = %e, "config file changed but is invalid; keeping the running config")
+                }
+            }
+        }
+    });
 }
 
 fn install_tracing(json: bool) {

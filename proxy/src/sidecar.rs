@@ -18,17 +18,22 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use trellis_ca::Identity;
+use trellis_core::SpiffeId;
+
 use crate::admin::{Admin, Health};
+use crate::authz::authorize;
 use crate::balance::{RoundRobin, balancer};
 use crate::body::ProxyBody;
 use crate::client::UpstreamClient;
 use crate::cluster::{Cluster, EndpointSpec};
-use crate::config::{Config, Protocol, ResilienceConfig, StaticCluster};
+use crate::config::{Config, Decision, Intentions, Protocol, ResilienceConfig, StaticCluster};
 use crate::error::{ProxyError, StartError};
 use crate::forward::{ForwardPolicy, Target, error_response, forward};
 use crate::listener::{AcceptContext, bind_reuseport, spawn_accept};
 use crate::metrics::Metrics;
 use crate::server::{HttpMode, serve};
+use crate::tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, client_config};
 use crate::watch::{self, WatchTarget};
 
 /// Name of the cluster holding the local app behind the inbound listener.
@@ -44,7 +49,16 @@ pub struct Running {
     pub upstream_addrs: BTreeMap<String, SocketAddr>,
     admin: Arc<Admin>,
     clusters: HashMap<String, Arc<Cluster>>,
+    intentions: Arc<ArcSwap<Intentions>>,
+    identity: Option<Arc<Identity>>,
     done: JoinHandle<()>,
+}
+
+/// What a caller may hand in instead of what the config would fetch.
+#[derive(Debug, Default, Clone)]
+pub struct StartOptions {
+    /// Use this identity instead of bootstrapping one from the control plane (tests, embedding).
+    pub identity: Option<Arc<Identity>>,
 }
 
 impl Running {
@@ -57,6 +71,11 @@ impl Running {
         &self.admin
     }
 
+    /// The workload identity in use (when mTLS is on).
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        self.identity.as_ref()
+    }
+
     /// Applies what can change without restarting: static cluster endpoints, the `/config` view.
     /// Listeners and identity need a restart (reported in the log).
     pub fn reload(&self, config: &Config) {
@@ -65,10 +84,15 @@ impl Running {
                 cluster.update(static_specs(c), cluster.revision() + 1);
             }
         }
+        if let Some(inb) = &config.inbound {
+            self.intentions.store(Arc::new(inb.intentions.clone()));
+        }
         self.admin
             .config_json
             .store(Arc::new(config.redacted_json()));
-        tracing::info!("configuration reloaded (static clusters); listener changes need a restart");
+        tracing::info!(
+            "configuration reloaded (static clusters, intentions); listener and identity changes need a restart"
+        );
     }
 }
 
@@ -80,6 +104,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
 
 /// Binds everything and starts serving; returns the bound addresses (tests bind port 0).
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+    start_with(config, StartOptions::default(), shutdown).await
+}
+
+/// [`start`] with an identity (or other pieces) supplied by the caller.
+pub async fn start_with(
+    config: Config,
+    options: StartOptions,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
     let metrics = Metrics::new();
     let health = Arc::new(Health::default());
     let stop = CancellationToken::new();
@@ -98,20 +131,47 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     };
     let r = &config.resilience;
     let policy = ForwardPolicy {
+        connect_timeout: r.connect_timeout,
         per_try_timeout: r.per_try_timeout,
         request_timeout: r.request_timeout,
         max_retries: r.max_retries,
     };
-    let plain_h1 = UpstreamClient::new(r.connect_timeout, r.pool_idle_timeout, false);
+    let plain_h1 = UpstreamClient::plain(r.connect_timeout, r.pool_idle_timeout, false);
 
-    // TODO(mtls): inbound and sidecar-to-sidecar TLS land with the `ca` crate's Identity.
-    if let Some(inb) = &config.inbound
-        && !inb.danger_allow_plaintext
-    {
-        return Err(StartError::Identity(
-            "inbound mTLS needs a certificate; set inbound.danger_allow_plaintext for plaintext"
-                .into(),
-        ));
+    // Identity: needed unless every hop is (dangerously) plaintext.
+    let needs_tls = config
+        .inbound
+        .as_ref()
+        .is_some_and(|i| !i.danger_allow_plaintext)
+        || config
+            .outbound
+            .upstreams
+            .iter()
+            .any(|u| !u.danger_plaintext);
+    let mut renewal = None;
+    let identity = match (needs_tls, options.identity) {
+        (false, _) => None,
+        (true, Some(id)) => Some(id),
+        (true, None) => {
+            let id = bootstrap_identity(&config).await?;
+            renewal = Some(id.spawn_renewal());
+            Some(id)
+        }
+    };
+    if let Some(id) = &identity {
+        let own = SpiffeId::new(
+            config.identity.trust_domain.clone(),
+            config.identity.namespace.clone(),
+            config.identity.service.clone(),
+        );
+        if id.spiffe_id() != &own {
+            tracing::warn!(have = %id.spiffe_id(), configured = %own, "identity differs from the configured service");
+        }
+        spawn_cert_expiry(
+            Arc::clone(id),
+            metrics.cert_expiry.clone(),
+            watch_stop.clone(),
+        );
     }
     health.set_identity_loaded();
 
@@ -141,12 +201,31 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             tokio::spawn(watch::run(target, Arc::clone(&cluster), watch_stop.clone()));
         }
         clusters.insert(name.clone(), Arc::clone(&cluster));
+        let (client, tcp_tls) = match (&identity, u.danger_plaintext) {
+            (Some(id), false) => {
+                let ns = u
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| config.identity.namespace.clone());
+                let expected =
+                    SpiffeId::new(config.identity.trust_domain.clone(), ns, u.service.clone());
+                let any = client_config(id, expected.clone(), &[ALPN_H2, ALPN_HTTP1])?;
+                let h1 = client_config(id, expected.clone(), &[ALPN_HTTP1])?;
+                let raw = client_config(id, expected, &[])?;
+                (
+                    UpstreamClient::mtls(any, h1, r.connect_timeout, r.pool_idle_timeout),
+                    Some(MtlsConnector::new(raw, r.connect_timeout)),
+                )
+            }
+            _ => (plain_h1.clone(), None),
+        };
         targets.insert(
             name,
             Target {
                 cluster,
-                client: plain_h1.clone(),
+                client,
                 policy,
+                tcp_tls,
             },
         );
     }
@@ -237,6 +316,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
 
     // Inbound listener: to the local app.
     let mut inbound_addr = None;
+    let intentions = Arc::new(ArcSwap::from_pointee(
+        config
+            .inbound
+            .as_ref()
+            .map(|i| i.intentions.clone())
+            .unwrap_or_default(),
+    ));
     if let Some(inb) = &config.inbound {
         let app = Arc::new(Cluster::new(
             APP_CLUSTER,
@@ -260,6 +346,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             cluster: app,
             client: plain_h1.clone(),
             policy,
+            tcp_tls: None,
         };
         let listeners = bind_reuseport(inb.listen, config.runtime.acceptors).map_err(|source| {
             StartError::Bind {
@@ -271,33 +358,34 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         inbound_addr = Some(local_addr(&listeners, inb.listen));
         let identity_header = HeaderName::from_bytes(inb.identity_header.as_bytes())
             .map_err(|e| StartError::Identity(format!("inbound.identity_header: {e}")))?;
-        match inb.protocol {
-            Protocol::Http => {
-                let (builder, stop, log) =
-                    (builder.clone(), stop.clone(), config.runtime.access_log);
-                spawn_accept(listeners, ctx("inbound"), move |stream, _peer| {
-                    let target = target.clone();
-                    let (builder, stop) = (builder.clone(), stop.clone());
-                    let header = identity_header.clone();
-                    async move {
-                        // Plaintext: no verified peer, so a client-supplied identity header is dropped.
-                        serve(stream, &builder, HttpMode::Auto, stop, move |mut req| {
-                            let target = target.clone();
-                            req.headers_mut().remove(&header);
-                            async move { proxy_logged(&target, req, log, None).await }
-                        })
-                        .await;
-                    }
-                });
+        let tls = match (&identity, inb.danger_allow_plaintext) {
+            (Some(id), false) => Some((InboundTls::new(id)?, id.spiffe_id().to_uri())),
+            _ => None,
+        };
+        let (builder, stop, log) = (builder.clone(), stop.clone(), config.runtime.access_log);
+        let (protocol, intentions, metrics) =
+            (inb.protocol, Arc::clone(&intentions), metrics.clone());
+        let handshake_timeout = limits.header_read_timeout;
+        spawn_accept(listeners, ctx("inbound"), move |stream, _peer| {
+            let conn = InboundConn {
+                target: target.clone(),
+                builder: builder.clone(),
+                stop: stop.clone(),
+                header: identity_header.clone(),
+                intentions: Arc::clone(&intentions),
+                metrics: metrics.clone(),
+                access_log: log,
+                protocol,
+                connect_timeout: target.policy.connect_timeout,
+            };
+            let tls = tls.clone();
+            async move {
+                match tls {
+                    None => conn.serve_plain(stream).await,
+                    Some((tls, own)) => conn.serve_tls(stream, &tls, &own, handshake_timeout).await,
+                }
             }
-            Protocol::Tcp => {
-                let connect_timeout = r.connect_timeout;
-                spawn_accept(listeners, ctx("inbound"), move |stream, _peer| {
-                    let target = target.clone();
-                    async move { relay_to_cluster(stream, &target, connect_timeout).await }
-                });
-            }
-        }
+        });
     }
 
     // Admin listener.
@@ -351,6 +439,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             tracing::warn!("drain timeout: closing remaining connections");
         }
         watch_stop.cancel();
+        if let Some(r) = renewal {
+            r.abort();
+        }
         admin_stop.cancel();
         admin_tracker.close();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_tracker.wait()).await;
@@ -364,6 +455,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         upstream_addrs,
         admin,
         clusters,
+        intentions,
+        identity,
         done,
     })
 }
@@ -441,6 +534,24 @@ async fn relay_to_cluster(down: TcpStream, target: &Target, connect_timeout: std
             break;
         };
         let _guard = ep.start();
+        if let Some(tls) = &target.tcp_tls {
+            match tls.connect_addr(ep.addr).await {
+                Ok(mut up) => {
+                    cluster.record(&ep, false, &snapshot);
+                    cluster.metrics.response(Some(200));
+                    let mut down = down;
+                    if let Err(e) = crate::relay::relay_copy(&mut down, &mut up).await {
+                        tracing::debug!(error = %e, "tcp relay ended with error");
+                    }
+                    return;
+                }
+                Err(_) => {
+                    cluster.record(&ep, true, &snapshot);
+                    avoid = Some(ep.addr);
+                }
+            }
+            continue;
+        }
         match tokio::time::timeout(connect_timeout, TcpStream::connect(ep.addr)).await {
             Ok(Ok(up)) => {
                 let _ = up.set_nodelay(true);
@@ -458,4 +569,159 @@ async fn relay_to_cluster(down: TcpStream, target: &Target, connect_timeout: std
         }
     }
     cluster.metrics.response(None);
+}
+
+/// Everything one inbound connection needs.
+struct InboundConn {
+    target: Target,
+    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    stop: CancellationToken,
+    header: HeaderName,
+    intentions: Arc<ArcSwap<Intentions>>,
+    metrics: Metrics,
+    access_log: bool,
+    protocol: Protocol,
+    connect_timeout: std::time::Duration,
+}
+
+impl InboundConn {
+    /// Plaintext (dangerous mode): no verified peer, so a client-supplied identity header is dropped.
+    async fn serve_plain(self, stream: TcpStream) {
+        match self.protocol {
+            Protocol::Tcp => relay_to_cluster(stream, &self.target, self.connect_timeout).await,
+            Protocol::Http => {
+                let (target, header, log) = (self.target, self.header, self.access_log);
+                serve(
+                    stream,
+                    &self.builder,
+                    HttpMode::Auto,
+                    self.stop,
+                    move |mut req| {
+                        let target = target.clone();
+                        req.headers_mut().remove(&header);
+                        async move { proxy_logged(&target, req, log, None).await }
+                    },
+                )
+                .await;
+            }
+        }
+    }
+
+    /// mTLS: handshake (client certificate required), authorize the peer's SPIFFE id, then relay
+    /// with the verified identity in a header.
+    async fn serve_tls(
+        self,
+        stream: TcpStream,
+        tls: &InboundTls,
+        own: &str,
+        timeout: std::time::Duration,
+    ) {
+        let acceptor = match self.protocol {
+            Protocol::Http => &tls.http,
+            Protocol::Tcp => &tls.tcp,
+        };
+        let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.metrics.tls_handshake_failures.inc();
+                tracing::debug!(error = %e, "inbound TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.tls_handshake_failures.inc();
+                return;
+            }
+        };
+        let peer = trellis_ca::peer_spiffe_id(stream.get_ref().1);
+        let decision = authorize(&self.intentions.load(), peer.as_ref());
+        if decision == Decision::Deny {
+            self.metrics.authz_denied.inc();
+            tracing::debug!(peer = ?peer.as_ref().map(|p| p.to_uri()), "inbound peer denied by intentions");
+        }
+        let mode = if stream.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+            HttpMode::Http2
+        } else {
+            HttpMode::Http1
+        };
+        match (self.protocol, decision) {
+            (Protocol::Tcp, Decision::Deny) => {}
+            (Protocol::Tcp, Decision::Allow) => {
+                let Some(mut app) = self.connect_app().await else {
+                    self.target.cluster.metrics.response(None);
+                    return;
+                };
+                self.target.cluster.metrics.response(Some(200));
+                let mut down = stream;
+                let _ = crate::relay::relay_copy(&mut down, &mut app).await;
+            }
+            (Protocol::Http, Decision::Deny) => {
+                serve(stream, &self.builder, mode, self.stop, |_req| async {
+                    error_response(&ProxyError::Forbidden)
+                })
+                .await;
+            }
+            (Protocol::Http, Decision::Allow) => {
+                let peer_uri = peer.map(|p| p.to_uri()).unwrap_or_default();
+                let value = HeaderValue::from_str(&format!("By={own};URI={peer_uri}")).ok();
+                let (target, header, log) = (self.target, self.header, self.access_log);
+                serve(stream, &self.builder, mode, self.stop, move |mut req| {
+                    let target = target.clone();
+                    req.headers_mut().remove(&header);
+                    if let Some(v) = &value {
+                        req.headers_mut().insert(header.clone(), v.clone());
+                    }
+                    async move { proxy_logged(&target, req, log, None).await }
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn connect_app(&self) -> Option<TcpStream> {
+        let addr = self.target.cluster.snapshot().first()?.addr;
+        let app = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        let _ = app.set_nodelay(true);
+        Some(app)
+    }
+}
+
+/// The control plane's sign API with the join token; the key is generated here and never leaves.
+async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError> {
+    let cp = config.control_plane.as_ref().ok_or_else(|| {
+        StartError::Identity(
+            "mTLS needs a certificate: configure control_plane (address + token)".into(),
+        )
+    })?;
+    let token = cp.token.as_deref().ok_or_else(|| {
+        StartError::Identity("control_plane.token is required to fetch a certificate".into())
+    })?;
+    Identity::bootstrap(
+        &format!("http://{}", cp.address),
+        token,
+        config.identity.trust_domain.clone(),
+        None,
+    )
+    .await
+    .map_err(|e| StartError::Identity(format!("bootstrap from {}: {e}", cp.address)))
+}
+
+/// Keeps the cert-expiry gauge current across rotations.
+fn spawn_cert_expiry(
+    identity: Arc<Identity>,
+    gauge: prometheus::IntGauge,
+    stop: CancellationToken,
+) {
+    gauge.set(identity.not_after().unix_timestamp());
+    tokio::spawn(async move {
+        loop {
+            gauge.set(identity.not_after().unix_timestamp());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            }
+        }
+    });
 }

@@ -51,7 +51,8 @@ pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationT
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build(connector);
-    let mut revision = 0u64;
+    // No revision on the first poll: the server answers at once, so readiness does not wait.
+    let mut revision: Option<u64> = None;
     let mut backoff = BACKOFF_MIN;
     loop {
         let once = poll_once(&client, &target, revision);
@@ -62,8 +63,8 @@ pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationT
         match result {
             Ok(Ok(Some(set))) => {
                 backoff = BACKOFF_MIN;
-                if set.revision != revision || !cluster.is_loaded() {
-                    revision = set.revision;
+                if Some(set.revision) != revision || !cluster.is_loaded() {
+                    revision = Some(set.revision);
                     apply(&cluster, &set);
                 }
             }
@@ -73,6 +74,7 @@ pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationT
                 if !cluster.is_loaded() {
                     cluster.update([], 0);
                 }
+                revision = None;
                 sleep_or_stop(BACKOFF_MAX.min(target.wait), &stop).await;
             }
             Ok(Err(e)) => {
@@ -99,16 +101,14 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) {
 async fn poll_once(
     client: &Client<HttpConnector, Empty<Bytes>>,
     t: &WatchTarget,
-    revision: u64,
+    revision: Option<u64>,
 ) -> Result<Option<EndpointSet>, WatchError> {
-    let uri: Uri = format!(
-        "http://{}/v1/watch/{}/{}?revision={}&wait={}s",
-        t.control_plane,
-        t.namespace,
-        t.service,
-        revision,
-        t.wait.as_secs().max(1)
-    )
+    let wait = t.wait.as_secs().max(1);
+    let (cp, ns, svc) = (t.control_plane, &t.namespace, &t.service);
+    let uri: Uri = match revision {
+        Some(r) => format!("http://{cp}/v1/watch/{ns}/{svc}?revision={r}&wait={wait}s"),
+        None => format!("http://{cp}/v1/watch/{ns}/{svc}?wait={wait}s"),
+    }
     .parse()
     .map_err(|e: http::uri::InvalidUri| WatchError::Http(e.to_string()))?;
     let req = Request::get(uri)

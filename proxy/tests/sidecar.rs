@@ -1,5 +1,7 @@
 //! The sidecar over real sockets on loopback: apps, a fake control plane, real HTTP clients.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;
@@ -18,7 +20,7 @@ fn static_upstream(extra_resilience: &str, endpoints: &[std::net::SocketAddr]) -
         .map(|a| format!("{{ address = \"{a}\" }}"))
         .collect();
     format!(
-        "{}{extra_resilience}\n[outbound]\negress_listen = \"127.0.0.1:0\"\nupstreams = [{{ service = \"api\", local_port = 0 }}]\n\n[[clusters]]\nservice = \"api\"\nendpoints = [{}]\n",
+        "{}{extra_resilience}\n[outbound]\negress_listen = \"127.0.0.1:0\"\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n\n[[clusters]]\nservice = \"api\"\nendpoints = [{}]\n",
         base(),
         eps.join(", ")
     )
@@ -134,7 +136,7 @@ async fn tcp_upstream_relays_large_streams() {
         }
     });
     let toml = format!(
-        "{}\n[outbound]\nupstreams = [{{ service = \"db\", local_port = 0, protocol = \"tcp\" }}]\n\n[[clusters]]\nservice = \"db\"\nendpoints = [{{ address = \"{echo_addr}\" }}]\n",
+        "{}\n[outbound]\nupstreams = [{{ service = \"db\", local_port = 0, protocol = \"tcp\", danger_plaintext = true }}]\n\n[[clusters]]\nservice = \"db\"\nendpoints = [{{ address = \"{echo_addr}\" }}]\n",
         base()
     );
     let (sc, stop) = sidecar(&toml).await;
@@ -256,7 +258,7 @@ async fn outlier_ejection_removes_a_5xx_endpoint() {
 
 fn discovery_config(cp: std::net::SocketAddr) -> String {
     format!(
-        "{}\n[control_plane]\naddress = \"{cp}\"\nwatch_wait = \"2s\"\n\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0 }}]\n",
+        "{}\n[control_plane]\naddress = \"{cp}\"\nwatch_wait = \"2s\"\n\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n",
         base()
     )
 }
@@ -271,13 +273,13 @@ async fn discovery_endpoints_ready_removal_and_control_plane_down() {
     let ready = format!("http://{}/ready", sc.admin_addr);
     let port = sc.upstream_addrs["api"];
 
-    // Not ready before the first snapshot... (revision 0 is held by the fake until a change)
-    assert_eq!(get(&c, &ready).await.0, 503);
+    // The first poll is answered at once (no revision yet): ready, with an empty set.
+    wait_until(|| async { get(&c, &ready).await.0 == 200 }).await;
     cp.publish(&[
         ("a", a.addr, HealthStatus::Healthy),
         ("b", b.addr, HealthStatus::Healthy),
     ]);
-    wait_until(|| async { get(&c, &ready).await.0 == 200 }).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..10 {
         seen.insert(get(&c, &format!("http://{port}/")).await.1);
@@ -418,4 +420,119 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("condition not met in 2 s");
+}
+
+#[tokio::test]
+async fn slowloris_headers_time_out_and_max_connections_is_enforced() {
+    let a = app("a", None).await;
+    let limits = "\n[limits]\nheader_read_timeout = \"300ms\"\nmax_connections = 2\n";
+    let (sc, stop) = sidecar(&static_upstream(limits, &[a.addr])).await;
+    let port = sc.upstream_addrs["api"];
+
+    // A client that never finishes its headers is cut off.
+    let mut slow = TcpStream::connect(port).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut out)).await;
+    assert!(closed.is_ok(), "slow client still connected after 5 s");
+
+    // Two open connections fill the limit; a third is closed at once and counted.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    let mut third = TcpStream::connect(port).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut out)).await;
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    let metrics = String::from_utf8(
+        get(&h1_client(), &format!("http://{}/metrics", sc.admin_addr))
+            .await
+            .2
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metrics.contains("trellis_proxy_connections_rejected_total 1"),
+        "{metrics}"
+    );
+    drop(held);
+    // Slots free again once those connections close.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get(&h1_client(), &format!("http://{port}/")).await.0, 200);
+    stop.cancel();
+    sc.wait().await;
+}
+
+#[tokio::test]
+async fn not_ready_until_the_first_endpoint_snapshot() {
+    // A control plane that is not there: the watcher keeps retrying and /ready stays 503.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let (sc, stop) = sidecar(&discovery_config(closed)).await;
+    let c = h1_client();
+    for _ in 0..3 {
+        assert_eq!(
+            get(&c, &format!("http://{}/ready", sc.admin_addr)).await.0,
+            503
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        get(&c, &format!("http://{}/live", sc.admin_addr)).await.0,
+        200
+    );
+    // No endpoints yet: requests get 503 from the proxy, not a hang.
+    assert_eq!(
+        get(&c, &format!("http://{}/", sc.upstream_addrs["api"]))
+            .await
+            .0,
+        503
+    );
+    stop.cancel();
+    sc.wait().await;
+}
+
+#[tokio::test]
+async fn circuit_breaker_fails_fast_beyond_max_requests() {
+    let a = app("a", None).await;
+    let (sc, stop) = sidecar(&static_upstream("max_requests = 1", &[a.addr])).await;
+    let port = sc.upstream_addrs["api"];
+    let slow =
+        tokio::spawn(async move { get(&h1_client(), &format!("http://{port}/slow")).await.0 });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = h1_client();
+    let (s, _, _) = get(&c, &format!("http://{port}/")).await;
+    assert_eq!(s, 503, "second concurrent request overflows");
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(
+        get(&c, &format!("http://{port}/")).await.0,
+        200,
+        "slot released"
+    );
+    let metrics = String::from_utf8(
+        get(&c, &format!("http://{}/metrics", sc.admin_addr))
+            .await
+            .2
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metrics.contains("trellis_proxy_upstream_overflow_total{upstream=\"api\"} 1"),
+        "{metrics}"
+    );
+    stop.cancel();
+    sc.wait().await;
 }

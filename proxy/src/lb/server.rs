@@ -83,7 +83,7 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
     let probe_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
     // The sidecar's pooled upstream client (HTTP/1.1 to targets).
-    let client = crate::UpstreamClient::new(
+    let client = crate::UpstreamClient::plain(
         config.limits.connect_timeout,
         Duration::from_secs(30),
         false,

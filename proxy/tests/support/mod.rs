@@ -174,13 +174,12 @@ pub async fn control_plane(namespace: &str, service: &str) -> ControlPlane {
                             *r.status_mut() = StatusCode::NOT_FOUND;
                             return Ok::<_, Infallible>(r);
                         }
-                        let seen: u64 = req
+                        let seen: Option<u64> = req
                             .uri()
                             .query()
                             .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("revision=")))
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0);
-                        if rx.borrow_and_update().revision == seen {
+                            .and_then(|v| v.parse().ok());
+                        if Some(rx.borrow_and_update().revision) == seen {
                             let _ =
                                 tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
                         }

@@ -1,0 +1,231 @@
+//! Scoped credentials. One credential has two spellings: a bearer token `<id>.<secret>` for the
+//! native API, and an AWS access key pair (access key id = `<id>`, secret = `<secret>`) for the
+//! AWS Private CA API. Secrets are never stored: they are HMAC-SHA256(token key, id), the
+//! token key lives in the CA directory with mode 0600.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use trellis_core::{NamespaceName, ServiceName};
+
+use crate::error::CaError;
+use crate::journal::{self, Journal};
+
+/// What a credential may do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Scope {
+    /// May obtain exactly this one workload identity, nothing else.
+    Workload {
+        namespace: NamespaceName,
+        service: ServiceName,
+    },
+    /// May obtain any identity in the trust domain and revoke certificates.
+    Admin,
+}
+
+impl Scope {
+    /// Whether this scope may obtain the identity (namespace, service).
+    pub fn allows(&self, namespace: &NamespaceName, service: &ServiceName) -> bool {
+        match self {
+            Scope::Admin => true,
+            Scope::Workload {
+                namespace: n,
+                service: s,
+            } => n == namespace && s == service,
+        }
+    }
+}
+
+/// One line of `tokens.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRecord {
+    id: String,
+    scope: Scope,
+    #[serde(with = "time::serde::rfc3339")]
+    created: time::OffsetDateTime,
+}
+
+/// A newly created credential (the only time its secret is shown).
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: String,
+    pub secret: String,
+    pub scope: Scope,
+}
+
+impl NewToken {
+    /// The bearer token for `Authorization: Bearer ...`.
+    pub fn bearer(&self) -> String {
+        format!("{}.{}", self.id, self.secret)
+    }
+}
+
+/// Why a credential was refused (401 vs 403 on the wire).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing credentials")]
+    Missing,
+    #[error("invalid credentials")]
+    Invalid,
+    /// The credential exists but the request signature (SigV4) does not verify.
+    #[error("the request signature does not match")]
+    BadSignature,
+    #[error("credential is not allowed to {0}")]
+    Forbidden(String),
+}
+
+/// The credential store of one CA.
+#[derive(Clone)]
+pub struct Tokens {
+    key: Arc<[u8; 32]>,
+    scopes: Arc<ArcSwap<HashMap<String, Scope>>>,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens").finish_non_exhaustive()
+    }
+}
+
+pub(crate) const TOKEN_KEY: &str = "token.key";
+pub(crate) const TOKENS: &str = "tokens.jsonl";
+
+impl Tokens {
+    /// A store that lives only in memory.
+    pub fn in_memory() -> Self {
+        let mut key = [0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        Self {
+            key: Arc::new(key),
+            scopes: Arc::new(ArcSwap::from_pointee(HashMap::new())),
+            path: None,
+        }
+    }
+
+    /// Creates the token key in a new CA directory.
+    pub(crate) fn init_dir(dir: &Path) -> Result<(), CaError> {
+        let mut key = [0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        journal::write_new(&dir.join(TOKEN_KEY), hex::encode(key).as_bytes(), 0o600)
+    }
+
+    /// Loads the store of a CA directory.
+    pub fn open(dir: &Path) -> Result<Self, CaError> {
+        let key_path = dir.join(TOKEN_KEY);
+        let text = journal::read_text(&key_path)?;
+        let key: [u8; 32] = hex::decode(text.trim())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| CaError::corrupt(&key_path, "expected 64 hex characters"))?;
+        let path = dir.join(TOKENS);
+        let recs: Vec<TokenRecord> = journal::read_all(&path)?;
+        let scopes = recs.into_iter().map(|r| (r.id, r.scope)).collect();
+        Ok(Self {
+            key: Arc::new(key),
+            scopes: Arc::new(ArcSwap::from_pointee(scopes)),
+            path: Some(path),
+        })
+    }
+
+    /// Creates a credential with `scope` (persisted when the store has a directory).
+    pub fn create(&self, scope: Scope) -> Result<NewToken, CaError> {
+        let mut raw = [0u8; 10];
+        rand::rng().fill_bytes(&mut raw);
+        let id = format!("TRL{}", hex::encode_upper(raw));
+        if let Some(path) = &self.path {
+            Journal::open(path)?.append(&[TokenRecord {
+                id: id.clone(),
+                scope: scope.clone(),
+                created: time::OffsetDateTime::now_utc(),
+            }])?;
+        }
+        let mut m = HashMap::clone(&self.scopes.load());
+        m.insert(id.clone(), scope.clone());
+        self.scopes.store(Arc::new(m));
+        Ok(NewToken {
+            secret: self.secret_for(&id),
+            id,
+            scope,
+        })
+    }
+
+    /// The secret of credential `id` (derived, never stored).
+    pub(crate) fn secret_for(&self, id: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key[..])
+            .expect("HMAC accepts keys of any length");
+        mac.update(id.as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..20])
+    }
+
+    /// The scope of a known credential id.
+    pub fn scope(&self, id: &str) -> Option<Scope> {
+        self.scopes.load().get(id).cloned()
+    }
+
+    /// Checks a bearer token `<id>.<secret>` and returns its scope.
+    pub fn check_bearer(&self, token: &str) -> Result<Scope, AuthError> {
+        let (id, secret) = token.split_once('.').ok_or(AuthError::Invalid)?;
+        let scope = self.scope(id).ok_or(AuthError::Invalid)?;
+        let expected = self.secret_for(id);
+        if !ct_eq(expected.as_bytes(), secret.as_bytes()) {
+            return Err(AuthError::Invalid);
+        }
+        Ok(scope)
+    }
+
+    /// Parses `Authorization: Bearer <token>` and checks it.
+    pub fn check_header(&self, value: Option<&http::HeaderValue>) -> Result<Scope, AuthError> {
+        let v = value.ok_or(AuthError::Missing)?;
+        let v = v.to_str().map_err(|_| AuthError::Invalid)?;
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .ok_or(AuthError::Invalid)?;
+        self.check_bearer(token.trim())
+    }
+}
+
+/// Constant-time equality (length is not secret).
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scoped_and_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        Tokens::init_dir(dir.path()).unwrap();
+        let t = Tokens::open(dir.path()).unwrap();
+        let ns: NamespaceName = "my-app".parse().unwrap();
+        let a: ServiceName = "a".parse().unwrap();
+        let b: ServiceName = "b".parse().unwrap();
+        let tok = t
+            .create(Scope::Workload {
+                namespace: ns.clone(),
+                service: a.clone(),
+            })
+            .unwrap();
+        let scope = t.check_bearer(&tok.bearer()).unwrap();
+        assert!(scope.allows(&ns, &a));
+        assert!(!scope.allows(&ns, &b));
+        let reopened = Tokens::open(dir.path()).unwrap();
+        assert_eq!(reopened.check_bearer(&tok.bearer()).unwrap(), scope);
+        assert_eq!(
+            reopened.check_bearer(&format!("{}.{}", tok.id, "0".repeat(40))),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(reopened.check_bearer("nope"), Err(AuthError::Invalid));
+    }
+}

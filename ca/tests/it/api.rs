@@ -1,0 +1,253 @@
+//! The native HTTP API over a real socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use trellis_ca::api::{CaApi, serve};
+use trellis_ca::{CaDir, Identity, Policy, Scope, TrustBundle, generate_key_and_csr, spiffe_id_of};
+
+pub struct Running {
+    pub url: String,
+    pub api: CaApi,
+    pub _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+pub async fn start() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CaDir::new(dir.path().join("ca"));
+    let a = ca
+        .init("mesh.local".parse().unwrap(), Policy::default())
+        .unwrap();
+    let api = CaApi::new(a, ca.tokens().unwrap(), "us-east-1");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(l, api.clone(), async move {
+        let _ = rx.await;
+    }));
+    Running {
+        url,
+        api,
+        _dir: dir,
+        stop: Some(tx),
+    }
+}
+
+pub async fn call(method: &str, url: &str, auth: Option<&str>, body: &str) -> (u16, String) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut b = http::Request::builder().method(method).uri(url);
+    if let Some(a) = auth {
+        b = b.header("authorization", a);
+    }
+    let resp = client
+        .request(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn ws(ns: &str, svc: &str) -> Scope {
+    Scope::Workload {
+        namespace: ns.parse().unwrap(),
+        service: svc.parse().unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn sign_roots_crl_metrics_and_scoped_tokens() {
+    let ca = start().await;
+    let tok_a = ca.api.tokens().create(ws("my-app", "a")).unwrap().bearer();
+    let admin = ca.api.tokens().create(Scope::Admin).unwrap().bearer();
+    let (_k, csr) = generate_key_and_csr().unwrap();
+
+    // Good: token A gets A's identity.
+    let (st, body) = call(
+        "POST",
+        &format!("{}/v1/ca/sign", ca.url),
+        Some(&format!("Bearer {tok_a}")),
+        &csr,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let chain = trellis_ca::parse_certs(&body).unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(
+        spiffe_id_of(&chain[0]).unwrap().to_string(),
+        "spiffe://mesh.local/ns/my-app/svc/a"
+    );
+
+    // Token A can never get B's identity.
+    let (st, body) = call(
+        "POST",
+        &format!("{}/v1/ca/sign?service=b", ca.url),
+        Some(&format!("Bearer {tok_a}")),
+        &csr,
+    )
+    .await;
+    assert_eq!(st, 403, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "forbidden");
+    // Missing and bad tokens: 401 with a JSON error.
+    for auth in [
+        None,
+        Some("Bearer nope"),
+        Some("Bearer TRL00.0000"),
+        Some("Basic abc"),
+    ] {
+        let (st, body) = call("POST", &format!("{}/v1/ca/sign", ca.url), auth, &csr).await;
+        assert_eq!(st, 401, "{auth:?}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "unauthenticated");
+    }
+    // Bad CSR: 400 JSON.
+    let (st, body) = call(
+        "POST",
+        &format!("{}/v1/ca/sign", ca.url),
+        Some(&format!("Bearer {tok_a}")),
+        "garbage",
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"],
+        "bad_csr"
+    );
+    // TTL above the max: 400.
+    let (st, _) = call(
+        "POST",
+        &format!("{}/v1/ca/sign?ttl=30d", ca.url),
+        Some(&format!("Bearer {tok_a}")),
+        &csr,
+    )
+    .await;
+    assert_eq!(st, 400);
+    // Admin names the identity.
+    let (st, body) = call(
+        "POST",
+        &format!("{}/v1/ca/sign?namespace=x&service=y&ttl=1h", ca.url),
+        Some(&format!("Bearer {admin}")),
+        &csr,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let chain = trellis_ca::parse_certs(&body).unwrap();
+    let serial = {
+        let (_, x) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        hex::encode(x.serial.to_bytes_be())
+    };
+    // Revoke: only admin.
+    let rb = format!("{{\"serial\":\"{serial}\",\"reason\":\"keyCompromise\"}}");
+    let (st, _) = call(
+        "POST",
+        &format!("{}/v1/ca/revoke", ca.url),
+        Some(&format!("Bearer {tok_a}")),
+        &rb,
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, body) = call(
+        "POST",
+        &format!("{}/v1/ca/revoke", ca.url),
+        Some(&format!("Bearer {admin}")),
+        &rb,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let (st, _) = call(
+        "POST",
+        &format!("{}/v1/ca/revoke", ca.url),
+        Some(&format!("Bearer {admin}")),
+        &rb,
+    )
+    .await;
+    assert_eq!(st, 409);
+
+    let (st, roots) = call("GET", &format!("{}/v1/ca/roots", ca.url), None, "").await;
+    assert_eq!(st, 200);
+    assert_eq!(trellis_ca::parse_certs(&roots).unwrap().len(), 1);
+    let (st, crl) = call("GET", &format!("{}/v1/ca/crl", ca.url), None, "").await;
+    assert_eq!(st, 200);
+    let crl_der = pem::parse(&crl).unwrap().into_contents();
+    let (_, crl) = x509_parser::parse_x509_crl(&crl_der).unwrap();
+    assert_eq!(crl.iter_revoked_certificates().count(), 1);
+
+    let (st, m) = call("GET", &format!("{}/metrics", ca.url), None, "").await;
+    assert_eq!(st, 200);
+    assert!(m.contains("trellis_ca_certificates_issued_total 2"), "{m}");
+    assert!(
+        m.contains("trellis_ca_issue_errors_total{reason=\"forbidden\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("trellis_ca_issue_errors_total{reason=\"unauthenticated\"} 4"),
+        "{m}"
+    );
+    assert!(
+        m.contains("trellis_ca_issue_errors_total{reason=\"bad_csr\"}")
+            || m.contains("reason=\"malformed_csr\""),
+        "{m}"
+    );
+    assert!(
+        m.contains("trellis_ca_issue_duration_seconds_bucket"),
+        "{m}"
+    );
+    assert!(
+        m.contains("trellis_ca_cert_expiry_seconds{cert=\"root\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("trellis_ca_cert_expiry_seconds{cert=\"intermediate\"}"),
+        "{m}"
+    );
+
+    let (st, _) = call("GET", &format!("{}/v1/ca/nothing", ca.url), None, "").await;
+    assert_eq!(st, 404);
+}
+
+#[tokio::test]
+async fn identity_bootstraps_over_http_and_renews() {
+    let ca = start().await;
+    let tok = ca
+        .api
+        .tokens()
+        .create(ws("my-app", "api"))
+        .unwrap()
+        .bearer();
+    let id = Identity::bootstrap(
+        &ca.url,
+        &tok,
+        "mesh.local".parse().unwrap(),
+        Some(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        id.spiffe_id().to_string(),
+        "spiffe://mesh.local/ns/my-app/svc/api"
+    );
+    let first = id.leaf();
+    id.rotate_now().await.unwrap();
+    assert_ne!(id.leaf(), first);
+    // A bad token fails to bootstrap.
+    assert!(
+        Identity::bootstrap(&ca.url, "TRL00.00", "mesh.local".parse().unwrap(), None)
+            .await
+            .is_err()
+    );
+    let _: Arc<TrustBundle> = id.trust_bundle().clone();
+}

@@ -1,0 +1,129 @@
+//! Prometheus metrics of the control plane (`trellis_discovery_*`), served on `/metrics`.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use trellis_core::HealthStatus;
+
+use crate::registry::Registry as ServiceRegistry;
+
+pub struct Metrics {
+    registry: Registry,
+    pub api_requests: IntCounterVec,
+    pub api_latency: HistogramVec,
+    pub dns_queries: IntCounterVec,
+    pub dns_fail_open: IntCounter,
+    pub health_checks: IntCounterVec,
+    pub instances: IntGaugeVec,
+    pub watchers: prometheus::IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                "trellis_discovery_api_requests_total",
+                "Cloud Map API requests by action and error code (OK on success).",
+            ),
+            &["action", "code"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let api_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "trellis_discovery_api_request_duration_seconds",
+                "Cloud Map API latency by action.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+            &["action"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let dns_queries = IntCounterVec::new(
+            Opts::new(
+                "trellis_discovery_dns_queries_total",
+                "DNS queries by query type and response code.",
+            ),
+            &["qtype", "rcode"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let dns_fail_open = IntCounter::new(
+            "trellis_discovery_dns_fail_open_total",
+            "DNS answers given with every instance because none was healthy.",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let health_checks = IntCounterVec::new(
+            Opts::new(
+                "trellis_discovery_health_checks_total",
+                "Active health check results by type and result.",
+            ),
+            &["type", "result"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let instances = IntGaugeVec::new(
+            Opts::new(
+                "trellis_discovery_instances",
+                "Registered instances by health state.",
+            ),
+            &["health"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let watchers = prometheus::IntGauge::new(
+            "trellis_discovery_watchers",
+            "Watch API long-polls currently waiting.",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        for c in [
+            Box::new(api_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(api_latency.clone()),
+            Box::new(dns_queries.clone()),
+            Box::new(dns_fail_open.clone()),
+            Box::new(health_checks.clone()),
+            Box::new(instances.clone()),
+            Box::new(watchers.clone()),
+        ] {
+            // Names are constants and distinct: registration cannot collide.
+            let _ = registry.register(c);
+        }
+        Arc::new(Metrics {
+            registry,
+            api_requests,
+            api_latency,
+            dns_queries,
+            dns_fail_open,
+            health_checks,
+            instances,
+            watchers,
+        })
+    }
+
+    /// Text exposition; instance gauges are computed at scrape time.
+    pub fn render(&self, reg: &ServiceRegistry) -> Vec<u8> {
+        let (mut h, mut u, mut k) = (0, 0, 0);
+        for e in reg.read().services.values() {
+            for i in e.instances.values() {
+                match i.health {
+                    HealthStatus::Healthy => h += 1,
+                    HealthStatus::Unhealthy => u += 1,
+                    HealthStatus::Unknown => k += 1,
+                }
+            }
+        }
+        self.instances.with_label_values(&["HEALTHY"]).set(h);
+        self.instances.with_label_values(&["UNHEALTHY"]).set(u);
+        self.instances.with_label_values(&["UNKNOWN"]).set(k);
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+#[allow(clippy::panic)]
+fn unreachable_metric<T>() -> T {
+    // Metric options are compile-time constants; invalid ones are a programming error.
+    panic!("invalid metric definition")
+}

@@ -1,0 +1,449 @@
+//! The in-memory registry over a durable [`Store`]: namespaces, services, instances, operations,
+//! tags, health state and per-service change notification (watch API, DNS).
+//!
+//! Writers are serialized by one lock; a write is persisted (fsync) before it becomes visible, so
+//! every acknowledged change survives a crash. Readers (DNS, watch) take a short read lock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use tokio::sync::{Notify, watch};
+use trellis_core::{Endpoint, EndpointSet, HealthStatus};
+
+use crate::error::ApiError;
+use crate::model::{Instance, Namespace, Operation, Service, Tag, attr};
+use crate::store::{Store, StoreError, Write};
+
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    pub region: String,
+    pub account: String,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            region: "us-east-1".into(),
+            account: "123456789012".into(),
+        }
+    }
+}
+
+pub struct InstanceEntry {
+    pub instance: Instance,
+    pub health: HealthStatus,
+    pub last_heartbeat: Option<Instant>,
+}
+
+pub struct ServiceEntry {
+    pub service: Service,
+    pub instances: BTreeMap<String, InstanceEntry>,
+    pub revision: u64,
+    pub changes: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub services: BTreeMap<String, ServiceEntry>,
+    pub operations: BTreeMap<String, Operation>,
+    /// Idempotency: `<scope>/<CreatorRequestId>` → the id it produced.
+    pub requests: HashMap<String, String>,
+    pub tags: HashMap<String, Vec<Tag>>,
+    ns_by_name: HashMap<String, String>,
+    svc_by_name: HashMap<(String, String), String>,
+}
+
+/// One durable change of the registry.
+#[derive(Debug, Clone)]
+pub enum Change {
+    PutNamespace(Namespace),
+    DeleteNamespace(String),
+    PutService(Service),
+    DeleteService(String),
+    PutInstance(Instance),
+    DeleteInstance { service_id: String, id: String },
+    PutOperation(Operation),
+    PutRequest(String, String),
+    PutTags(String, Vec<Tag>),
+    DeleteTags(String),
+}
+
+pub struct Registry {
+    cfg: RegistryConfig,
+    store: Box<dyn Store>,
+    writer: Mutex<()>,
+    state: RwLock<State>,
+    /// Woken when instances or services come and go (the health checker reconciles).
+    pub topology: Notify,
+    serial: std::sync::atomic::AtomicU32,
+}
+
+/// Wall-clock seconds as Cloud Map's JSON timestamps.
+pub fn now_epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Revisions move forward across restarts too: at least the wall clock in milliseconds.
+fn next_revision(current: u64) -> u64 {
+    (current + 1).max(now_millis())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn key(change: &Change) -> Write {
+    match change {
+        Change::PutNamespace(n) => Write::Put(format!("ns/{}", n.id), json(n)),
+        Change::DeleteNamespace(id) => Write::Delete(format!("ns/{id}")),
+        Change::PutService(s) => Write::Put(format!("svc/{}", s.id), json(s)),
+        Change::DeleteService(id) => Write::Delete(format!("svc/{id}")),
+        Change::PutInstance(i) => Write::Put(format!("inst/{}/{}", i.service_id, i.id), json(i)),
+        Change::DeleteInstance { service_id, id } => {
+            Write::Delete(format!("inst/{service_id}/{id}"))
+        }
+        Change::PutOperation(o) => Write::Put(format!("op/{}", o.id), json(o)),
+        Change::PutRequest(k, v) => Write::Put(format!("req/{k}"), v.clone().into_bytes()),
+        Change::PutTags(arn, t) => Write::Put(format!("tag/{arn}"), json(t)),
+        Change::DeleteTags(arn) => Write::Delete(format!("tag/{arn}")),
+    }
+}
+
+impl State {
+    pub fn namespace_by_name(&self, name: &str) -> Option<&Namespace> {
+        self.ns_by_name
+            .get(&name.to_ascii_lowercase())
+            .and_then(|id| self.namespaces.get(id))
+    }
+
+    pub fn service_by_name(&self, ns_id: &str, name: &str) -> Option<&ServiceEntry> {
+        self.svc_by_name
+            .get(&(ns_id.to_owned(), name.to_ascii_lowercase()))
+            .and_then(|id| self.services.get(id))
+    }
+
+    pub fn service_count(&self, ns_id: &str) -> usize {
+        self.services
+            .values()
+            .filter(|s| s.service.namespace_id == ns_id)
+            .count()
+    }
+
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::PutNamespace(n) => {
+                self.ns_by_name
+                    .insert(n.name.to_ascii_lowercase(), n.id.clone());
+                self.namespaces.insert(n.id.clone(), n);
+            }
+            Change::DeleteNamespace(id) => {
+                if let Some(n) = self.namespaces.remove(&id) {
+                    self.ns_by_name.remove(&n.name.to_ascii_lowercase());
+                }
+            }
+            Change::PutService(s) => {
+                self.svc_by_name.insert(
+                    (s.namespace_id.clone(), s.name.to_ascii_lowercase()),
+                    s.id.clone(),
+                );
+                match self.services.get_mut(&s.id) {
+                    Some(e) => {
+                        e.revision = e.revision.max(s.revision);
+                        e.service = s;
+                    }
+                    None => {
+                        let revision = next_revision(s.revision);
+                        let (changes, _) = watch::channel(revision);
+                        self.services.insert(
+                            s.id.clone(),
+                            ServiceEntry {
+                                service: s,
+                                instances: BTreeMap::new(),
+                                revision,
+                                changes,
+                            },
+                        );
+                    }
+                }
+            }
+            Change::DeleteService(id) => {
+                if let Some(e) = self.services.remove(&id) {
+                    self.svc_by_name.remove(&(
+                        e.service.namespace_id.clone(),
+                        e.service.name.to_ascii_lowercase(),
+                    ));
+                }
+            }
+            Change::PutInstance(i) => {
+                if let Some(e) = self.services.get_mut(&i.service_id) {
+                    let health = initial_health(&e.service, &i);
+                    match e.instances.get_mut(&i.id) {
+                        Some(existing) => existing.instance = i,
+                        None => {
+                            e.instances.insert(
+                                i.id.clone(),
+                                InstanceEntry {
+                                    instance: i,
+                                    health,
+                                    last_heartbeat: None,
+                                },
+                            );
+                        }
+                    }
+                    bump(e);
+                }
+            }
+            Change::DeleteInstance { service_id, id } => {
+                if let Some(e) = self.services.get_mut(&service_id)
+                    && e.instances.remove(&id).is_some()
+                {
+                    bump(e);
+                }
+            }
+            Change::PutOperation(o) => {
+                self.operations.insert(o.id.clone(), o);
+            }
+            Change::PutRequest(k, v) => {
+                self.requests.insert(k, v);
+            }
+            Change::PutTags(arn, t) => {
+                self.tags.insert(arn, t);
+            }
+            Change::DeleteTags(arn) => {
+                self.tags.remove(&arn);
+            }
+        }
+    }
+}
+
+fn bump(e: &mut ServiceEntry) {
+    e.revision = next_revision(e.revision);
+    e.service.revision = e.revision;
+    e.changes.send_replace(e.revision);
+}
+
+fn initial_health(service: &Service, _instance: &Instance) -> HealthStatus {
+    if service.health_check_custom_config.is_some() {
+        HealthStatus::Healthy
+    } else {
+        HealthStatus::Unknown
+    }
+}
+
+impl Registry {
+    /// Loads every record from the store.
+    pub fn open(store: Box<dyn Store>, cfg: RegistryConfig) -> Result<Arc<Self>, StoreError> {
+        let mut state = State::default();
+        let mut instances = Vec::new();
+        for (k, v) in store.load()? {
+            let bad = |what: &str| StoreError::Io {
+                path: "registry".into(),
+                reason: format!("record {k:?} is not a valid {what}"),
+            };
+            let (kind, _) = k.split_once('/').unwrap_or((k.as_str(), ""));
+            match kind {
+                "ns" => state.apply(Change::PutNamespace(
+                    serde_json::from_slice(&v).map_err(|_| bad("namespace"))?,
+                )),
+                "svc" => state.apply(Change::PutService(
+                    serde_json::from_slice(&v).map_err(|_| bad("service"))?,
+                )),
+                "inst" => instances
+                    .push(serde_json::from_slice::<Instance>(&v).map_err(|_| bad("instance"))?),
+                "op" => state.apply(Change::PutOperation(
+                    serde_json::from_slice(&v).map_err(|_| bad("operation"))?,
+                )),
+                "req" => state.apply(Change::PutRequest(
+                    k["req/".len()..].to_owned(),
+                    String::from_utf8(v).map_err(|_| bad("request id"))?,
+                )),
+                "tag" => state.apply(Change::PutTags(
+                    k["tag/".len()..].to_owned(),
+                    serde_json::from_slice(&v).map_err(|_| bad("tag list"))?,
+                )),
+                _ => return Err(bad("record kind")),
+            }
+        }
+        for i in instances {
+            state.apply(Change::PutInstance(i));
+        }
+        Ok(Arc::new(Registry {
+            cfg,
+            store,
+            writer: Mutex::new(()),
+            state: RwLock::new(state),
+            topology: Notify::new(),
+            serial: std::sync::atomic::AtomicU32::new((now_millis() / 1000) as u32),
+        }))
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.cfg
+    }
+
+    /// Serializes writers: hold it from validation to commit.
+    pub fn writer(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock()
+    }
+
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read()
+    }
+
+    /// SOA serial: moves on every committed change.
+    pub fn serial(&self) -> u32 {
+        self.serial.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Persists the changes (fsync), then applies them. Call with [`Registry::writer`] held.
+    pub fn commit(&self, mut changes: Vec<Change>) -> Result<(), ApiError> {
+        // Instance changes move their service's revision: persist it in the same batch.
+        {
+            let st = self.state.read();
+            let mut touched: BTreeMap<String, Service> = BTreeMap::new();
+            for c in &changes {
+                let sid = match c {
+                    Change::PutInstance(i) => &i.service_id,
+                    Change::DeleteInstance { service_id, .. } => service_id,
+                    _ => continue,
+                };
+                if let Some(e) = st.services.get(sid) {
+                    let s = touched
+                        .entry(sid.clone())
+                        .or_insert_with(|| e.service.clone());
+                    s.revision = next_revision(s.revision.max(e.revision));
+                }
+            }
+            changes.extend(touched.into_values().map(Change::PutService));
+        }
+        let writes: Vec<Write> = changes.iter().map(key).collect();
+        self.store.commit(&writes)?;
+        let topology = changes.iter().any(|c| {
+            matches!(
+                c,
+                Change::PutInstance(_)
+                    | Change::DeleteInstance { .. }
+                    | Change::PutService(_)
+                    | Change::DeleteService(_)
+            )
+        });
+        {
+            let mut st = self.state.write();
+            for c in changes {
+                st.apply(c);
+            }
+        }
+        self.serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if topology {
+            self.topology.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Sets an instance's health; returns whether it changed (and so moved the revision).
+    pub fn set_health(&self, service_id: &str, instance_id: &str, health: HealthStatus) -> bool {
+        let mut st = self.state.write();
+        let Some(e) = st.services.get_mut(service_id) else {
+            return false;
+        };
+        let Some(i) = e.instances.get_mut(instance_id) else {
+            return false;
+        };
+        if i.health == health {
+            return false;
+        }
+        i.health = health;
+        bump(e);
+        drop(st);
+        self.serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// Records a TTL heartbeat: the instance is healthy until its TTL passes without another.
+    pub fn heartbeat(&self, ns: &str, svc: &str, instance_id: &str) -> Result<(), ApiError> {
+        let service_id = {
+            let mut st = self.state.write();
+            let ns_id = st
+                .namespace_by_name(ns)
+                .map(|n| n.id.clone())
+                .ok_or_else(|| ApiError::NamespaceNotFound(format!("namespace {ns} not found")))?;
+            let sid = st
+                .service_by_name(&ns_id, svc)
+                .map(|s| s.service.id.clone())
+                .ok_or_else(|| ApiError::ServiceNotFound(format!("service {svc} not found")))?;
+            let inst = st
+                .services
+                .get_mut(&sid)
+                .and_then(|e| e.instances.get_mut(instance_id))
+                .ok_or_else(|| {
+                    ApiError::InstanceNotFound(format!("instance {instance_id} not found"))
+                })?;
+            inst.last_heartbeat = Some(Instant::now());
+            sid
+        };
+        self.set_health(&service_id, instance_id, HealthStatus::Healthy);
+        Ok(())
+    }
+
+    /// The watch API's view of a service, plus a receiver that fires when its revision moves.
+    pub fn endpoint_set(
+        &self,
+        ns: &str,
+        svc: &str,
+        all: bool,
+    ) -> Option<(EndpointSet, watch::Receiver<u64>)> {
+        let st = self.state.read();
+        let n = st.namespace_by_name(ns)?;
+        let e = st.service_by_name(&n.id, svc)?;
+        let rx = e.changes.subscribe();
+        let mut endpoints: Vec<Endpoint> = e.instances.values().filter_map(endpoint).collect();
+        if !all && endpoints.iter().any(|ep| ep.health.is_serving()) {
+            endpoints.retain(|ep| ep.health.is_serving());
+        }
+        Some((
+            EndpointSet {
+                namespace: n.name.clone(),
+                service: e.service.name.clone(),
+                revision: e.revision,
+                endpoints,
+            },
+            rx,
+        ))
+    }
+}
+
+fn endpoint(i: &InstanceEntry) -> Option<Endpoint> {
+    let a = &i.instance.attributes;
+    let address = a
+        .get(attr::IPV4)
+        .or_else(|| a.get(attr::IPV6))
+        .and_then(|s| s.parse().ok())?;
+    let port = a.get(attr::PORT).and_then(|p| p.parse().ok())?;
+    let weight = a
+        .get(attr::WEIGHT)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(1);
+    Some(Endpoint {
+        instance_id: i.instance.id.clone(),
+        address,
+        port,
+        weight,
+        health: i.health,
+        attributes: a.clone(),
+    })
+}

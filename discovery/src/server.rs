@@ -1,0 +1,167 @@
+//! Assembles the control plane: store → registry → HTTP front, DNS, health checker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::dns::DnsHandler;
+use crate::health::{HealthChecker, HealthConfig};
+use crate::http::{Auth, Front, Mount};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryConfig};
+use crate::sigv4::Credentials;
+use crate::store::{MemoryStore, RedbStore, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("CA: {0}")]
+    Ca(String),
+}
+
+/// Everything `trellis-discovery serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub api_listen: SocketAddr,
+    /// UDP and TCP; `None` disables DNS.
+    pub dns_listen: Option<SocketAddr>,
+    /// Where the store (and the CA) live; `None` keeps state in memory only (tests).
+    pub data_dir: Option<PathBuf>,
+    /// Resolver for names outside our zones; `None` answers REFUSED.
+    pub dns_forward: Option<SocketAddr>,
+    pub credentials: Option<Credentials>,
+    /// Require SigV4; `None` means "when the API listens on a non-loopback address".
+    pub require_signature: Option<bool>,
+    pub health: HealthConfig,
+    pub registry: RegistryConfig,
+}
+
+impl ServerConfig {
+    pub fn new(api_listen: SocketAddr) -> Self {
+        ServerConfig {
+            api_listen,
+            dns_listen: None,
+            data_dir: None,
+            dns_forward: None,
+            credentials: None,
+            require_signature: None,
+            health: HealthConfig::default(),
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+/// A running control plane.
+pub struct Server {
+    pub api_addr: SocketAddr,
+    pub dns_addr: Option<SocketAddr>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Opens the store, binds every listener and starts serving. Bound addresses are on the result.
+    pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        Self::start_with(config, Vec::new()).await
+    }
+
+    /// As [`Server::start`], with extra handlers mounted on the HTTP front (the CA).
+    pub async fn start_with(
+        config: ServerConfig,
+        mounts: Vec<Box<dyn Mount>>,
+    ) -> Result<Server, ServerError> {
+        let store: Box<dyn Store> = match &config.data_dir {
+            Some(dir) => Box::new(RedbStore::open(dir)?),
+            None => Box::new(MemoryStore::default()),
+        };
+        let registry = Registry::open(store, config.registry.clone())?;
+        let metrics = Metrics::new();
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        let bind = |addr| move |source| ServerError::Bind { addr, source };
+        let listener = TcpListener::bind(config.api_listen)
+            .await
+            .map_err(bind(config.api_listen))?;
+        let api_addr = listener.local_addr().map_err(bind(config.api_listen))?;
+        let front = Arc::new(Front {
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            auth: Auth {
+                credentials: config.credentials.clone(),
+                require_signature: config
+                    .require_signature
+                    .unwrap_or(!api_addr.ip().is_loopback()),
+            },
+            mounts,
+        });
+        tasks.spawn(crate::http::serve(listener, front, stop_rx.clone()));
+
+        let mut dns_addr = None;
+        if let Some(addr) = config.dns_listen {
+            let udp = UdpSocket::bind(addr).await.map_err(bind(addr))?;
+            let bound = udp.local_addr().map_err(bind(addr))?;
+            // TCP on the same port as UDP.
+            let tcp = TcpListener::bind(bound).await.map_err(bind(bound))?;
+            dns_addr = Some(bound);
+            let handler = DnsHandler::new(registry.clone(), metrics.clone(), config.dns_forward);
+            let mut server = hickory_server::ServerFuture::new(handler);
+            server.register_socket(udp);
+            server.register_listener(tcp, Duration::from_secs(10));
+            let mut stop_dns = stop_rx.clone();
+            tasks.spawn(async move {
+                let _ = stop_dns.changed().await;
+                let _ = server.shutdown_gracefully().await;
+            });
+        }
+
+        let checker = HealthChecker::new(registry.clone(), metrics.clone(), config.health.clone());
+        tasks.spawn(checker.run(stop_rx));
+
+        tracing::info!(%api_addr, ?dns_addr, "trellis-discovery serving");
+        Ok(Server {
+            api_addr,
+            dns_addr,
+            registry,
+            metrics,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
+    /// Stops accepting, ends connections and background tasks.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Runs the control plane until `shutdown` completes.
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let mounts = crate::ca_mount::mounts(&config)?;
+    let server = Server::start_with(config, mounts).await?;
+    shutdown.await;
+    server.shutdown().await;
+    Ok(())
+}
