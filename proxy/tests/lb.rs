@@ -959,3 +959,77 @@ action = { type = "forward", target_groups = [{ name = "a", weight = 0 }] }
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn binary_serves_then_drains_on_sigterm() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let a = upstream("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lb.toml");
+    let cfg = format!(
+        r#"{}{LISTENER}
+[[listener.rule]]
+name = "all"
+priority = 1
+action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
+"#,
+        group("a", &[&a], "")
+    );
+    std::fs::write(&path, cfg).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis-proxy"))
+        .args(["lb", "--config"])
+        .arg(&path)
+        .env("TRELLIS_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("lb started") {
+                return line;
+            }
+        }
+        panic!("exited before starting");
+    })
+    .await
+    .unwrap();
+    // `... listeners=[("web", 127.0.0.1:P)] admin=127.0.0.1:Q lb started`
+    let addr_after = |key: &str| -> String {
+        let rest = &started[started.find(key).unwrap() + key.len()..];
+        rest.chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect()
+    };
+    let admin = format!("http://{}", addr_after("admin="));
+    let base = format!("http://{}", addr_after("\"web\", "));
+    let c = client();
+    assert_eq!(get(&c, &format!("{admin}/ready")).await.status, 200);
+    assert_eq!(get(&c, &format!("{base}/x")).await.body, "a");
+    let slow = {
+        let (c, url) = (c.clone(), format!("{base}/slow"));
+        tokio::spawn(async move { get(&c, &url).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let r = slow.await.unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "a"),
+        "in-flight request finished"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

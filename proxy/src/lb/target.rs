@@ -164,7 +164,7 @@ impl TargetGroup {
     pub fn set_healthy(&self, t: &Target, healthy: bool) {
         if t.healthy.swap(healthy, Relaxed) != healthy {
             if healthy {
-                t.healthy_since.store(self.now_nanos(), Relaxed);
+                t.healthy_since.store(self.now_nanos().max(1), Relaxed);
             }
             tracing::info!(group = %self.name, target = %t.addr, healthy, "target health changed");
             self.publish_health();
@@ -294,8 +294,12 @@ mod tests {
     use crate::lb::metrics::Metrics;
 
     fn group(addrs: &[&str], algorithm: Algorithm) -> Arc<TargetGroup> {
+        group_with(addrs, algorithm, "")
+    }
+
+    fn group_with(addrs: &[&str], algorithm: Algorithm, extra: &str) -> Arc<TargetGroup> {
         let cfg: TargetGroupConfig = toml::from_str(&format!(
-            "name = \"g\"\ntargets = [{}]\nalgorithm = \"{}\"\nderegistration_delay = \"1s\"",
+            "name = \"g\"\ntargets = [{}]\nalgorithm = \"{}\"\nderegistration_delay = \"1s\"\n{extra}",
             addrs
                 .iter()
                 .map(|a| format!("\"{a}\""))
@@ -330,6 +334,36 @@ mod tests {
         g.set_healthy(&ts[1], false);
         assert!(g.pick(0, None).is_some());
         assert_eq!(g.metrics.fail_open.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_a_recovered_target() {
+        let g = group_with(
+            &["127.0.0.1:1", "127.0.0.1:2"],
+            Algorithm::RoundRobin,
+            "slow_start = \"10s\"",
+        );
+        let ts = g.targets();
+        g.set_healthy(&ts[1], false);
+        g.set_healthy(&ts[1], true);
+        let share_of_2 = |g: &TargetGroup| {
+            let n = 2000u32;
+            let hits = (0..n)
+                .filter(|i| {
+                    let rnd = i.wrapping_mul(2_654_435_761); // spread over u32
+                    g.pick(rnd, None).unwrap().target().addr.port() == 2
+                })
+                .count();
+            hits as f64 / f64::from(n)
+        };
+        let early = share_of_2(&g);
+        assert!(early < 0.15, "just recovered: {early}");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let mid = share_of_2(&g);
+        assert!(mid > early && mid < 0.45, "half way: {mid}");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let late = share_of_2(&g);
+        assert!((late - 0.5).abs() < 0.05, "ramped: {late}");
     }
 
     #[tokio::test]
