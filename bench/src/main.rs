@@ -1,5 +1,219 @@
-//! trellis-bench: side-by-side benchmarks against real peers (work in progress).
-fn main() {
-    eprintln!("trellis-bench: no scenario is implemented yet");
-    std::process::exit(2);
+//! `trellis-bench`: run benchmark scenarios against real peers, side by side, and write the results
+//! (Markdown tables with ratios, JSON, SVG) to `bench/results/`.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use trellis_bench::report::{self, ScenarioResult};
+use trellis_bench::scenarios::{Subject, http, tcp, trellis};
+use trellis_bench::{Ctx, proc};
+
+const SCENARIOS: &[&str] = &["http1-keepalive", "http1-newconn", "http1-large", "tcp"];
+
+#[derive(Parser)]
+#[command(about = "Benchmarks trellis against nginx, HAProxy, unbound and openssl in one run")]
+struct Args {
+    /// Scenario to run, or `all`. One of: http1-keepalive, http1-newconn, http1-large, tcp.
+    #[arg(default_value = "all")]
+    scenario: String,
+    /// Short runs (about 3 minutes for all): proves each scenario produces numbers, nothing more.
+    #[arg(long)]
+    quick: bool,
+    /// Worker threads/processes for every proxy under test.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Measured runs per subject (median reported).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Seconds per measured run.
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Load-generator connections for keep-alive scenarios.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Do not pin processes to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Where results go (default bench/results/latest, or bench/results/quick with --quick).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Do not apt-get install missing peers and load tools.
+    #[arg(long)]
+    no_install: bool,
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .context("bench crate has no parent dir")?;
+    let selected: Vec<&str> = if args.scenario == "all" {
+        SCENARIOS.to_vec()
+    } else if SCENARIOS.contains(&args.scenario.as_str()) {
+        vec![args.scenario.as_str()]
+    } else {
+        bail!(
+            "unknown scenario {:?}; known: all, {}",
+            args.scenario,
+            SCENARIOS.join(", ")
+        );
+    };
+    if !args.no_install {
+        install_tools()?;
+    }
+    build_trellis(&root)?;
+    let work = root.join("bench/work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let ctx = Ctx {
+        quick: args.quick,
+        runs: args.runs.unwrap_or(if args.quick { 1 } else { 3 }),
+        duration: Duration::from_secs(args.seconds.unwrap_or(if args.quick { 2 } else { 10 })),
+        workers: args.workers,
+        connections: args.connections,
+        pin: !args.no_pin && num_cpus() >= 2,
+        work: work.canonicalize()?,
+        bin_dir: root
+            .join("target/release")
+            .canonicalize()
+            .unwrap_or(root.join("target/release")),
+    };
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    for s in selected {
+        let r = match s {
+            "http1-keepalive" => {
+                http::run(&ctx, http::Shape::KeepAlive, "trellis", http_subjects())?
+            }
+            "http1-newconn" => {
+                http::run(&ctx, http::Shape::NewConnection, "trellis", http_subjects())?
+            }
+            "http1-large" => http::run(&ctx, http::Shape::Large, "trellis", http_subjects())?,
+            "tcp" => tcp::run(&ctx, "trellis", tcp_subjects())?,
+            _ => unreachable!("checked above"),
+        };
+        print!("{}", r.to_markdown());
+        results.push(r);
+    }
+    let out = args.out.unwrap_or_else(|| {
+        root.join("bench/results")
+            .join(if args.quick { "quick" } else { "latest" })
+    });
+    report::write_all(&out, &header(&ctx), &results)?;
+    eprintln!("results written to {}", out.display());
+    let _ = std::fs::remove_dir_all(&ctx.work);
+    Ok(())
+}
+
+fn http_subjects() -> Vec<Subject<'static>> {
+    http::standard_subjects(vec![Subject::new("trellis", |ctx, port, origin| {
+        trellis::sidecar(ctx, port, origin, false)
+    })])
+}
+
+fn tcp_subjects() -> Vec<Subject<'static>> {
+    tcp::standard_subjects(vec![Subject::new("trellis", |ctx, port, origin| {
+        trellis::sidecar(ctx, port, origin, true)
+    })])
+}
+
+/// Builds the release binaries the trellis subjects run.
+fn build_trellis(root: &std::path::Path) -> Result<()> {
+    let ok = Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "trellis-proxy",
+            "-p",
+            "trellis-discovery",
+        ])
+        .status()
+        .context("running cargo build")?
+        .success();
+    if !ok {
+        bail!("cargo build --release of the trellis binaries failed");
+    }
+    Ok(())
+}
+
+fn header(ctx: &Ctx) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_owned))
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "# trellis benchmark results\n\nRun {now} on {} × {cpu}, {} run(s) of {}s per subject, {} worker(s) per proxy{}.\n\n",
+        num_cpus(),
+        ctx.runs,
+        ctx.duration.as_secs(),
+        ctx.workers,
+        if ctx.quick {
+            " (--quick: smoke numbers, not for comparison)"
+        } else {
+            ""
+        }
+    )
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// apt-get installs the peers and load tools that are missing.
+fn install_tools() -> Result<()> {
+    let wanted = [
+        ("nginx", "nginx-light"),
+        ("haproxy", "haproxy"),
+        ("wrk", "wrk"),
+        ("h2load", "nghttp2-client"),
+        ("dnsperf", "dnsperf"),
+        ("unbound", "unbound"),
+        ("openssl", "openssl"),
+        ("taskset", "util-linux"),
+    ];
+    let stream_module = std::path::Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
+    let mut missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| !proc::have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !stream_module.exists() {
+        missing.push("libnginx-mod-stream");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {}", missing.join(" "));
+    let ok = Command::new("sh")
+        .args(["-c", &format!(
+            "DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {}",
+            missing.join(" ")
+        )])
+        .status()
+        .context("running apt-get")?
+        .success();
+    if !ok {
+        bail!("apt-get could not install {}", missing.join(" "));
+    }
+    Ok(())
 }

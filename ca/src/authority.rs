@@ -541,15 +541,16 @@ impl Authority {
             .collect()
     }
 
-    /// Refreshes the CA certificate expiry gauges (called before metrics are rendered).
+    /// Refreshes the CA certificate expiry gauges (also done by every metrics render).
     pub fn update_expiry_gauges(&self) {
-        let now = OffsetDateTime::now_utc();
+        use std::sync::atomic::Ordering::Relaxed;
         let m = &self.inner.metrics;
-        m.intermediate_expiry
-            .set((self.inner.intermediate_not_after - now).as_seconds_f64());
+        m.intermediate_not_after
+            .store(self.inner.intermediate_not_after.unix_timestamp(), Relaxed);
         if let Some(r) = self.inner.root_not_after {
-            m.root_expiry.set((r - now).as_seconds_f64());
+            m.root_not_after.store(r.unix_timestamp(), Relaxed);
         }
+        m.refresh_expiry();
     }
 
     /// Expiry of the intermediate certificate.

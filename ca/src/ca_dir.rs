@@ -64,6 +64,10 @@ impl CaDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// Whether a CA (initialised, or waiting for its external intermediate) lives here.
+    pub fn exists(&self) -> bool {
+        self.file(CONFIG).exists()
+    }
     fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
@@ -219,7 +223,22 @@ impl CaDir {
             return Ok(Vec::new());
         }
         let text = journal::read_text(&p)?;
+        if text.trim().is_empty() {
+            // Every extra root was removed again.
+            return Ok(Vec::new());
+        }
         parse_certs(&text).map_err(|e| CaError::corrupt(&p, e))
+    }
+
+    /// The trust bundle this CA serves: its root first, then the extra roots of `bundle.pem`.
+    pub fn trust_roots(&self) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let mut roots = vec![self.load_cert(ROOT_CERT)?];
+        for c in self.load_bundle()? {
+            if !roots.contains(&c) {
+                roots.push(c);
+            }
+        }
+        Ok(roots)
     }
 
     /// Adds a root to the trust bundle served by this CA (step 1 of a root rotation).

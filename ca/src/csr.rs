@@ -149,6 +149,34 @@ mod tests {
     }
 
     #[test]
+    fn mutated_csrs_never_panic() {
+        use rand::Rng;
+        let k = KeyPair::generate().unwrap();
+        let der = CertificateParams::default()
+            .serialize_request(&k)
+            .unwrap()
+            .der()
+            .to_vec();
+        let mut rng = rand::rng();
+        let mut accepted = 0;
+        for _ in 0..2000 {
+            let mut m = der.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..m.len());
+                m[i] = rng.random();
+            }
+            if rng.random_bool(0.1) {
+                m.truncate(rng.random_range(0..m.len()));
+            }
+            if VerifiedCsr::from_der(&m).is_ok() {
+                accepted += 1;
+            }
+        }
+        // A mutation can hit an unsigned, ignored byte; anything more means no signature check.
+        assert!(accepted < 100, "{accepted}");
+    }
+
+    #[test]
     fn rejects_p384() {
         let k = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
         assert!(matches!(

@@ -34,7 +34,7 @@ pub use error::CaError;
 pub use identity::{Credential, Identity, RenewFuture, Renewer, renew_delay};
 pub use metrics::CaMetrics;
 pub use policy::{DnsSans, Policy, parse_duration};
-pub use renewer::{HttpRenewer, LocalRenewer, generate_key_and_csr};
+pub use renewer::{FileRenewer, HttpRenewer, LocalRenewer, generate_key_and_csr};
 pub use serial::Serial;
 pub use token::{AuthError, NewToken, Scope, Tokens};
 pub use trust::{TrustBundle, crypto_provider, peer_spiffe_id, spiffe_id_of};

@@ -16,6 +16,9 @@ pub struct CaMetrics {
     pub(crate) revoked: IntCounter,
     pub(crate) root_expiry: Gauge,
     pub(crate) intermediate_expiry: Gauge,
+    /// Unix times the expiry gauges count down to (0 = unknown); refreshed at every render.
+    pub(crate) root_not_after: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    pub(crate) intermediate_not_after: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl std::fmt::Debug for CaMetrics {
@@ -84,6 +87,23 @@ impl CaMetrics {
             revoked,
             root_expiry,
             intermediate_expiry,
+            root_not_after: Default::default(),
+            intermediate_not_after: Default::default(),
+        }
+    }
+
+    /// Sets the expiry gauges from the recorded not-after times and the current clock.
+    pub fn refresh_expiry(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        for (at, g) in [
+            (&self.root_not_after, &self.root_expiry),
+            (&self.intermediate_not_after, &self.intermediate_expiry),
+        ] {
+            let t = at.load(Relaxed);
+            if t != 0 {
+                g.set((t - now) as f64);
+            }
         }
     }
 
@@ -91,8 +111,9 @@ impl CaMetrics {
         &self.registry
     }
 
-    /// Text exposition format.
+    /// Text exposition format (expiry gauges refreshed first).
     pub fn render(&self) -> String {
+        self.refresh_expiry();
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

@@ -160,3 +160,44 @@ impl Renewer for LocalRenewer {
         })
     }
 }
+
+/// Renews by re-reading a certificate chain and key from files (PEM), e.g. written by
+/// `trellis-ca issue` or an external agent. Lets a workload pick up rotated files.
+pub struct FileRenewer {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+impl FileRenewer {
+    pub fn new(
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            cert: cert.into(),
+            key: key.into(),
+        })
+    }
+}
+
+impl Renewer for FileRenewer {
+    fn renew(&self) -> RenewFuture<'_> {
+        Box::pin(async move {
+            let cert = tokio::fs::read_to_string(&self.cert)
+                .await
+                .map_err(|e| CaError::io(&self.cert, e))?;
+            let chain =
+                crate::ca_dir::parse_certs(&cert).map_err(|e| CaError::corrupt(&self.cert, e))?;
+            let key = tokio::fs::read_to_string(&self.key)
+                .await
+                .map_err(|e| CaError::io(&self.key, e))?;
+            let kp = KeyPair::from_pem(&key)
+                .map_err(|e| CaError::corrupt(&self.key, format!("not a PKCS#8 PEM key: {e}")))?;
+            Ok(Credential {
+                chain,
+                key: key_der(&kp),
+                roots: None,
+            })
+        })
+    }
+}

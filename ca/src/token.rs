@@ -75,6 +75,9 @@ pub enum AuthError {
     Missing,
     #[error("invalid credentials")]
     Invalid,
+    /// The credential exists but the request signature (SigV4) does not verify.
+    #[error("the request signature does not match")]
+    BadSignature,
     #[error("credential is not allowed to {0}")]
     Forbidden(String),
 }

@@ -1,2 +1,62 @@
-//! trellis-proxy: the sidecar and the internal load balancer (work in progress). Nothing is
-//! implemented yet.
+//! trellis-proxy: the data plane. `trellis-proxy sidecar` runs beside one app instance: plain
+//! HTTP/TCP from the app, discovery-driven load balancing with retries, timeouts, circuit breaking
+//! and outlier ejection to upstreams, and an inbound listener in front of the app.
+//!
+//! What it does not do: run the control plane (it only calls the discovery watch API over HTTP),
+//! or parse route tables (the route engine lives in `route/`, shared with the internal LB).
+//!
+//! Reusable pieces for the internal load balancer: [`Pick`] balancers, [`Cluster`] (endpoints +
+//! resilience state), [`forward`] (the request path), [`UpstreamClient`], [`Admin`], listeners and
+//! [`relay_tcp`].
+
+mod admin;
+mod authz;
+mod balance;
+mod body;
+mod circuit;
+mod client;
+mod clock;
+mod cluster;
+mod config;
+mod endpoint;
+mod env;
+mod error;
+mod forward;
+pub mod lb;
+mod listener;
+mod metrics;
+mod outlier;
+mod relay;
+mod retry;
+pub mod route;
+mod server;
+mod sidecar;
+mod splice;
+mod tls;
+mod watch;
+
+pub use admin::{Admin, Health};
+pub use authz::authorize;
+pub use balance::{LeastRequest, PeakEwma, Pick, RoundRobin, Weighted, balancer};
+pub use body::ProxyBody;
+pub use circuit::Breaker;
+pub use client::UpstreamClient;
+pub use cluster::{Cluster, ClusterStatus, EndpointSpec, EndpointStatus, Snapshot};
+pub use config::{
+    AdminConfig, BalancerKind, Config, ControlPlaneConfig, Decision, IdentityConfig, InboundConfig,
+    IntentionRule, Intentions, LimitsConfig, OutboundConfig, Protocol, ResilienceConfig,
+    RuntimeConfig, StaticCluster, StaticEndpoint, UpstreamConfig,
+};
+pub use endpoint::{EndpointState, InFlight};
+pub use env::{EnvSource, MapEnv, ProcessEnv};
+pub use error::{ConfigError, ProxyError, Side, StartError};
+pub use forward::{ForwardPolicy, Target, error_response, forward, strip_hop_by_hop};
+pub use listener::{AcceptContext, bind_reuseport, spawn_accept};
+pub use metrics::{Metrics, UpstreamMetrics};
+pub use outlier::{OutlierPolicy, Verdict};
+pub use relay::{COPY_BUF_SIZE, relay_copy, relay_tcp};
+pub use retry::{RetryBudget, is_idempotent};
+pub use server::{HttpMode, builder as http_builder, serve};
+pub use sidecar::{APP_CLUSTER, Running, StartOptions, run, start, start_with};
+pub use tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, MtlsIo, client_config};
+pub use watch::{WatchTarget, apply as apply_endpoint_set, run as watch_endpoints};

@@ -1,4 +1,327 @@
-fn main() {
-    eprintln!("trellis-proxy: not implemented yet");
-    std::process::exit(2);
+//! `trellis-proxy`: parses the command line, loads config, installs tracing, runs the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use trellis_proxy::{Config, ProcessEnv};
+
+#[derive(Debug, Parser)]
+#[command(name = "trellis-proxy", version, about = "Trellis data plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sidecar next to one app instance.
+    Sidecar {
+        /// TOML config; `TRELLIS_*` variables override it (or configure everything without it).
+        #[arg(long, env = "TRELLIS_CONFIG")]
+        config: Option<PathBuf>,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+        /// Check the config and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run the path-based internal load balancer.
+    Lb {
+        /// The LB config (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+        /// Check the config and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Health probe for containers without curl: GET an http:// URL, exit 0 on 2xx, 1 otherwise.
+    Probe {
+        /// e.g. http://127.0.0.1:9901/ready
+        url: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Sidecar {
+            config,
+            log_json,
+            check,
+        } => sidecar(config, log_json, check),
+        Command::Lb {
+            config,
+            log_json,
+            check,
+        } => lb(config, log_json, check),
+        Command::Probe { url, timeout } => match probe(&url, timeout) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trellis-proxy probe: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn sidecar(path: Option<PathBuf>, log_json: bool, check: bool) -> ExitCode {
+    install_tracing(log_json);
+    let config = match Config::load(path.as_deref(), &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("trellis-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    // One worker: a current-thread runtime (no work stealing, no cross-thread wake-ups).
+    let mut rt = if config.runtime.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.runtime.worker_threads > 1 {
+        rt.worker_threads(config.runtime.worker_threads);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis-proxy: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let running = match trellis_proxy::start(config, shutdown.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("trellis-proxy: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(admin = %running.admin_addr, inbound = ?running.inbound_addr,
+            egress = ?running.egress_addr, upstreams = ?running.upstream_addrs, "sidecar started");
+        // One machine-readable line with the bound addresses (ports may have been 0).
+        println!(
+            "{}",
+            serde_json::json!({
+                "admin": running.admin_addr,
+                "inbound": running.inbound_addr,
+                "egress": running.egress_addr,
+                "upstreams": running.upstream_addrs,
+            })
+        );
+        let running = std::sync::Arc::new(running);
+        if let Some(p) = &path {
+            spawn_file_watch(
+                p.clone(),
+                std::sync::Arc::downgrade(&running),
+                shutdown.clone(),
+            );
+        }
+        spawn_signals(shutdown, std::sync::Arc::clone(&running), path);
+        // All handles but ours end with the signal task; wait for the drain.
+        wait(running).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait(running: std::sync::Arc<trellis_proxy::Running>) {
+    // The signal task holds a clone until SIGTERM; poll until we own it, then wait for the drain.
+    let mut running = running;
+    loop {
+        match std::sync::Arc::try_unwrap(running) {
+            Ok(r) => return r.wait().await,
+            Err(r) => {
+                running = r;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn spawn_signals(
+    shutdown: CancellationToken,
+    running: std::sync::Arc<trellis_proxy::Running>,
+    path: Option<PathBuf>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => match Config::load(path.as_deref(), &ProcessEnv) {
+                    Ok(c) => running.reload(&c),
+                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running config"),
+                },
+            }
+        }
+        shutdown.cancel();
+    });
+}
+
+/// How often the config file's modification time is checked (reload on change, like SIGHUP).
+const FILE_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn spawn_file_watch(
+    path: PathBuf,
+    running: std::sync::Weak<trellis_proxy::Running>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut last = mtime(&path);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(FILE_WATCH_INTERVAL) => {}
+            }
+            let now = mtime(&path);
+            if now == last {
+                continue;
+            }
+            last = now;
+            let Some(running) = running.upgrade() else {
+                return;
+            };
+            match Config::load(Some(&path), &ProcessEnv) {
+                Ok(c) => running.reload(&c),
+                Err(e) => {
+                    tracing::error!(error = %e, "config file changed but is invalid; keeping the running config")
+                }
+            }
+        }
+    });
+}
+
+fn lb(path: PathBuf, log_json: bool, check: bool) -> ExitCode {
+    use trellis_proxy::lb::LbConfig;
+    install_tracing(log_json);
+    let config = match LbConfig::load(&path).and_then(|c| c.compile().map(|_| c)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("trellis-proxy lb: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis-proxy lb: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let handle = match trellis_proxy::lb::start(config, shutdown.clone()).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("trellis-proxy lb: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(listeners = ?handle.listeners, admin = %handle.admin, "lb started");
+        let reloader = handle.reloader();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => {
+                        let result = LbConfig::load(&path)
+                            .map_err(trellis_proxy::lb::LbError::from)
+                            .and_then(|c| reloader.reload(c));
+                        match result {
+                            Ok(()) => tracing::info!("config reloaded (SIGHUP)"),
+                            Err(e) => tracing::error!(error = %e, "reload failed; keeping the running config"),
+                        }
+                    }
+                }
+            }
+            tracing::info!("signal received; draining");
+            shutdown.cancel();
+        });
+        handle.run_until_stopped().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn install_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// One blocking HTTP/1.0 GET; no runtime needed for a health check.
+fn probe(url: &str, timeout: std::time::Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority}: no address"))?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)
+        .map_err(|e| format!("reading status: {e}"))?;
+    match &head[9..12] {
+        [b'2', _, _] => Ok(()),
+        code => Err(format!("status {}", String::from_utf8_lossy(code))),
+    }
 }

@@ -26,6 +26,8 @@ pub use wire::WireError;
 pub const MAX_BODY: usize = 1024 * 1024;
 /// How often the CRL is re-signed (its lifetime is 7 days).
 pub const CRL_REFRESH: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// How often `bundle.pem` is re-read.
+pub const BUNDLE_RELOAD: std::time::Duration = std::time::Duration::from_secs(30);
 /// AWS account id shown in ARNs.
 pub const ACCOUNT_ID: &str = "000000000000";
 
@@ -107,20 +109,50 @@ impl CaApi {
         native::handle(self, &parts, body).await
     }
 
-    /// Background upkeep a host must run once per CA: re-signs the CRL every
-    /// [`CRL_REFRESH`] so it never expires (it is also re-signed on every revocation).
+    /// Re-reads the trust bundle (`root.crt` + `bundle.pem`) of a file-backed CA, so
+    /// `trellis-ca bundle add|remove` takes effect without a restart. Returns the root count.
+    pub fn reload_trust_bundle(&self) -> Result<usize, crate::CaError> {
+        let Some(dir) = self.inner.authority.dir() else {
+            return Ok(self.inner.authority.roots().len());
+        };
+        let roots = crate::CaDir::new(dir).trust_roots()?;
+        let n = roots.len();
+        if *self.inner.authority.roots() != roots {
+            tracing::info!(roots = n, "trust bundle reloaded");
+            self.inner.authority.set_roots(roots);
+        }
+        Ok(n)
+    }
+
+    /// Background upkeep a host must run once per CA: re-reads the trust bundle every
+    /// [`BUNDLE_RELOAD`] and re-signs the CRL every [`CRL_REFRESH`] so it never expires (it is
+    /// also re-signed on every revocation).
     pub fn spawn_maintenance(&self) -> tokio::task::JoinHandle<()> {
-        let authority = self.inner.authority.clone();
+        let api = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(CRL_REFRESH);
+            let mut tick = tokio::time::interval(BUNDLE_RELOAD);
             tick.tick().await;
+            let mut last_crl = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
-                let a = authority.clone();
-                match tokio::task::spawn_blocking(move || a.regenerate_crl()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "CRL refresh failed"),
-                    Err(e) => tracing::error!(error = %e, "CRL refresh task failed"),
+                let a = api.clone();
+                let crl_due = last_crl.elapsed() >= CRL_REFRESH;
+                let res = tokio::task::spawn_blocking(move || {
+                    a.reload_trust_bundle()?;
+                    if crl_due {
+                        a.authority().regenerate_crl()?;
+                    }
+                    Ok::<(), crate::CaError>(())
+                })
+                .await;
+                match res {
+                    Ok(Ok(())) => {
+                        if crl_due {
+                            last_crl = tokio::time::Instant::now();
+                        }
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "CA maintenance failed"),
+                    Err(e) => tracing::error!(error = %e, "CA maintenance task failed"),
                 }
             }
         })

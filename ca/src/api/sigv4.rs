@@ -120,7 +120,7 @@ pub fn verify(parts: &Parts, body: &[u8], tokens: &Tokens) -> Result<Scope, Auth
     let k_signing = hmac(&k_service, b"aws4_request");
     let expected = hex::encode(hmac(&k_signing, string_to_sign.as_bytes()));
     if !ct_eq(expected.as_bytes(), a.signature.as_bytes()) {
-        return Err(AuthError::Invalid);
+        return Err(AuthError::BadSignature);
     }
     Ok(scope)
 }

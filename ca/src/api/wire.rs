@@ -91,6 +91,12 @@ impl From<&AuthError> for WireError {
                 "UnrecognizedClientException",
                 StatusCode::BAD_REQUEST,
             ),
+            AuthError::BadSignature => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "InvalidSignatureException",
+                StatusCode::BAD_REQUEST,
+            ),
             AuthError::Forbidden(_) => (
                 StatusCode::FORBIDDEN,
                 "forbidden",

@@ -251,3 +251,67 @@ async fn identity_bootstraps_over_http_and_renews() {
     );
     let _: Arc<TrustBundle> = id.trust_bundle().clone();
 }
+
+#[tokio::test]
+async fn bundle_add_is_served_without_restart() {
+    let ca = start().await;
+    let other = trellis_ca::EphemeralCa::new("mesh.local").unwrap();
+    let dir = CaDir::new(ca.api.authority().dir().unwrap());
+    dir.bundle_add(&other.roots_pem()).unwrap();
+    assert_eq!(ca.api.reload_trust_bundle().unwrap(), 2);
+    let (st, roots) = call("GET", &format!("{}/v1/ca/roots", ca.url), None, "").await;
+    assert_eq!(st, 200);
+    assert_eq!(trellis_ca::parse_certs(&roots).unwrap().len(), 2);
+    // A renewing identity picks the new bundle up at its next renewal.
+    let tok = ca
+        .api
+        .tokens()
+        .create(ws("my-app", "api"))
+        .unwrap()
+        .bearer();
+    let id = Identity::bootstrap(&ca.url, &tok, "mesh.local".parse().unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(id.trust_bundle().roots().len(), 2);
+    dir.bundle_remove(&other.roots_pem()).unwrap();
+    assert_eq!(ca.api.reload_trust_bundle().unwrap(), 1);
+    id.rotate_now().await.unwrap();
+    assert_eq!(id.trust_bundle().roots().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_concurrent_http_issuances_unique_and_durable() {
+    let ca = start().await;
+    let tok = format!(
+        "Bearer {}",
+        ca.api
+            .tokens()
+            .create(ws("my-app", "api"))
+            .unwrap()
+            .bearer()
+    );
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let url = format!("{}/v1/ca/sign", ca.url);
+            let tok = tok.clone();
+            tokio::spawn(async move {
+                let (_k, csr) = generate_key_and_csr().unwrap();
+                let (st, body) = call("POST", &url, Some(&tok), &csr).await;
+                assert_eq!(st, 200, "{body}");
+                let chain = trellis_ca::parse_certs(&body).unwrap();
+                let (_, x) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+                x.serial.to_bytes_be()
+            })
+        })
+        .collect();
+    let mut serials = std::collections::HashSet::new();
+    for t in tasks {
+        serials.insert(t.await.unwrap());
+    }
+    assert_eq!(serials.len(), 100);
+    // Durable before returned: a fresh load of the directory sees all 100 (+ audit lines).
+    let dir = CaDir::new(ca.api.authority().dir().unwrap());
+    assert_eq!(dir.open().unwrap().issued_count(), 100);
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(audit.lines().count(), 100);
+}

@@ -299,6 +299,16 @@ fn aws_cli_documented_flow() {
         ],
     );
     assert!(!ok && out.contains("UnrecognizedClientException"), "{out}");
+    let forged = serde_json::json!({"aws_access_key_id": cred["aws_access_key_id"], "aws_secret_access_key": "0".repeat(40)});
+    let (ok, out) = aws_cmd(
+        &forged,
+        &[
+            "describe-certificate-authority",
+            "--certificate-authority-arn",
+            &arn,
+        ],
+    );
+    assert!(!ok && out.contains("InvalidSignatureException"), "{out}");
     // Another service's credential cannot revoke api's certificate.
     let serial = cert_arn.rsplit('/').next().unwrap().to_owned();
     let (ok, out) = aws_cmd(

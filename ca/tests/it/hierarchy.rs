@@ -452,3 +452,22 @@ fn external_root_flow() {
         .arg(&leaf));
     assert!(ok, "{out}");
 }
+
+#[test]
+fn metrics_render_has_live_expiry_gauges() {
+    let a =
+        trellis_ca::Authority::in_memory("mesh.local".parse().unwrap(), Policy::default()).unwrap();
+    let text = a.metrics().render();
+    for cert in ["root", "intermediate"] {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "trellis_ca_cert_expiry_seconds{{cert=\"{cert}\"}}"
+                ))
+            })
+            .unwrap_or_else(|| panic!("{cert}: {text}"));
+        let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(v > 4.0 * 365.0 * 86400.0, "{line}");
+    }
+}

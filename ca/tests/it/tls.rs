@@ -290,3 +290,28 @@ async fn failed_renewal_backs_off_exponentially() {
     assert_eq!(id.renewals(), 1);
     task.abort();
 }
+
+#[tokio::test]
+async fn file_renewer_loads_cli_style_files() {
+    let ca = EphemeralCa::new("mesh.local").unwrap();
+    let m = ca.issue_material("my-app", "api", None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let crt = dir.path().join("api.crt");
+    let key = dir.path().join("api.key");
+    std::fs::write(&crt, &m.issued.chain_pem).unwrap();
+    std::fs::write(&key, &m.key_pem).unwrap();
+    let id = Identity::new(
+        trellis_ca::FileRenewer::new(&crt, &key),
+        ca.trust_bundle().unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        id.spiffe_id().to_string(),
+        "spiffe://mesh.local/ns/my-app/svc/api"
+    );
+    // A truncated key file: the error names it.
+    std::fs::write(&key, &m.key_pem[..40]).unwrap();
+    let err = id.rotate_now().await.unwrap_err().to_string();
+    assert!(err.contains("api.key"), "{err}");
+}

@@ -1,0 +1,107 @@
+//! Child processes owned by a benchmark: started with a config in the work dir, waited on until they
+//! listen, and killed (with their process group) when dropped, so no run leaves anything behind.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Ctx, Role};
+
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Spawns `program args` in its own process group, output to `<work>/<name>.log`.
+    pub fn spawn(ctx: &Ctx, role: Role, name: &str, program: &Path, args: &[&str]) -> Result<Proc> {
+        let log = std::fs::File::create(ctx.work.join(format!("{name}.log")))?;
+        let mut cmd = match ctx.cpu_for(role) {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpu]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until `addr` accepts TCP connections, or fails with the process's log tail.
+    pub fn wait_tcp(&mut self, ctx: &Ctx, addr: SocketAddr) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before listening:\n{}",
+                    self.name,
+                    self.log_tail(ctx)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "{} did not listen on {addr} within 20s:\n{}",
+            self.name,
+            self.log_tail(ctx)
+        )
+    }
+
+    fn log_tail(&self, ctx: &Ctx) -> String {
+        let text = std::fs::read_to_string(ctx.work.join(format!("{}.log", self.name)))
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // The whole group: nginx and HAProxy fork workers.
+        let pgid = self.child.id() as i32;
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) with a negative pid signals the process group we created; no memory is touched.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound then released; the race is acceptable for a benchmark).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Whether a program is on PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}

@@ -1,0 +1,73 @@
+//! CPU time and resident memory of a process tree, read from /proc (Linux).
+
+use std::collections::HashMap;
+
+/// CPU seconds (user + system) of `pid` and all its descendants.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    // USER_HZ is 100 on every Linux this runs on (the kernel ABI fixes it for /proc).
+    let ticks = 100.0;
+    tree(pid)
+        .iter()
+        .filter_map(|p| stat_fields(*p))
+        .map(|f| (f.utime + f.stime) as f64 / ticks)
+        .sum()
+}
+
+/// Resident set size in KiB of `pid` and its descendants.
+pub fn rss_kib(pid: u32) -> u64 {
+    tree(pid)
+        .iter()
+        .filter_map(|p| {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+struct Stat {
+    ppid: u32,
+    utime: u64,
+    stime: u64,
+}
+
+fn stat_fields(pid: u32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields start after the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(Stat {
+        ppid: f.get(1)?.parse().ok()?,
+        utime: f.get(11)?.parse().ok()?,
+        stime: f.get(12)?.parse().ok()?,
+    })
+}
+
+/// `pid` and all its descendants.
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            if let Some(p) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+                && let Some(st) = stat_fields(p)
+            {
+                children.entry(st.ppid).or_default().push(p);
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(c) = children.get(&out[i]) {
+            out.extend(c);
+        }
+        i += 1;
+    }
+    out
+}

@@ -1,0 +1,93 @@
+//! HTTP scenarios through a reverse proxy in front of an nginx origin: keep-alive small responses,
+//! a new connection per request, 1 MiB bodies, and HTTP/2 (h2load, where the subject speaks it).
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+
+use super::{Subject, measure, peers};
+use crate::Ctx;
+use crate::load;
+use crate::proc::free_port;
+use crate::report::ScenarioResult;
+
+/// The subjects every HTTP/1.1 scenario compares: direct, nginx, HAProxy, plus `extra` (trellis).
+pub fn standard_subjects<'a>(extra: Vec<Subject<'a>>) -> Vec<Subject<'a>> {
+    let mut v = extra;
+    v.push(Subject::direct());
+    v.push(Subject::new("nginx", |ctx, port, origin| {
+        peers::nginx_proxy(ctx, port, origin).map(|(p, a)| (Some(p), a))
+    }));
+    v.push(Subject::new("haproxy", |ctx, port, origin| {
+        peers::haproxy(ctx, port, origin, false).map(|(p, a)| (Some(p), a))
+    }));
+    v
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Shape {
+    /// Small responses over keep-alive connections.
+    KeepAlive,
+    /// `Connection: close`: a new TCP connection per request.
+    NewConnection,
+    /// 1 MiB response bodies.
+    Large,
+}
+
+pub fn run(
+    ctx: &Ctx,
+    shape: Shape,
+    ours: &str,
+    subjects: Vec<Subject<'_>>,
+) -> Result<ScenarioResult> {
+    let (name, title, path, headers, conns): (&str, &str, &str, &[&str], usize) = match shape {
+        Shape::KeepAlive => (
+            "http1-keepalive",
+            "HTTP/1.1 keep-alive, small responses",
+            "/",
+            &[],
+            ctx.connections,
+        ),
+        Shape::NewConnection => (
+            "http1-newconn",
+            "HTTP/1.1, new connection per request",
+            "/",
+            &["Connection: close"],
+            16,
+        ),
+        Shape::Large => (
+            "http1-large",
+            "HTTP/1.1, 1 MiB responses",
+            "/large",
+            &[],
+            16,
+        ),
+    };
+    eprintln!("scenario {name}");
+    let (_origin_proc, origin) = peers::nginx_origin(ctx, free_port()?)?;
+    let load = move |ctx: &Ctx, addr: SocketAddr, d| {
+        load::wrk(ctx, &format!("http://{addr}{path}"), conns, d, headers)
+    };
+    let mut rows = Vec::new();
+    for s in &subjects {
+        rows.push(measure(ctx, s, origin, &load)?);
+    }
+    Ok(ScenarioResult {
+        name: name.into(),
+        title: title.into(),
+        unit: "req/s".into(),
+        ours: ours.into(),
+        rows,
+        notes: vec![format!(
+            "wrk: 1 thread, {conns} connections, {}s × {} runs; every proxy {} worker(s){}",
+            ctx.duration.as_secs(),
+            ctx.runs,
+            ctx.workers,
+            if ctx.pin {
+                "; subject pinned to CPU 1, load and origin to CPU 0"
+            } else {
+                ""
+            }
+        )],
+    })
+}

@@ -1,0 +1,152 @@
+//! Equivalent configurations of the peers (nginx, HAProxy) for each scenario, one worker each.
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+
+use crate::proc::Proc;
+use crate::{Ctx, Role};
+
+/// nginx serving a fixed small body (and `/large`, a 1 MiB file): the origin behind every proxy.
+pub fn nginx_origin(ctx: &Ctx, port: u16) -> Result<(Proc, SocketAddr)> {
+    std::fs::write(ctx.work.join("large.bin"), vec![b'x'; 1 << 20])?;
+    let conf = format!(
+        "{common}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=4096;
+    location = /large {{ root {work}; try_files /large.bin =404; }}
+    location / {{ default_type text/plain; return 200 \"hello from the origin\\n\"; }}
+  }}
+}}",
+        common = nginx_common(ctx, "origin"),
+        work = ctx.work.display()
+    );
+    start_nginx(ctx, Role::Origin, "nginx-origin", &conf, port)
+}
+
+/// nginx as an HTTP reverse proxy with upstream keep-alive.
+pub fn nginx_proxy(ctx: &Ctx, port: u16, origin: SocketAddr) -> Result<(Proc, SocketAddr)> {
+    let conf = format!(
+        "{common}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  upstream origin {{ server {origin}; keepalive 256; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=4096;
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_buffering off;
+    }}
+  }}
+}}",
+        common = nginx_common(ctx, "proxy")
+    );
+    start_nginx(ctx, Role::Subject, "nginx", &conf, port)
+}
+
+/// nginx stream (raw TCP) proxy.
+pub fn nginx_stream(ctx: &Ctx, port: u16, origin: SocketAddr) -> Result<(Proc, SocketAddr)> {
+    let conf = format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+{common}
+stream {{
+  server {{ listen 127.0.0.1:{port} reuseport; proxy_pass {origin}; }}
+}}",
+        common = nginx_common(ctx, "stream")
+    );
+    start_nginx(ctx, Role::Subject, "nginx-stream", &conf, port)
+}
+
+fn nginx_common(ctx: &Ctx, tag: &str) -> String {
+    let w = ctx.work.display();
+    format!(
+        "daemon off;
+master_process on;
+user root;
+worker_processes {workers};
+pid {w}/nginx-{tag}.pid;
+error_log {w}/nginx-{tag}.err warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; multi_accept on; }}",
+        workers = ctx.workers
+    )
+}
+
+fn start_nginx(
+    ctx: &Ctx,
+    role: Role,
+    name: &str,
+    conf: &str,
+    port: u16,
+) -> Result<(Proc, SocketAddr)> {
+    let w = ctx.work.display();
+    // Temp paths live in the work dir so nothing outside it is touched.
+    let conf = conf.replacen(
+        "http {",
+        &format!(
+            "http {{\n  client_body_temp_path {w}/nb-{name};\n  proxy_temp_path {w}/np-{name};\n  fastcgi_temp_path {w}/nf-{name};\n  uwsgi_temp_path {w}/nu-{name};\n  scgi_temp_path {w}/ns-{name};"
+        ),
+        1,
+    );
+    let path = ctx.work.join(format!("{name}.conf"));
+    std::fs::write(&path, conf)?;
+    let path_str = path.display().to_string();
+    let prefix = format!("{w}/");
+    let mut p = Proc::spawn(
+        ctx,
+        role,
+        name,
+        "nginx".as_ref(),
+        &["-p", &prefix, "-c", &path_str],
+    )?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    p.wait_tcp(ctx, addr)?;
+    Ok((p, addr))
+}
+
+/// HAProxy in HTTP mode (or TCP mode with splicing) with one thread.
+pub fn haproxy(ctx: &Ctx, port: u16, origin: SocketAddr, tcp: bool) -> Result<(Proc, SocketAddr)> {
+    let mode = if tcp {
+        "mode tcp\n  option splice-auto"
+    } else {
+        "mode http\n  option http-keep-alive\n  http-reuse always"
+    };
+    let conf = format!(
+        "global
+  nbthread {workers}
+  maxconn 4000
+  tune.bufsize 16384
+defaults
+  {mode}
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend f
+  bind 127.0.0.1:{port}
+  default_backend b
+backend b
+  server origin {origin}
+",
+        workers = ctx.workers
+    );
+    let name = if tcp { "haproxy-tcp" } else { "haproxy" };
+    let path = ctx.work.join(format!("{name}.cfg"));
+    std::fs::write(&path, conf)?;
+    let path_str = path.display().to_string();
+    let mut p = Proc::spawn(
+        ctx,
+        Role::Subject,
+        name,
+        "haproxy".as_ref(),
+        &["-db", "-f", &path_str],
+    )?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    p.wait_tcp(ctx, addr)?;
+    Ok((p, addr))
+}

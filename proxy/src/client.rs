@@ -1,0 +1,129 @@
+//! The upstream HTTP client: pooled keep-alive connections per endpoint, TCP_NODELAY, connect
+//! timeout. Plaintext HTTP/1.1 to local apps; mTLS with ALPN between sidecars, where HTTP/2 is
+//! negotiated and one connection multiplexes many requests. Upgrades (WebSocket) always use an
+//! HTTP/1.1 connection.
+
+use std::error::Error as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::tls::MtlsConnector;
+
+/// Idle pooled connections kept per endpoint.
+const MAX_IDLE_PER_HOST: usize = 256;
+
+#[derive(Debug, Clone)]
+enum Inner {
+    Plain(Client<HttpConnector, ProxyBody>),
+    Mtls(Client<MtlsConnector, ProxyBody>),
+}
+
+impl Inner {
+    async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        match self {
+            Inner::Plain(c) => c.request(req).await,
+            Inner::Mtls(c) => c.request(req).await,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    main: Inner,
+    upgrade: Inner,
+    h2_prior_knowledge: bool,
+}
+
+fn builder(idle_timeout: Duration, h2_only: bool) -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .set_host(false)
+        .http2_only(h2_only);
+    b
+}
+
+impl UpstreamClient {
+    /// A plaintext client; `h2` selects HTTP/2 with prior knowledge.
+    pub fn plain(connect_timeout: Duration, idle_timeout: Duration, h2: bool) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let main = Inner::Plain(builder(idle_timeout, h2).build(connector.clone()));
+        let upgrade = Inner::Plain(builder(idle_timeout, false).build(connector));
+        UpstreamClient {
+            main,
+            upgrade,
+            h2_prior_knowledge: h2,
+        }
+    }
+
+    /// An mTLS client: `alpn_any` offers h2 and http/1.1, `alpn_h1` only http/1.1 (for upgrades).
+    pub fn mtls(
+        alpn_any: Arc<rustls::ClientConfig>,
+        alpn_h1: Arc<rustls::ClientConfig>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        let main = Inner::Mtls(
+            builder(idle_timeout, false).build(MtlsConnector::new(alpn_any, connect_timeout)),
+        );
+        let upgrade = Inner::Mtls(
+            builder(idle_timeout, false).build(MtlsConnector::new(alpn_h1, connect_timeout)),
+        );
+        UpstreamClient {
+            main,
+            upgrade,
+            h2_prior_knowledge: false,
+        }
+    }
+
+    /// Whether requests must be sent as HTTP/2 (prior knowledge); otherwise ALPN decides.
+    pub fn is_h2(&self) -> bool {
+        self.h2_prior_knowledge
+    }
+
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
+        self.main.send(req).await.map_err(classify)
+    }
+
+    /// Sends over an HTTP/1.1 connection so the response can switch protocols.
+    pub async fn send_upgrade(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        self.upgrade.send(req).await.map_err(classify)
+    }
+}
+
+/// Decides by type: connect errors (refused, timed out, TLS refused) vs failures after sending.
+fn classify(e: hyper_util::client::legacy::Error) -> ProxyError {
+    if e.is_connect() {
+        let mut src = e.source();
+        while let Some(s) = src {
+            if let Some(io) = s.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::TimedOut
+            {
+                return ProxyError::ConnectTimeout;
+            }
+            src = s.source();
+        }
+        ProxyError::ConnectFailed
+    } else {
+        ProxyError::UpstreamReset
+    }
+}

@@ -1,0 +1,603 @@
+//! Typed sidecar configuration: TOML (`--config`) and the same keys from `TRELLIS_*` variables.
+//!
+//! Environment keys map to TOML paths with `__` between levels:
+//! `TRELLIS_IDENTITY__SERVICE=web` is `[identity] service = "web"`, and values are TOML values when
+//! they parse as one (`TRELLIS_OUTBOUND__UPSTREAMS='[{service="api",local_port=9191}]'`), else strings.
+//! Environment settings override the file. Units are converted here ("250ms" → `Duration`); inner
+//! code never re-checks a value.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use trellis_core::{NamespaceName, ServiceName, TrustDomain};
+
+use crate::env::EnvSource;
+use crate::error::ConfigError;
+
+/// The whole sidecar configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub control_plane: Option<ControlPlaneConfig>,
+    #[serde(default)]
+    pub inbound: Option<InboundConfig>,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    /// Clusters with fixed endpoints, for running without a control plane.
+    #[serde(default)]
+    pub clusters: Vec<StaticCluster>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub resilience: ResilienceConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub namespace: NamespaceName,
+    pub service: ServiceName,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: TrustDomain,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// `host:port` of the control plane's HTTP API (watch + sign).
+    pub address: SocketAddr,
+    /// Join token for the first certificate; redacted in `/config`.
+    #[serde(default, serialize_with = "redact")]
+    pub token: Option<String>,
+    /// How long one watch request is held by the server.
+    #[serde(default = "default_watch_wait", with = "humantime_serde")]
+    pub watch_wait: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Public address other sidecars connect to.
+    pub listen: SocketAddr,
+    /// The local app this sidecar fronts (loopback).
+    pub app: SocketAddr,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// Accept plaintext connections instead of requiring mTLS. Dangerous: only for local development
+    /// and for tests of the plain hot path.
+    #[serde(default)]
+    pub danger_allow_plaintext: bool,
+    /// Header carrying the verified peer identity to the app.
+    #[serde(default = "default_identity_header")]
+    pub identity_header: String,
+    #[serde(default)]
+    pub intentions: Intentions,
+}
+
+/// Authorization of source services calling this one.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Intentions {
+    #[serde(default = "default_decision")]
+    pub default: Decision,
+    #[serde(default)]
+    pub rules: Vec<IntentionRule>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntentionRule {
+    /// Source service name, or `*` for any.
+    pub source: String,
+    /// Source namespace; any when absent.
+    #[serde(default)]
+    pub namespace: Option<NamespaceName>,
+    pub action: Decision,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Egress listener that routes by `Host` (`api.my-app.local`, `api`).
+    #[serde(default)]
+    pub egress_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub service: ServiceName,
+    /// Namespace of the service; the sidecar's own when absent.
+    #[serde(default)]
+    pub namespace: Option<NamespaceName>,
+    /// Local port on 127.0.0.1 the app connects to for this upstream (0 = ephemeral, for tests).
+    #[serde(default)]
+    pub local_port: Option<u16>,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub balancer: BalancerKind,
+    /// Talk plaintext to the upstream endpoints (e.g. an app without a sidecar). Dangerous.
+    #[serde(default)]
+    pub danger_plaintext: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    PeakEwma,
+    Weighted,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticCluster {
+    pub service: ServiceName,
+    pub endpoints: Vec<StaticEndpoint>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticEndpoint {
+    pub address: SocketAddr,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads (the binary's runtime); 0 = one per core.
+    #[serde(default = "one_usize")]
+    pub worker_threads: usize,
+    /// SO_REUSEPORT acceptors per listener.
+    #[serde(default = "one_usize")]
+    pub acceptors: usize,
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// One JSON line per request on stdout.
+    #[serde(default)]
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_h2_max_streams")]
+    pub h2_max_streams: u32,
+    /// HTTP/2 rapid-reset protection: pending-accept resets tolerated per connection.
+    #[serde(default = "default_h2_max_pending_resets")]
+    pub h2_max_pending_resets: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResilienceConfig {
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_per_try_timeout", with = "humantime_serde")]
+    pub per_try_timeout: Duration,
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Extra attempts after the first, for idempotent requests without a body.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Retries may add this fraction of requests (0.2 = 20%) ...
+    #[serde(default = "default_retry_ratio")]
+    pub retry_budget_ratio: f64,
+    /// ... plus this many per second regardless of traffic.
+    #[serde(default = "default_retry_min_per_sec")]
+    pub retry_budget_min_per_sec: u32,
+    /// Circuit breaking: concurrent requests per cluster.
+    #[serde(default = "default_max_requests")]
+    pub max_requests: usize,
+    #[serde(default = "default_consecutive_5xx")]
+    pub outlier_consecutive_5xx: u32,
+    #[serde(default = "default_base_ejection", with = "humantime_serde")]
+    pub outlier_base_ejection_time: Duration,
+    #[serde(default = "default_max_ejection_percent")]
+    pub outlier_max_ejection_percent: u8,
+    /// Below this percentage of available endpoints, ignore ejections (Envoy's panic threshold).
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold_percent: u8,
+    #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Config {
+    /// Loads a file (when given) and overlays the `TRELLIS_*` environment.
+    pub fn load(path: Option<&Path>, env: &dyn EnvSource) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source: e,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        crate::env::overlay(&mut table, env)?;
+        Config::from_table(table)
+    }
+
+    /// Parses and checks a TOML document.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
+        // Re-serialise so the parser's messages point at the offending key in a readable document.
+        let text = toml::to_string(&table).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Config::from_toml(&text)
+    }
+
+    /// Cross-field checks that a type alone cannot express.
+    fn check(&self) -> Result<(), ConfigError> {
+        let mut ports = BTreeSet::new();
+        let mut services = BTreeSet::new();
+        for (i, u) in self.outbound.upstreams.iter().enumerate() {
+            if let Some(p) = u.local_port
+                && p != 0
+                && !ports.insert(p)
+            {
+                return Err(ConfigError::Invalid {
+                    key: format!("outbound.upstreams[{i}].local_port"),
+                    problem: format!("port {p} is used by two upstreams"),
+                });
+            }
+            if !services.insert(u.service.as_str().to_owned()) {
+                return Err(ConfigError::Invalid {
+                    key: format!("outbound.upstreams[{i}].service"),
+                    problem: format!("upstream `{}` is listed twice", u.service),
+                });
+            }
+            let is_static = self.clusters.iter().any(|c| c.service == u.service);
+            if !is_static && self.control_plane.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: format!("outbound.upstreams[{i}].service"),
+                    problem: format!(
+                        "upstream `{}` has no static cluster and no control_plane is configured",
+                        u.service
+                    ),
+                });
+            }
+        }
+        for (i, c) in self.clusters.iter().enumerate() {
+            if c.endpoints.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("clusters[{i}].endpoints"),
+                    problem: "a static cluster needs at least one endpoint".into(),
+                });
+            }
+        }
+        let r = &self.resilience;
+        if !(0.0..=10.0).contains(&r.retry_budget_ratio) {
+            return Err(ConfigError::Invalid {
+                key: "resilience.retry_budget_ratio".into(),
+                problem: "must be between 0.0 and 10.0".into(),
+            });
+        }
+        if r.outlier_max_ejection_percent > 100 || r.panic_threshold_percent > 100 {
+            return Err(ConfigError::Invalid {
+                key: "resilience.outlier_max_ejection_percent / panic_threshold_percent".into(),
+                problem: "percentages must be 0..=100".into(),
+            });
+        }
+        if self.runtime.acceptors == 0 {
+            return Err(ConfigError::Invalid {
+                key: "runtime.acceptors".into(),
+                problem: "must be at least 1".into(),
+            });
+        }
+        if let Some(inb) = &self.inbound
+            && http::HeaderName::from_bytes(inb.identity_header.as_bytes()).is_err()
+        {
+            return Err(ConfigError::Invalid {
+                key: "inbound.identity_header".into(),
+                problem: "not a valid HTTP header name".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The configuration as JSON with secrets redacted, for the admin `/config` page.
+    pub fn redacted_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin(),
+        }
+    }
+}
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            worker_threads: 1,
+            acceptors: 1,
+            drain_timeout: default_drain_timeout(),
+            access_log: false,
+        }
+    }
+}
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_header_bytes: default_max_header_bytes(),
+            header_read_timeout: default_header_read_timeout(),
+            max_connections: default_max_connections(),
+            h2_max_streams: default_h2_max_streams(),
+            h2_max_pending_resets: default_h2_max_pending_resets(),
+        }
+    }
+}
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        ResilienceConfig {
+            connect_timeout: default_connect_timeout(),
+            per_try_timeout: default_per_try_timeout(),
+            request_timeout: default_request_timeout(),
+            max_retries: default_max_retries(),
+            retry_budget_ratio: default_retry_ratio(),
+            retry_budget_min_per_sec: default_retry_min_per_sec(),
+            max_requests: default_max_requests(),
+            outlier_consecutive_5xx: default_consecutive_5xx(),
+            outlier_base_ejection_time: default_base_ejection(),
+            outlier_max_ejection_percent: default_max_ejection_percent(),
+            panic_threshold_percent: default_panic_threshold(),
+            pool_idle_timeout: default_pool_idle_timeout(),
+        }
+    }
+}
+impl Default for Intentions {
+    fn default() -> Self {
+        Intentions {
+            default: default_decision(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+fn default_trust_domain() -> TrustDomain {
+    // A literal that is a valid trust domain.
+    "trellis.local"
+        .parse()
+        .unwrap_or_else(|_| unreachable!("constant trust domain is valid"))
+}
+fn default_watch_wait() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_protocol() -> Protocol {
+    Protocol::Http
+}
+fn default_identity_header() -> String {
+    "x-forwarded-client-cert".into()
+}
+fn default_decision() -> Decision {
+    Decision::Deny
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+fn one() -> u32 {
+    1
+}
+fn one_usize() -> usize {
+    1
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_h2_max_streams() -> u32 {
+    256
+}
+fn default_h2_max_pending_resets() -> usize {
+    20
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_per_try_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_retry_ratio() -> f64 {
+    0.2
+}
+fn default_retry_min_per_sec() -> u32 {
+    10
+}
+fn default_max_requests() -> usize {
+    1024
+}
+fn default_consecutive_5xx() -> u32 {
+    5
+}
+fn default_base_ejection() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_ejection_percent() -> u8 {
+    50
+}
+fn default_panic_threshold() -> u8 {
+    50
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::MapEnv;
+
+    const MINIMAL: &str = r#"
+[identity]
+namespace = "my-app.local"
+service = "web"
+
+[inbound]
+listen = "0.0.0.0:15000"
+app = "127.0.0.1:8080"
+
+[outbound]
+upstreams = [{ service = "api", local_port = 9191, danger_plaintext = true }]
+
+[[clusters]]
+service = "api"
+endpoints = [{ address = "127.0.0.1:8081" }]
+"#;
+
+    #[test]
+    fn minimal_file_loads_with_defaults() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.resilience.max_retries, 2);
+        assert_eq!(c.outbound.upstreams[0].local_port, Some(9191));
+        assert_eq!(c.inbound.unwrap().intentions.default, Decision::Deny);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("[inbound]", "[inbound]\nlisten_port = 3");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let text = MINIMAL.replace("service = \"web\"", "service = \"Not_A_Name!\"");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("service"), "{err}");
+        let text = MINIMAL.replace(
+            "[identity]",
+            "[limits]\nheader_read_timeout = \"soon\"\n[identity]",
+        );
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("header_read_timeout"), "{err}");
+    }
+
+    #[test]
+    fn upstream_without_source_is_rejected() {
+        let text = MINIMAL.replace(
+            "service = \"api\"\nendpoints",
+            "service = \"other\"\nendpoints",
+        );
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("outbound.upstreams[0].service"), "{err}");
+    }
+
+    #[test]
+    fn environment_alone_configures_and_overrides() {
+        let env = MapEnv::from([
+            ("TRELLIS_IDENTITY__NAMESPACE", "my-app.local"),
+            ("TRELLIS_IDENTITY__SERVICE", "web"),
+            ("TRELLIS_CONTROL_PLANE__ADDRESS", "127.0.0.1:8500"),
+            ("TRELLIS_CONTROL_PLANE__TOKEN", "s3cret"),
+            (
+                "TRELLIS_OUTBOUND__UPSTREAMS",
+                r#"[{service="api",local_port=9191}]"#,
+            ),
+            ("TRELLIS_RESILIENCE__MAX_RETRIES", "4"),
+            ("TRELLIS_LIMITS__HEADER_READ_TIMEOUT", "250ms"),
+            ("HOME", "/root"),
+        ]);
+        let c = Config::load(None, &env).unwrap();
+        assert_eq!(c.identity.service.as_str(), "web");
+        assert_eq!(c.resilience.max_retries, 4);
+        assert_eq!(c.limits.header_read_timeout, Duration::from_millis(250));
+        let json = c.redacted_json();
+        assert!(!json.contains("s3cret"), "{json}");
+        assert!(json.contains("<redacted>"));
+    }
+
+    #[test]
+    fn environment_unknown_key_is_named() {
+        let env = MapEnv::from([
+            ("TRELLIS_IDENTITY__NAMESPACE", "my-app.local"),
+            ("TRELLIS_IDENTITY__SERVICE", "web"),
+            ("TRELLIS_IDENTITY__COLOUR", "blue"),
+        ]);
+        let err = Config::load(None, &env).unwrap_err().to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn example_config_loads() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/sidecar.example.toml");
+        let c = Config::load(Some(Path::new(path)), &MapEnv::default()).unwrap();
+        assert_eq!(c.identity.service.as_str(), "web");
+        let text = std::fs::read_to_string(path).unwrap() + "\nsurprise = 1\n";
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("surprise"), "{err}");
+    }
+}

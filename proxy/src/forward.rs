@@ -1,0 +1,290 @@
+//! Forwarding one HTTP request to a cluster: circuit breaker → balance → per-try timeout → retry
+//! (idempotent, bodiless requests; connect failure, reset, 5xx; within the budget) → response.
+//! Bodies stream through; nothing is buffered.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::body::ProxyBody;
+use crate::client::UpstreamClient;
+use crate::cluster::Cluster;
+use crate::error::ProxyError;
+use crate::retry::is_idempotent;
+
+/// Timeouts and retry limits of one forwarding path.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardPolicy {
+    pub connect_timeout: Duration,
+    pub per_try_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_retries: u32,
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Forwards `req` to `cluster` and returns the response (or the error page for why not).
+pub async fn forward(
+    client: &UpstreamClient,
+    cluster: &Cluster,
+    policy: ForwardPolicy,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let Some(_slot) = cluster.breaker.try_acquire() else {
+        cluster.metrics.overflow.inc();
+        cluster.metrics.response(Some(503));
+        return error_response(&ProxyError::Overflow);
+    };
+    cluster.budget.deposit();
+    let downstream_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let upgrade_value = downstream_upgrade
+        .as_ref()
+        .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(v) = upgrade_value {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, v);
+    }
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    let replayable = downstream_upgrade.is_none()
+        && policy.max_retries > 0
+        && is_idempotent(&parts.method)
+        && http_body::Body::is_end_stream(&body);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let version = if client.is_h2() {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let mut body = Some(ProxyBody::from(body));
+    let deadline = start + policy.request_timeout;
+    let mut avoid: Option<SocketAddr> = None;
+    let mut attempt = 0u32;
+
+    loop {
+        let snapshot = cluster.snapshot();
+        let Some(ep) = cluster.pick(&snapshot, avoid) else {
+            cluster.metrics.response(None);
+            return error_response(&ProxyError::NoEndpoint);
+        };
+        let req_body = if replayable {
+            ProxyBody::empty()
+        } else {
+            body.take().unwrap_or_else(ProxyBody::empty)
+        };
+        let mut up = Request::new(req_body);
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = endpoint_uri(&ep.authority, &path);
+        *up.version_mut() = version;
+        *up.headers_mut() = if replayable {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+
+        let now = Instant::now();
+        let budget = deadline
+            .saturating_duration_since(now)
+            .min(policy.per_try_timeout);
+        let guard = ep.start();
+        let send = async {
+            if downstream_upgrade.is_some() {
+                client.send_upgrade(up).await
+            } else {
+                client.send(up).await
+            }
+        };
+        let result = match tokio::time::timeout(budget, send).await {
+            Ok(r) => r,
+            Err(_) if now + budget >= deadline => Err(ProxyError::RequestTimeout),
+            Err(_) => Err(ProxyError::UpstreamTimeout),
+        };
+        drop(guard);
+        let can_retry = replayable && attempt < policy.max_retries && Instant::now() < deadline;
+        match result {
+            Ok(mut resp) => {
+                let status = resp.status();
+                ep.observe_latency(now.elapsed());
+                cluster.record(&ep, status.is_server_error(), &snapshot);
+                if status.is_server_error() && can_retry && cluster.budget.withdraw() {
+                    cluster.metrics.retries.inc();
+                    avoid = Some(ep.addr);
+                    attempt += 1;
+                    continue;
+                }
+                cluster.metrics.response(Some(status.as_u16()));
+                cluster
+                    .metrics
+                    .latency
+                    .observe(start.elapsed().as_secs_f64());
+                if status == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(down) = downstream_upgrade
+                {
+                    let up = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(splice_upgraded(down, up));
+                } else {
+                    strip_hop_by_hop(resp.headers_mut());
+                }
+                return resp.map(ProxyBody::from);
+            }
+            Err(e) => {
+                cluster.record(&ep, true, &snapshot);
+                if e.retryable() && can_retry && cluster.budget.withdraw() {
+                    cluster.metrics.retries.inc();
+                    avoid = Some(ep.addr);
+                    attempt += 1;
+                    continue;
+                }
+                tracing::debug!(cluster = cluster.name(), endpoint = %ep.addr, error = %e, "upstream failed");
+                cluster.metrics.response(None);
+                return error_response(&e);
+            }
+        }
+    }
+}
+
+/// A local response for a proxy error, with the status from the one error table.
+pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(format!("{e}\n")));
+    *resp.status_mut() = e.status();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.headers_mut().insert(
+        HeaderName::from_static("x-trellis-error"),
+        HeaderValue::from_static("1"),
+    );
+    resp
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for h in named {
+        headers.remove(h);
+    }
+    // `te: trailers` is end-to-end in practice (gRPC needs it); every other TE value is hop-by-hop.
+    let keep_te = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for h in &HOP_BY_HOP {
+        if !(keep_te && h == header::TE) {
+            headers.remove(h);
+        }
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn endpoint_uri(authority: &Authority, path: &PathAndQuery) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(path.clone());
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"))
+}
+
+async fn splice_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (Ok(down), Ok(up)) = (down.await, up.await) else {
+        return;
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+}
+
+/// A shared handle to a cluster plus how to reach it; what listeners route to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub cluster: Arc<Cluster>,
+    pub client: UpstreamClient,
+    pub policy: ForwardPolicy,
+    /// mTLS for raw TCP upstreams (`None`: plaintext with splice).
+    pub tcp_tls: Option<crate::tls::MtlsConnector>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.contains_key(header::TE), "te: trailers survives for gRPC");
+    }
+
+    #[test]
+    fn errors_map_to_statuses() {
+        assert_eq!(
+            error_response(&ProxyError::NoEndpoint).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            error_response(&ProxyError::UpstreamReset).status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            error_response(&ProxyError::Forbidden).status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+}

@@ -1,0 +1,368 @@
+//! One listener's live state (the compiled rules behind `ArcSwap`) and the request path:
+//! route → action → (pick group → pick target → forward).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::config::{LimitsConfig, ListenerConfig, ListenerProtocol};
+use super::error::{ForwardError, WeightError};
+use super::metrics::{Metrics, RuleMetrics};
+use super::target::{InFlight, TargetGroup};
+use crate::route::{Action, Matched, RequestView, RuleIndex, STICKY_COOKIE, Weight};
+use crate::{ProxyBody, ProxyError, UpstreamClient};
+
+pub type LbBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type ForwardClient = UpstreamClient;
+
+/// Headers that describe one hop and are not forwarded.
+const HOP_BY_HOP: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TRAILER,
+];
+
+pub struct ListenerState {
+    pub config: ListenerConfig,
+    /// Swapped whole on every change; a request keeps the one it started with.
+    pub routes: ArcSwap<Routes>,
+    writer: Mutex<()>,
+    pub local: SocketAddr,
+}
+
+/// The compiled rules and their metric handles, by rule position.
+pub struct Routes {
+    pub index: RuleIndex,
+    /// Per rule position, then one for the default action.
+    metrics: Vec<RuleMetrics>,
+}
+
+impl Routes {
+    fn new(index: RuleIndex, listener: &str, metrics: &Metrics) -> Self {
+        let mut m: Vec<_> = index
+            .rules()
+            .iter()
+            .map(|r| metrics.rule(listener, &r.name))
+            .collect();
+        m.push(metrics.rule(listener, "default"));
+        Self { index, metrics: m }
+    }
+}
+
+/// What the request path needs from the whole LB.
+pub struct Shared {
+    pub groups: Vec<Arc<TargetGroup>>,
+    pub client: ForwardClient,
+    pub limits: LimitsConfig,
+}
+
+impl ListenerState {
+    pub fn new(
+        config: ListenerConfig,
+        index: RuleIndex,
+        metrics: &Metrics,
+        local: SocketAddr,
+    ) -> Self {
+        Self {
+            routes: ArcSwap::from_pointee(Routes::new(index, &config.name, metrics)),
+            writer: Mutex::new(()),
+            local,
+            config,
+        }
+    }
+
+    /// Swap in new weights for `rule`'s forward action. In-flight requests keep the index they
+    /// started with; nothing is dropped.
+    pub fn set_weights(
+        &self,
+        rule: &str,
+        weights: &[(&str, Weight)],
+    ) -> Result<Vec<(String, u16)>, WeightError> {
+        let _w = self.writer.lock();
+        let routes = self.routes.load_full();
+        let cur = &routes.index;
+        let pos = cur
+            .position(rule)
+            .ok_or_else(|| WeightError::UnknownRule(rule.to_owned()))?;
+        let Action::Forward(f) = &cur.rules()[pos].action else {
+            return Err(WeightError::NotForward(rule.to_owned()));
+        };
+        if let Some((n, _)) = weights
+            .iter()
+            .find(|(n, _)| !f.groups().iter().any(|g| &*g.name == *n))
+        {
+            return Err(WeightError::UnknownGroup((*n).to_owned()));
+        }
+        let next = f
+            .with_weights(weights)
+            .map_err(|e| WeightError::Invalid(e.to_string()))?;
+        let out = next
+            .groups()
+            .iter()
+            .map(|g| (g.name.to_string(), g.weight.get()))
+            .collect();
+        self.routes.store(Arc::new(Routes {
+            index: cur.with_action(pos, Action::Forward(next)),
+            metrics: routes.metrics.clone(),
+        }));
+        Ok(out)
+    }
+
+    /// Replace all rules (config reload).
+    pub fn replace_rules(&self, index: RuleIndex, metrics: &Metrics) {
+        let _w = self.writer.lock();
+        self.routes
+            .store(Arc::new(Routes::new(index, &self.config.name, metrics)));
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self.config.protocol {
+            ListenerProtocol::Http => "http",
+            ListenerProtocol::Https => "https",
+        }
+    }
+}
+
+enum Decision {
+    Respond(Response<LbBody>),
+    Forward {
+        slot: usize,
+        cookie: Option<HeaderValue>,
+    },
+}
+
+/// The request path. Never fails: every error becomes a response from the wire table.
+pub async fn handle(
+    shared: Arc<Shared>,
+    l: Arc<ListenerState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<LbBody>, Infallible> {
+    let start = Instant::now();
+    let routes = l.routes.load_full();
+    let index = &routes.index;
+    let (pos, decision) = {
+        let view = RequestView::of(&req, peer.ip());
+        let matched = index.route(&view);
+        let pos = match matched {
+            Matched::Rule(i, _) => i,
+            Matched::Default(_) => routes.metrics.len() - 1,
+        };
+        let decision = match matched.action() {
+            Action::FixedResponse(f) => {
+                let mut resp = Response::new(full(f.body.clone()));
+                *resp.status_mut() = f.status;
+                if let Some(ct) = f
+                    .content_type
+                    .as_deref()
+                    .and_then(|c| HeaderValue::from_str(c).ok())
+                {
+                    resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+                }
+                Decision::Respond(resp)
+            }
+            Action::Redirect(r) => {
+                let loc = r.location(&view, l.scheme(), l.local.port());
+                let mut resp = Response::new(full(Bytes::new()));
+                *resp.status_mut() = r.status;
+                match HeaderValue::from_str(&loc) {
+                    Ok(v) => {
+                        resp.headers_mut().insert(header::LOCATION, v);
+                    }
+                    Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
+                }
+                Decision::Respond(resp)
+            }
+            Action::Forward(f) => {
+                let pick = f.pick(req.headers(), rand::random());
+                let cookie = match (pick.set_cookie, f.stickiness) {
+                    (true, Some(ttl)) => HeaderValue::from_str(&format!(
+                        "{STICKY_COOKIE}={}; Max-Age={}; Path=/; HttpOnly",
+                        pick.group.name,
+                        ttl.as_secs()
+                    ))
+                    .ok(),
+                    _ => None,
+                };
+                Decision::Forward {
+                    slot: pick.group.slot,
+                    cookie,
+                }
+            }
+        };
+        (pos, decision)
+    };
+    let m = &routes.metrics[pos.min(routes.metrics.len() - 1)];
+    m.requests.inc();
+    let resp = match decision {
+        Decision::Respond(r) => r,
+        Decision::Forward { slot, cookie } => {
+            let mut resp = match shared.groups.get(slot) {
+                Some(g) => match forward(&shared, g, &l, peer, req).await {
+                    Ok(r) => r,
+                    Err(e) => error_response(&e),
+                },
+                None => error_response(&ForwardError::NoTarget(String::new())),
+            };
+            if let Some(c) = cookie {
+                resp.headers_mut().append(header::SET_COOKIE, c);
+            }
+            resp
+        }
+    };
+    m.latency.observe(start.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+async fn forward(
+    shared: &Shared,
+    group: &TargetGroup,
+    l: &ListenerState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<LbBody>, ForwardError> {
+    let (mut parts, body) = req.into_parts();
+    // A bodiless request that never reached a target (connect failed) may go to another one.
+    let retryable = body.is_end_stream();
+    let mut body = Some(ProxyBody::from(body));
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+    let h = &mut parts.headers;
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+    if !h.contains_key(header::HOST)
+        && let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
+    {
+        h.insert(header::HOST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+        h.append("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static(l.scheme()));
+
+    let attempts = if retryable { MAX_ATTEMPTS } else { 1 };
+    let mut avoid = None;
+    let mut last_err = ForwardError::NoTarget(group.name.to_string());
+    for attempt in 1..=attempts {
+        let inflight = group
+            .pick(rand::random(), avoid)
+            .ok_or_else(|| ForwardError::NoTarget(group.name.to_string()))?;
+        let addr = inflight.target().addr;
+        let uri = http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(inflight.target().authority.clone())
+            .path_and_query(pq.clone())
+            .build()
+            .map_err(|e| ForwardError::BadRequest(e.to_string()))?;
+        let mut req = Request::new(body.take().unwrap_or_else(ProxyBody::empty));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = if attempt == attempts {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+
+        let t0 = Instant::now();
+        let result =
+            tokio::time::timeout(shared.limits.request_timeout, shared.client.send(req)).await;
+        let (status, out) = match result {
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                let resp = resp.map(|b| {
+                    GuardedBody {
+                        inner: b,
+                        _inflight: inflight,
+                    }
+                    .boxed_unsync()
+                });
+                (status, Ok(resp))
+            }
+            Ok(Err(e @ (ProxyError::ConnectFailed | ProxyError::ConnectTimeout)))
+                if attempt < attempts =>
+            {
+                tracing::debug!(target = %addr, error = %e, "connect failed; trying another target");
+                avoid = Some(addr);
+                last_err = ForwardError::Upstream(e.to_string());
+                continue;
+            }
+            Ok(Err(ProxyError::ConnectTimeout)) | Err(_) => {
+                (504, Err(ForwardError::UpstreamTimeout))
+            }
+            Ok(Err(e)) => (502, Err(ForwardError::Upstream(e.to_string()))),
+        };
+        let elapsed = t0.elapsed();
+        group.metrics.record_status(status);
+        group.metrics.latency.observe(elapsed.as_secs_f64());
+        group.window.record(Instant::now(), status, elapsed);
+        return out;
+    }
+    Err(last_err)
+}
+
+/// Tries per request when a connect fails (bodiless requests only).
+const MAX_ATTEMPTS: usize = 2;
+
+pub fn full(b: Bytes) -> LbBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn error_response(e: &ForwardError) -> Response<LbBody> {
+    tracing::debug!(error = %e, "answering with an error");
+    let mut r = Response::new(full(Bytes::from(format!("{}\n", e.status()))));
+    *r.status_mut() = e.status();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream body, holding the target's in-flight count until it ends.
+    struct GuardedBody {
+        #[pin]
+        inner: Incoming,
+        _inflight: InFlight,
+    }
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

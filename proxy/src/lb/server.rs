@@ -1,0 +1,344 @@
+//! Starting and stopping the LB: bind listeners and the admin port, spawn health checks,
+//! discovery watches and deployments, serve HTTP/1.1 and HTTP/2 (cleartext or TLS), and drain on
+//! shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::admin::{self, Admin};
+use super::config::{LbConfig, LimitsConfig, ListenerProtocol, TlsFiles};
+use super::deploy;
+use super::error::LbError;
+use super::listener::{self, ListenerState, Shared};
+use super::metrics::Metrics;
+use super::target::TargetGroup;
+use super::{discovery, health};
+
+/// A running LB.
+pub struct LbHandle {
+    /// `(listener name, bound address)` in config order.
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub admin: SocketAddr,
+    state: Arc<Admin>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    drain: Duration,
+}
+
+/// Applies new configs to a running LB (SIGHUP, tests); cheap to clone.
+#[derive(Clone)]
+pub struct Reloader(Arc<Admin>);
+
+impl Reloader {
+    /// New rules and weights take effect for the next request; in-flight ones are untouched.
+    /// Changes to listeners or target groups are refused (restart to apply).
+    pub fn reload(&self, config: LbConfig) -> Result<(), LbError> {
+        admin::reload(&self.0, config)
+    }
+}
+
+impl LbHandle {
+    pub fn reloader(&self) -> Reloader {
+        Reloader(Arc::clone(&self.state))
+    }
+
+    pub fn listener(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// Stop accepting, let in-flight requests finish (up to the drain timeout), and return.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(self.drain, self.tasks.wait()).await;
+    }
+
+    /// Wait until `shutdown` (the token given to [`start`]) fires, then drain.
+    pub async fn run_until_stopped(self) {
+        self.stop.cancelled().await;
+        self.shutdown().await;
+    }
+}
+
+/// Validate `config`, bind everything (port 0 allowed) and start serving.
+pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHandle, LbError> {
+    let compiled = config.compile()?;
+    let metrics = Metrics::new();
+    let stop = shutdown;
+    let tasks = TaskTracker::new();
+    let probe_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    // The sidecar's pooled upstream client (HTTP/1.1 to targets).
+    let client = crate::UpstreamClient::plain(
+        config.limits.connect_timeout,
+        Duration::from_secs(30),
+        false,
+    );
+
+    let window_of = |name: &str| {
+        config
+            .deployments
+            .iter()
+            .filter(|d| d.to == name)
+            .map(|d| d.rollback.window)
+            .min()
+            .unwrap_or(Duration::from_secs(60))
+    };
+    let groups: Vec<Arc<TargetGroup>> = compiled
+        .target_groups
+        .into_iter()
+        .map(|(cfg, matcher)| {
+            let m = metrics.group(&cfg.name);
+            let w = window_of(&cfg.name);
+            Arc::new(TargetGroup::new(cfg, matcher, m, w))
+        })
+        .collect();
+    for g in &groups {
+        tasks.spawn(health::run(
+            Arc::clone(g),
+            probe_client.clone(),
+            stop.clone(),
+        ));
+        if let Some(src) = g.config.discovery.clone() {
+            tasks.spawn(discovery::run(
+                Arc::clone(g),
+                src,
+                probe_client.clone(),
+                stop.clone(),
+            ));
+        }
+    }
+    let shared = Arc::new(Shared {
+        groups: groups.clone(),
+        client,
+        limits: config.limits.clone(),
+    });
+
+    let builder = Arc::new(http_builder(&config.limits));
+    let mut states = Vec::new();
+    let mut bound = Vec::new();
+    let mut sockets = Vec::new();
+    for cl in compiled.listeners {
+        let addr = cl.config.listen;
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|source| LbError::Bind { addr, source })?;
+        let local = tcp
+            .local_addr()
+            .map_err(|source| LbError::Bind { addr, source })?;
+        let tls = match (cl.config.protocol, &cl.config.tls) {
+            (ListenerProtocol::Https, Some(files)) => {
+                Some(tls_acceptor(files).map_err(|reason| LbError::Tls {
+                    listener: cl.config.name.clone(),
+                    reason,
+                })?)
+            }
+            _ => None,
+        };
+        bound.push((cl.config.name.clone(), local));
+        let state = Arc::new(ListenerState::new(cl.config, cl.index, &metrics, local));
+        states.push(Arc::clone(&state));
+        sockets.push((tcp, tls, state));
+    }
+
+    let mut deployments = Vec::new();
+    for d in &config.deployments {
+        let (Some(l), Some(g)) = (
+            states.iter().find(|s| s.config.name == d.listener),
+            groups.iter().find(|g| *g.name == *d.to),
+        ) else {
+            continue; // compile() already checked both exist
+        };
+        let dep = deploy::start(d.clone(), l, &metrics);
+        tasks.spawn(deploy::run(
+            Arc::clone(&dep),
+            Arc::clone(l),
+            Arc::clone(g),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        deployments.push(dep);
+    }
+
+    let admin_tcp = TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| LbError::Bind {
+            addr: config.admin.listen,
+            source,
+        })?;
+    let admin_addr = admin_tcp.local_addr().map_err(|source| LbError::Bind {
+        addr: config.admin.listen,
+        source,
+    })?;
+
+    for (tcp, tls, state) in sockets {
+        let (shared, builder, stop2, tasks2) = (
+            Arc::clone(&shared),
+            Arc::clone(&builder),
+            stop.clone(),
+            tasks.clone(),
+        );
+        tasks.spawn(accept_loop(tcp, tls, builder, stop2, tasks2, move |peer| {
+            let (shared, state) = (Arc::clone(&shared), Arc::clone(&state));
+            service_fn(move |req| {
+                listener::handle(Arc::clone(&shared), Arc::clone(&state), peer, req)
+            })
+        }));
+    }
+    let drain = config.limits.drain_timeout;
+    let admin = Arc::new(Admin {
+        config: arc_swap::ArcSwap::from_pointee(config),
+        listeners: states,
+        groups,
+        deployments,
+        metrics,
+        stop: stop.clone(),
+    });
+    let state = Arc::clone(&admin);
+    tasks.spawn(accept_loop(
+        admin_tcp,
+        None,
+        Arc::clone(&builder),
+        stop.clone(),
+        tasks.clone(),
+        move |_peer| {
+            let admin = Arc::clone(&admin);
+            service_fn(move |req| admin::handle(Arc::clone(&admin), req))
+        },
+    ));
+    tracing::info!(listeners = ?bound, admin = %admin_addr, "lb started");
+    Ok(LbHandle {
+        listeners: bound,
+        admin: admin_addr,
+        state,
+        stop,
+        tasks,
+        drain,
+    })
+}
+
+fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(MAX_HEADERS);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(Duration::from_secs(30))
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
+    b
+}
+
+/// Most request headers per HTTP/1 request.
+const MAX_HEADERS: usize = 100;
+/// Most concurrent HTTP/2 streams per connection.
+const MAX_STREAMS: u32 = 256;
+const MAX_PENDING_RESETS: usize = 64;
+
+async fn accept_loop<F, S>(
+    tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    make_service: F,
+) where
+    F: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<listener::LbBody>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tcp.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = sock.set_nodelay(true);
+        let svc = make_service(peer);
+        let (builder, stop, tls) = (Arc::clone(&builder), stop.clone(), tls.clone());
+        tasks.spawn(async move {
+            match tls {
+                None => serve(&builder, TokioIo::new(sock), svc, stop).await,
+                Some(acc) => {
+                    let hs = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await;
+                    if let Ok(Ok(s)) = hs {
+                        serve(&builder, TokioIo::new(s), svc, stop).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve<I, S>(builder: &auto::Builder<TokioExecutor>, io: I, svc: S, stop: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<listener::LbBody>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| format!("{}: {e}", files.cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", files.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| format!("{}: {e}", files.key.display()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}

@@ -1,0 +1,79 @@
+//! Serving HTTP/1.1 and HTTP/2 (auto-detected, or by ALPN) on one accepted connection, with the
+//! limits from config, and graceful shutdown when draining starts.
+
+use std::convert::Infallible;
+use std::future::Future;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::body::ProxyBody;
+use crate::config::LimitsConfig;
+
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMode {
+    /// Sniff the HTTP/2 preface, else HTTP/1.1.
+    Auto,
+    Http1,
+    Http2,
+}
+
+/// A configured connection builder, cheap to clone and shared by all connections of a listener.
+pub fn builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
+        .max_local_error_reset_streams(limits.h2_max_pending_resets)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    b
+}
+
+/// Serves one connection until it closes, or until `stop` (then finishes in-flight requests).
+pub async fn serve<IO, H, Fut>(
+    io: IO,
+    builder: &auto::Builder<TokioExecutor>,
+    mode: HttpMode,
+    stop: CancellationToken,
+    handler: H,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let fut = handler(req);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let mut b = builder.clone();
+    match mode {
+        HttpMode::Auto => {}
+        HttpMode::Http1 => b = b.http1_only(),
+        HttpMode::Http2 => b = b.http2_only(),
+    }
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with error");
+            }
+        }
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

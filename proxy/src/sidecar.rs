@@ -1,0 +1,727 @@
+//! Assembling the sidecar from its config: clusters and watchers, the inbound listener (to the local
+//! app), the outbound listeners (egress by Host, per-upstream local ports), the admin listener, and
+//! the drain sequence. Requests flow, top to bottom:
+//! accept → (TLS → authz) → route → circuit breaker → balance → retry → timeout → connect.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use trellis_ca::Identity;
+use trellis_core::SpiffeId;
+
+use crate::admin::{Admin, Health};
+use crate::authz::authorize;
+use crate::balance::{RoundRobin, balancer};
+use crate::body::ProxyBody;
+use crate::client::UpstreamClient;
+use crate::cluster::{Cluster, EndpointSpec};
+use crate::config::{Config, Decision, Intentions, Protocol, ResilienceConfig, StaticCluster};
+use crate::error::{ProxyError, StartError};
+use crate::forward::{ForwardPolicy, Target, error_response, forward};
+use crate::listener::{AcceptContext, bind_reuseport, spawn_accept};
+use crate::metrics::Metrics;
+use crate::server::{HttpMode, serve};
+use crate::tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, client_config};
+use crate::watch::{self, WatchTarget};
+
+/// Name of the cluster holding the local app behind the inbound listener.
+pub const APP_CLUSTER: &str = "local_app";
+
+/// A started sidecar: where it listens, and a handle to reload or wait for it.
+#[derive(Debug)]
+pub struct Running {
+    pub admin_addr: SocketAddr,
+    pub inbound_addr: Option<SocketAddr>,
+    pub egress_addr: Option<SocketAddr>,
+    /// Per-upstream local listener, by service name.
+    pub upstream_addrs: BTreeMap<String, SocketAddr>,
+    admin: Arc<Admin>,
+    clusters: HashMap<String, Arc<Cluster>>,
+    intentions: Arc<ArcSwap<Intentions>>,
+    identity: Option<Arc<Identity>>,
+    done: JoinHandle<()>,
+}
+
+/// What a caller may hand in instead of what the config would fetch.
+#[derive(Debug, Default, Clone)]
+pub struct StartOptions {
+    /// Use this identity instead of bootstrapping one from the control plane (tests, embedding).
+    pub identity: Option<Arc<Identity>>,
+}
+
+impl Running {
+    /// Resolves once shutdown was requested and the drain finished.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    pub fn admin(&self) -> &Admin {
+        &self.admin
+    }
+
+    /// The workload identity in use (when mTLS is on).
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        self.identity.as_ref()
+    }
+
+    /// Applies what can change without restarting: static cluster endpoints, the `/config` view.
+    /// Listeners and identity need a restart (reported in the log).
+    pub fn reload(&self, config: &Config) {
+        for c in &config.clusters {
+            if let Some(cluster) = self.clusters.get(c.service.as_str()) {
+                cluster.update(static_specs(c), cluster.revision() + 1);
+            }
+        }
+        if let Some(inb) = &config.inbound {
+            self.intentions.store(Arc::new(inb.intentions.clone()));
+        }
+        self.admin
+            .config_json
+            .store(Arc::new(config.redacted_json()));
+        tracing::info!(
+            "configuration reloaded (static clusters, intentions); listener and identity changes need a restart"
+        );
+    }
+}
+
+/// Runs the sidecar until `shutdown` is cancelled and the drain is done.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+    start(config, shutdown).await?.wait().await;
+    Ok(())
+}
+
+/// Binds everything and starts serving; returns the bound addresses (tests bind port 0).
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+    start_with(config, StartOptions::default(), shutdown).await
+}
+
+/// [`start`] with an identity (or other pieces) supplied by the caller.
+pub async fn start_with(
+    config: Config,
+    options: StartOptions,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::default());
+    let stop = CancellationToken::new();
+    let watch_stop = CancellationToken::new();
+    let admin_stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let admin_tracker = TaskTracker::new();
+    let limits = &config.limits;
+    let builder = crate::server::builder(limits);
+    let ctx = |name: &'static str| AcceptContext {
+        name,
+        limit: Arc::new(Semaphore::new(limits.max_connections)),
+        stop: stop.clone(),
+        tracker: tracker.clone(),
+        metrics: metrics.clone(),
+    };
+    let r = &config.resilience;
+    let policy = ForwardPolicy {
+        connect_timeout: r.connect_timeout,
+        per_try_timeout: r.per_try_timeout,
+        request_timeout: r.request_timeout,
+        max_retries: r.max_retries,
+    };
+    let plain_h1 = UpstreamClient::plain(r.connect_timeout, r.pool_idle_timeout, false);
+
+    // Identity: needed unless every hop is (dangerously) plaintext.
+    let needs_tls = config
+        .inbound
+        .as_ref()
+        .is_some_and(|i| !i.danger_allow_plaintext)
+        || config
+            .outbound
+            .upstreams
+            .iter()
+            .any(|u| !u.danger_plaintext);
+    let mut renewal = None;
+    let identity = match (needs_tls, options.identity) {
+        (false, _) => None,
+        (true, Some(id)) => Some(id),
+        (true, None) => {
+            let id = bootstrap_identity(&config).await?;
+            renewal = Some(id.spawn_renewal());
+            Some(id)
+        }
+    };
+    if let Some(id) = &identity {
+        let own = SpiffeId::new(
+            config.identity.trust_domain.clone(),
+            config.identity.namespace.clone(),
+            config.identity.service.clone(),
+        );
+        if id.spiffe_id() != &own {
+            tracing::warn!(have = %id.spiffe_id(), configured = %own, "identity differs from the configured service");
+        }
+        spawn_cert_expiry(
+            Arc::clone(id),
+            metrics.cert_expiry.clone(),
+            watch_stop.clone(),
+        );
+    }
+    health.set_identity_loaded();
+
+    // Outbound clusters.
+    let mut clusters: HashMap<String, Arc<Cluster>> = HashMap::new();
+    let mut targets: HashMap<String, Target> = HashMap::new();
+    for u in &config.outbound.upstreams {
+        let name = u.service.as_str().to_owned();
+        let cluster = Arc::new(Cluster::new(
+            &name,
+            balancer(u.balancer),
+            r,
+            metrics.upstream(&name),
+        ));
+        if let Some(sc) = config.clusters.iter().find(|c| c.service == u.service) {
+            cluster.update(static_specs(sc), 1);
+        } else if let Some(cp) = &config.control_plane {
+            let target = WatchTarget {
+                control_plane: cp.address,
+                namespace: u
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| config.identity.namespace.clone()),
+                service: u.service.clone(),
+                wait: cp.watch_wait,
+            };
+            tokio::spawn(watch::run(target, Arc::clone(&cluster), watch_stop.clone()));
+        }
+        clusters.insert(name.clone(), Arc::clone(&cluster));
+        let (client, tcp_tls) = match (&identity, u.danger_plaintext) {
+            (Some(id), false) => {
+                let ns = u
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| config.identity.namespace.clone());
+                let expected =
+                    SpiffeId::new(config.identity.trust_domain.clone(), ns, u.service.clone());
+                let any = client_config(id, expected.clone(), &[ALPN_H2, ALPN_HTTP1])?;
+                let h1 = client_config(id, expected.clone(), &[ALPN_HTTP1])?;
+                let raw = client_config(id, expected, &[])?;
+                (
+                    UpstreamClient::mtls(any, h1, r.connect_timeout, r.pool_idle_timeout),
+                    Some(MtlsConnector::new(raw, r.connect_timeout)),
+                )
+            }
+            _ => (plain_h1.clone(), None),
+        };
+        targets.insert(
+            name,
+            Target {
+                cluster,
+                client,
+                policy,
+                tcp_tls,
+            },
+        );
+    }
+
+    // Per-upstream local listeners.
+    let mut upstream_addrs = BTreeMap::new();
+    for u in &config.outbound.upstreams {
+        let Some(port) = u.local_port else { continue };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listeners =
+            bind_reuseport(addr, config.runtime.acceptors).map_err(|source| StartError::Bind {
+                what: "upstream listener",
+                addr,
+                source,
+            })?;
+        upstream_addrs.insert(u.service.to_string(), local_addr(&listeners, addr));
+        let Some(target) = targets.get(u.service.as_str()).cloned() else {
+            continue;
+        };
+        match u.protocol {
+            Protocol::Http => {
+                let (builder, stop, log) =
+                    (builder.clone(), stop.clone(), config.runtime.access_log);
+                spawn_accept(listeners, ctx("outbound"), move |stream, _peer| {
+                    let target = target.clone();
+                    let (builder, stop) = (builder.clone(), stop.clone());
+                    async move {
+                        serve(stream, &builder, HttpMode::Auto, stop, move |req| {
+                            let target = target.clone();
+                            async move { proxy_logged(&target, req, log, None).await }
+                        })
+                        .await;
+                    }
+                });
+            }
+            Protocol::Tcp => {
+                let connect_timeout = r.connect_timeout;
+                spawn_accept(listeners, ctx("outbound"), move |stream, _peer| {
+                    let target = target.clone();
+                    async move { relay_to_cluster(stream, &target, connect_timeout).await }
+                });
+            }
+        }
+    }
+
+    // Egress listener: route by Host.
+    let mut egress_addr = None;
+    if let Some(addr) = config.outbound.egress_listen {
+        let listeners =
+            bind_reuseport(addr, config.runtime.acceptors).map_err(|source| StartError::Bind {
+                what: "egress listener",
+                addr,
+                source,
+            })?;
+        egress_addr = Some(local_addr(&listeners, addr));
+        let mut routes: HashMap<String, Target> = HashMap::new();
+        for (name, t) in &targets {
+            let u = config
+                .outbound
+                .upstreams
+                .iter()
+                .find(|u| u.service.as_str() == name);
+            let ns = u
+                .and_then(|u| u.namespace.clone())
+                .unwrap_or_else(|| config.identity.namespace.clone());
+            routes.insert(name.clone(), t.clone());
+            routes.insert(format!("{name}.{ns}"), t.clone());
+        }
+        let routes = Arc::new(routes);
+        let (builder, stop, log) = (builder.clone(), stop.clone(), config.runtime.access_log);
+        spawn_accept(listeners, ctx("egress"), move |stream, _peer| {
+            let routes = Arc::clone(&routes);
+            let (builder, stop) = (builder.clone(), stop.clone());
+            async move {
+                serve(stream, &builder, HttpMode::Auto, stop, move |req| {
+                    let routes = Arc::clone(&routes);
+                    async move {
+                        match route_by_host(&routes, &req) {
+                            Some(t) => proxy_logged(t, req, log, None).await,
+                            None => error_response(&ProxyError::NoRoute),
+                        }
+                    }
+                })
+                .await;
+            }
+        });
+    }
+
+    // Inbound listener: to the local app.
+    let mut inbound_addr = None;
+    let intentions = Arc::new(ArcSwap::from_pointee(
+        config
+            .inbound
+            .as_ref()
+            .map(|i| i.intentions.clone())
+            .unwrap_or_default(),
+    ));
+    if let Some(inb) = &config.inbound {
+        let app = Arc::new(Cluster::new(
+            APP_CLUSTER,
+            Box::new(RoundRobin::default()),
+            &ResilienceConfig {
+                outlier_consecutive_5xx: 0,
+                ..r.clone()
+            },
+            metrics.upstream(APP_CLUSTER),
+        ));
+        app.update(
+            [EndpointSpec {
+                instance_id: "app".into(),
+                addr: inb.app,
+                weight: 1,
+            }],
+            1,
+        );
+        clusters.insert(APP_CLUSTER.into(), Arc::clone(&app));
+        let target = Target {
+            cluster: app,
+            client: plain_h1.clone(),
+            policy,
+            tcp_tls: None,
+        };
+        let listeners = bind_reuseport(inb.listen, config.runtime.acceptors).map_err(|source| {
+            StartError::Bind {
+                what: "inbound listener",
+                addr: inb.listen,
+                source,
+            }
+        })?;
+        inbound_addr = Some(local_addr(&listeners, inb.listen));
+        let identity_header = HeaderName::from_bytes(inb.identity_header.as_bytes())
+            .map_err(|e| StartError::Identity(format!("inbound.identity_header: {e}")))?;
+        let tls = match (&identity, inb.danger_allow_plaintext) {
+            (Some(id), false) => Some((InboundTls::new(id)?, id.spiffe_id().to_uri())),
+            _ => None,
+        };
+        let (builder, stop, log) = (builder.clone(), stop.clone(), config.runtime.access_log);
+        let (protocol, intentions, metrics) =
+            (inb.protocol, Arc::clone(&intentions), metrics.clone());
+        let handshake_timeout = limits.header_read_timeout;
+        spawn_accept(listeners, ctx("inbound"), move |stream, _peer| {
+            let conn = InboundConn {
+                target: target.clone(),
+                builder: builder.clone(),
+                stop: stop.clone(),
+                header: identity_header.clone(),
+                intentions: Arc::clone(&intentions),
+                metrics: metrics.clone(),
+                access_log: log,
+                protocol,
+                connect_timeout: target.policy.connect_timeout,
+            };
+            let tls = tls.clone();
+            async move {
+                match tls {
+                    None => conn.serve_plain(stream).await,
+                    Some((tls, own)) => conn.serve_tls(stream, &tls, &own, handshake_timeout).await,
+                }
+            }
+        });
+    }
+
+    // Admin listener.
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        health: Arc::clone(&health),
+        config_json: ArcSwap::from_pointee(config.redacted_json()),
+        clusters: ArcSwap::from_pointee(clusters.values().cloned().collect()),
+    });
+    let listeners = bind_reuseport(config.admin.listen, 1).map_err(|source| StartError::Bind {
+        what: "admin listener",
+        addr: config.admin.listen,
+        source,
+    })?;
+    let admin_addr = local_addr(&listeners, config.admin.listen);
+    {
+        let admin = Arc::clone(&admin);
+        let admin_ctx = AcceptContext {
+            name: "admin",
+            limit: Arc::new(Semaphore::new(64)),
+            stop: admin_stop.clone(),
+            tracker: admin_tracker.clone(),
+            metrics: metrics.clone(),
+        };
+        let (builder, admin_stop) = (builder.clone(), admin_stop.clone());
+        spawn_accept(listeners, admin_ctx, move |stream, _peer| {
+            let admin = Arc::clone(&admin);
+            let (builder, stop) = (builder.clone(), admin_stop.clone());
+            async move {
+                serve(stream, &builder, HttpMode::Http1, stop, move |req| {
+                    let admin = Arc::clone(&admin);
+                    async move { admin.handle(&req) }
+                })
+                .await;
+            }
+        });
+    }
+
+    // Drain: fail /ready, stop accepting, finish in-flight up to the drain timeout, then stop the rest.
+    let drain_timeout = config.runtime.drain_timeout;
+    let done = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tracing::info!("draining");
+        health.set_draining();
+        stop.cancel();
+        tracker.close();
+        if tokio::time::timeout(drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout: closing remaining connections");
+        }
+        watch_stop.cancel();
+        if let Some(r) = renewal {
+            r.abort();
+        }
+        admin_stop.cancel();
+        admin_tracker.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_tracker.wait()).await;
+        tracing::info!("drained");
+    });
+
+    Ok(Running {
+        admin_addr,
+        inbound_addr,
+        egress_addr,
+        upstream_addrs,
+        admin,
+        clusters,
+        intentions,
+        identity,
+        done,
+    })
+}
+
+fn static_specs(c: &StaticCluster) -> impl Iterator<Item = EndpointSpec> + '_ {
+    c.endpoints.iter().map(|e| EndpointSpec {
+        instance_id: e.address.to_string(),
+        addr: e.address,
+        weight: e.weight,
+    })
+}
+
+fn local_addr(listeners: &[tokio::net::TcpListener], fallback: SocketAddr) -> SocketAddr {
+    listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .unwrap_or(fallback)
+}
+
+/// The target for a request's `Host` (or `:authority`), port ignored.
+fn route_by_host<'a>(
+    routes: &'a HashMap<String, Target>,
+    req: &Request<Incoming>,
+) -> Option<&'a Target> {
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())?;
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    routes
+        .get(host)
+        .or_else(|| routes.get(&host.to_ascii_lowercase()))
+}
+
+async fn proxy_logged(
+    target: &Target,
+    req: Request<Incoming>,
+    access_log: bool,
+    identity: Option<(&HeaderName, &HeaderValue)>,
+) -> Response<ProxyBody> {
+    let mut req = req;
+    if let Some((name, value)) = identity {
+        req.headers_mut().insert(name.clone(), value.clone());
+    }
+    if !access_log {
+        return forward(&target.client, &target.cluster, target.policy, req).await;
+    }
+    let start = Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let resp = forward(&target.client, &target.cluster, target.policy, req).await;
+    tracing::info!(
+        target: "trellis_proxy::access",
+        upstream = target.cluster.name(),
+        method = %method,
+        path = %path,
+        status = resp.status().as_u16(),
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    resp
+}
+
+/// Raw TCP to a cluster: pick, connect (another endpoint on connect failure), then relay.
+async fn relay_to_cluster(down: TcpStream, target: &Target, connect_timeout: std::time::Duration) {
+    let cluster = &target.cluster;
+    let mut avoid = None;
+    for _ in 0..=target.policy.max_retries {
+        let snapshot = cluster.snapshot();
+        let Some(ep) = cluster.pick(&snapshot, avoid) else {
+            break;
+        };
+        let _guard = ep.start();
+        if let Some(tls) = &target.tcp_tls {
+            match tls.connect_addr(ep.addr).await {
+                Ok(mut up) => {
+                    cluster.record(&ep, false, &snapshot);
+                    cluster.metrics.response(Some(200));
+                    let mut down = down;
+                    if let Err(e) = crate::relay::relay_copy(&mut down, &mut up).await {
+                        tracing::debug!(error = %e, "tcp relay ended with error");
+                    }
+                    return;
+                }
+                Err(_) => {
+                    cluster.record(&ep, true, &snapshot);
+                    avoid = Some(ep.addr);
+                }
+            }
+            continue;
+        }
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(ep.addr)).await {
+            Ok(Ok(up)) => {
+                let _ = up.set_nodelay(true);
+                cluster.record(&ep, false, &snapshot);
+                cluster.metrics.response(Some(200));
+                if let Err(e) = crate::relay::relay_tcp(down, up).await {
+                    tracing::debug!(error = %e, "tcp relay ended with error");
+                }
+                return;
+            }
+            _ => {
+                cluster.record(&ep, true, &snapshot);
+                avoid = Some(ep.addr);
+            }
+        }
+    }
+    cluster.metrics.response(None);
+}
+
+/// Everything one inbound connection needs.
+struct InboundConn {
+    target: Target,
+    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    stop: CancellationToken,
+    header: HeaderName,
+    intentions: Arc<ArcSwap<Intentions>>,
+    metrics: Metrics,
+    access_log: bool,
+    protocol: Protocol,
+    connect_timeout: std::time::Duration,
+}
+
+impl InboundConn {
+    /// Plaintext (dangerous mode): no verified peer, so a client-supplied identity header is dropped.
+    async fn serve_plain(self, stream: TcpStream) {
+        match self.protocol {
+            Protocol::Tcp => relay_to_cluster(stream, &self.target, self.connect_timeout).await,
+            Protocol::Http => {
+                let (target, header, log) = (self.target, self.header, self.access_log);
+                serve(
+                    stream,
+                    &self.builder,
+                    HttpMode::Auto,
+                    self.stop,
+                    move |mut req| {
+                        let target = target.clone();
+                        req.headers_mut().remove(&header);
+                        async move { proxy_logged(&target, req, log, None).await }
+                    },
+                )
+                .await;
+            }
+        }
+    }
+
+    /// mTLS: handshake (client certificate required), authorize the peer's SPIFFE id, then relay
+    /// with the verified identity in a header.
+    async fn serve_tls(
+        self,
+        stream: TcpStream,
+        tls: &InboundTls,
+        own: &str,
+        timeout: std::time::Duration,
+    ) {
+        let acceptor = match self.protocol {
+            Protocol::Http => &tls.http,
+            Protocol::Tcp => &tls.tcp,
+        };
+        let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.metrics.tls_handshake_failures.inc();
+                tracing::debug!(error = %e, "inbound TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.tls_handshake_failures.inc();
+                return;
+            }
+        };
+        let peer = trellis_ca::peer_spiffe_id(stream.get_ref().1);
+        let decision = authorize(&self.intentions.load(), peer.as_ref());
+        if decision == Decision::Deny {
+            self.metrics.authz_denied.inc();
+            tracing::debug!(peer = ?peer.as_ref().map(|p| p.to_uri()), "inbound peer denied by intentions");
+        }
+        let mode = if stream.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+            HttpMode::Http2
+        } else {
+            HttpMode::Http1
+        };
+        match (self.protocol, decision) {
+            (Protocol::Tcp, Decision::Deny) => {}
+            (Protocol::Tcp, Decision::Allow) => {
+                let Some(mut app) = self.connect_app().await else {
+                    self.target.cluster.metrics.response(None);
+                    return;
+                };
+                self.target.cluster.metrics.response(Some(200));
+                let mut down = stream;
+                let _ = crate::relay::relay_copy(&mut down, &mut app).await;
+            }
+            (Protocol::Http, Decision::Deny) => {
+                serve(stream, &self.builder, mode, self.stop, |_req| async {
+                    error_response(&ProxyError::Forbidden)
+                })
+                .await;
+            }
+            (Protocol::Http, Decision::Allow) => {
+                let peer_uri = peer.map(|p| p.to_uri()).unwrap_or_default();
+                let value = HeaderValue::from_str(&format!("By={own};URI={peer_uri}")).ok();
+                let (target, header, log) = (self.target, self.header, self.access_log);
+                serve(stream, &self.builder, mode, self.stop, move |mut req| {
+                    let target = target.clone();
+                    req.headers_mut().remove(&header);
+                    if let Some(v) = &value {
+                        req.headers_mut().insert(header.clone(), v.clone());
+                    }
+                    async move { proxy_logged(&target, req, log, None).await }
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn connect_app(&self) -> Option<TcpStream> {
+        let addr = self.target.cluster.snapshot().first()?.addr;
+        let app = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        let _ = app.set_nodelay(true);
+        Some(app)
+    }
+}
+
+/// The control plane's sign API with the join token; the key is generated here and never leaves.
+async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError> {
+    let cp = config.control_plane.as_ref().ok_or_else(|| {
+        StartError::Identity(
+            "mTLS needs a certificate: configure control_plane (address + token)".into(),
+        )
+    })?;
+    let token = cp.token.as_deref().ok_or_else(|| {
+        StartError::Identity("control_plane.token is required to fetch a certificate".into())
+    })?;
+    Identity::bootstrap(
+        &format!("http://{}", cp.address),
+        token,
+        config.identity.trust_domain.clone(),
+        None,
+    )
+    .await
+    .map_err(|e| StartError::Identity(format!("bootstrap from {}: {e}", cp.address)))
+}
+
+/// Keeps the cert-expiry gauge current across rotations.
+fn spawn_cert_expiry(
+    identity: Arc<Identity>,
+    gauge: prometheus::IntGauge,
+    stop: CancellationToken,
+) {
+    gauge.set(identity.not_after().unix_timestamp());
+    tokio::spawn(async move {
+        loop {
+            gauge.set(identity.not_after().unix_timestamp());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            }
+        }
+    });
+}

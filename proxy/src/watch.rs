@@ -1,0 +1,151 @@
+//! Following one service's endpoints through the discovery watch API:
+//! `GET /v1/watch/<namespace>/<service>?revision=N&wait=30s` → `trellis_core::EndpointSet`,
+//! answered when the revision moves (long poll). On errors the last snapshot stays in use and the
+//! watcher retries with backoff.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
+use trellis_core::{EndpointSet, NamespaceName, ServiceName};
+
+use crate::cluster::{Cluster, EndpointSpec};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Largest watch answer accepted.
+const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// Where and what to watch.
+#[derive(Debug, Clone)]
+pub struct WatchTarget {
+    pub control_plane: SocketAddr,
+    pub namespace: NamespaceName,
+    pub service: ServiceName,
+    pub wait: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    #[error("request failed: {0}")]
+    Http(String),
+    #[error("unexpected status {0}")]
+    Status(StatusCode),
+    #[error("service not known to the control plane")]
+    NotFound,
+    #[error("bad endpoint set: {0}")]
+    Decode(String),
+}
+
+/// Watches until `stop`, applying every new endpoint set to `cluster`.
+pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationToken) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    // No revision on the first poll: the server answers at once, so readiness does not wait.
+    let mut revision: Option<u64> = None;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let once = poll_once(&client, &target, revision);
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(target.wait + Duration::from_secs(5), once) => r,
+        };
+        match result {
+            Ok(Ok(Some(set))) => {
+                backoff = BACKOFF_MIN;
+                if Some(set.revision) != revision || !cluster.is_loaded() {
+                    revision = Some(set.revision);
+                    apply(&cluster, &set);
+                }
+            }
+            Ok(Ok(None)) => backoff = BACKOFF_MIN,
+            Ok(Err(WatchError::NotFound)) => {
+                // Unknown service: an empty set (so readiness is not blocked), then ask again later.
+                if !cluster.is_loaded() {
+                    cluster.update([], 0);
+                }
+                revision = None;
+                sleep_or_stop(BACKOFF_MAX.min(target.wait), &stop).await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(service = %target.service, error = %e, "watch failed; keeping last endpoints");
+                sleep_or_stop(backoff, &stop).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(_) => {
+                tracing::warn!(service = %target.service, "watch timed out; keeping last endpoints");
+                sleep_or_stop(backoff, &stop).await;
+            }
+        }
+    }
+}
+
+async fn sleep_or_stop(d: Duration, stop: &CancellationToken) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}
+
+/// One long poll: `Some(set)` on 200, `None` when the server answered "no change" (304/204).
+async fn poll_once(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    t: &WatchTarget,
+    revision: Option<u64>,
+) -> Result<Option<EndpointSet>, WatchError> {
+    let wait = t.wait.as_secs().max(1);
+    let (cp, ns, svc) = (t.control_plane, &t.namespace, &t.service);
+    let uri: Uri = match revision {
+        Some(r) => format!("http://{cp}/v1/watch/{ns}/{svc}?revision={r}&wait={wait}s"),
+        None => format!("http://{cp}/v1/watch/{ns}/{svc}?wait={wait}s"),
+    }
+    .parse()
+    .map_err(|e: http::uri::InvalidUri| WatchError::Http(e.to_string()))?;
+    let req = Request::get(uri)
+        .body(Empty::new())
+        .map_err(|e| WatchError::Http(e.to_string()))?;
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| WatchError::Http(e.to_string()))?;
+    let status = resp.status();
+    if status == StatusCode::NOT_MODIFIED || status == StatusCode::NO_CONTENT {
+        return Ok(None);
+    }
+    if status == StatusCode::NOT_FOUND {
+        return Err(WatchError::NotFound);
+    }
+    if status != StatusCode::OK {
+        return Err(WatchError::Status(status));
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| WatchError::Http(e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| WatchError::Decode(e.to_string()))
+}
+
+/// Applies a set: serving endpoints only (all of them when none is, fail open).
+pub fn apply(cluster: &Cluster, set: &EndpointSet) {
+    cluster.update(
+        set.serving().map(|e| EndpointSpec {
+            instance_id: e.instance_id.clone(),
+            addr: e.socket_addr(),
+            weight: e.weight,
+        }),
+        set.revision,
+    );
+}
