@@ -1049,6 +1049,9 @@ mod tests {
         }
         let p1 = call(&r, "ListNamespaces", json!({"MaxResults": 2})).unwrap();
         assert_eq!(p1["Namespaces"].as_array().unwrap().len(), 2);
+        let huge = json!({"MaxResults": 100, "NextToken": format!("trellis-{}", usize::MAX)});
+        let empty = call(&r, "ListNamespaces", huge).unwrap();
+        assert_eq!(empty["Namespaces"].as_array().unwrap().len(), 0);
         let p3 = call(
             &r,
             "ListNamespaces",
