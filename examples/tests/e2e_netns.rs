@@ -26,9 +26,13 @@ const TRUST: &str = "mesh.local";
 const KEY: &str = "AKIDE2ETEST";
 const SECRET: &str = "e2e-secret-key";
 const API_PORT: u16 = 9400;
-const DNS_PORT: u16 = 9053;
+/// Port 53, so the client host's own resolver (glibc) can ask the control plane.
+const DNS_PORT: u16 = 53;
 const INBOUND_PORT: u16 = 15001;
 const UPSTREAM_PORT: u16 = 15101;
+const EGRESS_PORT: u16 = 15080;
+/// The sidecar's user: its own traffic is excluded from interception.
+const SIDECAR_UID: u32 = 1337;
 
 /// Child processes, killed on drop (the lab kills whatever is left in its namespaces too).
 struct Procs(Vec<Child>);
@@ -154,7 +158,8 @@ fn sidecar_toml(cp: &Host, token: &str, service: &str, inbound: Option<&Host>) -
             h.addr
         )),
         None => t.push_str(&format!(
-            "[outbound]\nupstreams = [{{ service = \"api\", local_port = {UPSTREAM_PORT} }}]\n"
+            "[outbound]\negress_listen = \"127.0.0.1:{EGRESS_PORT}\"\n\
+             upstreams = [{{ service = \"api\", local_port = {UPSTREAM_PORT} }}]\n"
         )),
     }
     t
@@ -322,12 +327,31 @@ fn mesh_across_network_namespaces() {
         )
         .unwrap();
     }
+    // The client's sidecar runs as its own user, as in a task with transparent interception.
     let web_conf = conf.join("web.toml");
     std::fs::write(&web_conf, sidecar_toml(&cp, &web_token, "web", None)).unwrap();
+    for d in [tmp.path(), conf.as_path()] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(
+        &web_conf,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let uid = SIDECAR_UID.to_string();
     procs.0.push(spawn(
         &client,
-        &proxy,
-        &["sidecar", "--config", web_conf.to_str().unwrap()],
+        Path::new("setpriv"),
+        &[
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--",
+            proxy.to_str().unwrap(),
+            "sidecar",
+            "--config",
+            web_conf.to_str().unwrap(),
+        ],
         &log("web-sc"),
     ));
 
@@ -358,6 +382,38 @@ fn mesh_across_network_namespaces() {
         both,
         "client reaches both instances, saw {seen:?}, last answer {last:?}"
     );
+
+    // The server side saw the client's mesh identity (from its verified certificate).
+    let (_, body) = curl(&client, &url).unwrap();
+    assert!(
+        body.contains("spiffe://mesh.local/ns/my-app.local/svc/web"),
+        "{body}"
+    );
+
+    // Transparent interception: the app calls plain http://api.my-app.local/ (resolved by the
+    // control plane's DNS); iptables REDIRECT (the sidecar's uid excluded) hands the connection to
+    // the sidecar's egress listener, which routes by Host over mTLS.
+    let resolv = tmp.path().join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {}\n", cp.addr)).unwrap();
+    let rule = format!(
+        "-p tcp --dport 80 -m owner ! --uid-owner {SIDECAR_UID} -j REDIRECT --to-ports {EGRESS_PORT}"
+    );
+    let out = client.sh(&format!("iptables -t nat -A OUTPUT {rule}"));
+    assert!(out.status.success(), "{out:?}");
+    let out = client.sh(&format!(
+        "mount --bind {} /etc/resolv.conf && curl -sS --max-time 5 http://api.{NS}/intercepted",
+        resolv.display()
+    ));
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(body.contains("\"service\":\"api\""), "{body}");
+    assert!(body.contains("\"path\":\"/intercepted\""), "{body}");
+    assert!(
+        body.contains("svc/web"),
+        "went through the sidecar over mTLS: {body}"
+    );
+    let out = client.sh(&format!("iptables -t nat -D OUTPUT {rule}"));
+    assert!(out.status.success(), "{out:?}");
 
     // A plain client across hosts is refused by the api sidecar (mTLS only)...
     let plain = curl(&client, &format!("http://{}:{INBOUND_PORT}/", a1.addr));
