@@ -391,15 +391,25 @@ fn mesh_across_network_namespaces() {
     );
 
     // Transparent interception: the app calls plain http://api.my-app.local/ (resolved by the
-    // control plane's DNS); iptables REDIRECT (the sidecar's uid excluded) hands the connection to
-    // the sidecar's egress listener, which routes by Host over mTLS.
+    // control plane's DNS); the rules of `trellis-proxy init-iptables` (every TCP port, the
+    // sidecar's uid and loopback excluded) hand the connection to the sidecar's egress listener,
+    // which routes by Host over mTLS.
     let resolv = tmp.path().join("resolv.conf");
     std::fs::write(&resolv, format!("nameserver {}\n", cp.addr)).unwrap();
-    let rule = format!(
-        "-p tcp --dport 80 -m owner ! --uid-owner {SIDECAR_UID} -j REDIRECT --to-ports {EGRESS_PORT}"
-    );
-    let out = client.sh(&format!("iptables -t nat -A OUTPUT {rule}"));
-    assert!(out.status.success(), "{out:?}");
+    let init = |extra: &str| {
+        client.sh(&format!(
+            "{} init-iptables --proxy-uid {SIDECAR_UID} --egress-port {EGRESS_PORT} {extra}",
+            proxy.display()
+        ))
+    };
+    for _ in 0..2 {
+        // Installing twice replaces the first set.
+        let out = init("");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let nat = client.sh("iptables -t nat -S");
+    let nat = String::from_utf8_lossy(&nat.stdout).to_string();
+    assert_eq!(nat.matches("-j TRELLIS_OUTPUT").count(), 1, "{nat}");
     let out = client.sh(&format!(
         "mount --bind {} /etc/resolv.conf && curl -sS --max-time 5 http://api.{NS}/intercepted",
         resolv.display()
@@ -412,8 +422,11 @@ fn mesh_across_network_namespaces() {
         body.contains("svc/web"),
         "went through the sidecar over mTLS: {body}"
     );
-    let out = client.sh(&format!("iptables -t nat -D OUTPUT {rule}"));
+    let out = init("--remove");
     assert!(out.status.success(), "{out:?}");
+    let nat = client.sh("iptables -t nat -S");
+    let nat = String::from_utf8_lossy(&nat.stdout).to_string();
+    assert!(!nat.contains("TRELLIS"), "rules removed: {nat}");
 
     // A plain client across hosts is refused by the api sidecar (mTLS only)...
     let plain = curl(&client, &format!("http://{}:{INBOUND_PORT}/", a1.addr));
