@@ -69,6 +69,48 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Captures every frame on `eth0` of `host` for `secs` seconds (an AF_PACKET socket in python3:
+/// no tcpdump needed). Returns once the socket is bound; join the thread for the bytes.
+fn capture(host: &Host, python: &Path, dir: &Path, secs: f32) -> std::thread::JoinHandle<Vec<u8>> {
+    const SNIFF: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
+s.bind(("eth0", 0))
+s.settimeout(0.1)
+buf = bytearray()
+open(sys.argv[1] + ".ready", "w").close()
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        buf += s.recv(65535)
+    except socket.timeout:
+        pass
+open(sys.argv[1], "wb").write(buf)
+"#;
+    let out = dir.join(format!("capture-{}", host.name));
+    let mut child = host
+        .command(python)
+        .args(["-c", SNIFF])
+        .arg(&out)
+        .arg(secs.to_string())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = out.with_extension("ready");
+    assert!(
+        wait_until(Duration::from_secs(5), || ready.exists()),
+        "capture started"
+    );
+    std::thread::spawn(move || {
+        assert!(child.wait().unwrap().success());
+        std::fs::read(out).unwrap()
+    })
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
 /// One Cloud Map API call from the control-plane host, signed with SigV4 by curl.
 fn cloudmap(cp: &Host, action: &str, body: &serde_json::Value) -> Option<serde_json::Value> {
     let out = cp
@@ -427,6 +469,33 @@ fn mesh_across_network_namespaces() {
     let nat = client.sh("iptables -t nat -S");
     let nat = String::from_utf8_lossy(&nat.stdout).to_string();
     assert!(!nat.contains("TRELLIS"), "rules removed: {nat}");
+
+    // On the wire between hosts there is no plaintext: a capture on a1's interface sees neither the
+    // request path nor the response body of mesh traffic, but does see a plain client's request
+    // (so the capture works).
+    if let Some(python) = tools::python_with(&["socket"]) {
+        let cap = capture(&a1, &python, tmp.path(), 2.0);
+        for _ in 0..4 {
+            let (code, _) = curl(&client, &format!("{url}mesh-marker-7f3a")).unwrap();
+            assert_eq!(code, 200);
+        }
+        let _ = curl(
+            &client,
+            &format!("http://{}:{INBOUND_PORT}/plain-marker-7f3a", a1.addr),
+        );
+        let bytes = cap.join().unwrap();
+        assert!(
+            contains(&bytes, "plain-marker-7f3a"),
+            "capture works ({} bytes)",
+            bytes.len()
+        );
+        assert!(
+            !contains(&bytes, "mesh-marker-7f3a"),
+            "mesh traffic crossed the wire in plaintext"
+        );
+    } else {
+        tools::skip_or_fail::<()>("python3 not found (packet capture)");
+    }
 
     // A plain client across hosts is refused by the api sidecar (mTLS only)...
     let plain = curl(&client, &format!("http://{}:{INBOUND_PORT}/", a1.addr));
