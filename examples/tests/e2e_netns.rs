@@ -615,3 +615,43 @@ fn mesh_across_network_namespaces() {
         assert!(!list.contains(&n), "{n} left behind");
     }
 }
+
+#[test]
+fn a_failing_test_still_cleans_up_its_hosts_and_processes() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root");
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let failed = std::thread::spawn(move || {
+        let lab = Lab::new(&["x", "y"]).unwrap();
+        let child = lab
+            .host("x")
+            .command("sleep")
+            .arg("300")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let names: Vec<String> = lab.hosts.iter().map(|h| h.netns.clone()).collect();
+        tx.send((names, child.id())).unwrap();
+        panic!("a test failing mid-way");
+    })
+    .join();
+    assert!(failed.is_err(), "the thread panicked");
+    let (names, pid) = rx.recv().unwrap();
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for n in names {
+        assert!(!list.contains(&n), "{n} left behind after a panic");
+    }
+    // The process that ran in the namespace is gone (killed, not left running).
+    let gone = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+            .unwrap_or(true)
+    });
+    assert!(
+        gone,
+        "process {pid} still running after the lab was dropped"
+    );
+}
