@@ -625,6 +625,8 @@ fn a_failing_test_still_cleans_up_its_hosts_and_processes() {
     let (tx, rx) = std::sync::mpsc::channel();
     let failed = std::thread::spawn(move || {
         let lab = Lab::new(&["x", "y"]).unwrap();
+        // Never waited on here on purpose: the lab's drop must kill it.
+        #[allow(clippy::zombie_processes)]
         let child = lab
             .host("x")
             .command("sleep")
