@@ -3,7 +3,8 @@
 #  1. DNS: dnsperf against trellis-discovery and against unbound serving the same 1,000 names
 #     (unbound: local-data), each server pinned to one core (taskset), dnsperf on the other.
 #  2. register -> DNS-visible and register -> watcher latency p50/p99, RegisterInstance throughput
-#     with durable writes (discovery/examples/discovery_bench.rs).
+#     with durable writes, and 10,000 TCP-checked instances (drift, CPU)
+#     (discovery/examples/discovery_bench.rs).
 # Needs: dnsperf, unbound, taskset (apt-get install dnsperf unbound util-linux). Prints a summary.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -65,3 +66,4 @@ tq=${trellis%% *}; uq=${unbound_r%% *}
 echo "dns qps: trellis $tq (avg latency ${trellis##* }s), unbound $uq (avg latency ${unbound_r##* }s), ratio $(python3 -c "print(round($tq/$uq, 2))")  (target >= 1.2)"
 
 "$ex" latency "${SAMPLES:-200}"
+"$ex" health "${HEALTH_INSTANCES:-10000}"

@@ -124,6 +124,10 @@ enum TokenCmd {
         service: Option<ServiceName>,
         #[arg(long, conflicts_with_all = ["namespace", "service"])]
         admin: bool,
+        /// Also write the bearer token alone to this file (mode 0600), e.g. for a sidecar's
+        /// `control_plane.token_file`. Refuses to overwrite.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -229,16 +233,7 @@ fn run(cli: Cli) -> Result<(), String> {
             std::fs::write(&crt, &issued.chain_pem)
                 .map_err(|e| format!("{}: {e}", crt.display()))?;
             if let Some(k) = key_pem {
-                let kp = with_ext(".key");
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&kp)
-                    .and_then(|mut f| f.write_all(k.as_bytes()))
-                    .map_err(|e| format!("{}: {e}", kp.display()))?;
+                write_secret(&with_ext(".key"), k.as_bytes())?;
             }
             println!(
                 "{} serial={} not_after={}",
@@ -292,6 +287,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     namespace,
                     service,
                     admin,
+                    out,
                 },
         } => {
             let tokens = CaDir::new(&dir).tokens().map_err(s)?;
@@ -301,6 +297,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 _ => return Err("give --namespace and --service, or --admin".into()),
             };
             let t = tokens.create(scope).map_err(s)?;
+            if let Some(out) = out {
+                write_secret(&out, t.bearer().as_bytes())?;
+            }
             println!(
                 "{}",
                 serde_json::json!({
@@ -344,4 +343,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes a new secret file with mode 0600; never overwrites.
+fn write_secret(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }

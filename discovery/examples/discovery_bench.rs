@@ -3,6 +3,8 @@
 //! - `latency`: starts the control plane in-process (durable store in a temp dir), registers
 //!   instances one by one and measures register-ack → DNS-visible and register-ack → watcher-woken
 //!   latency (p50/p99), plus RegisterInstance throughput with durable writes.
+//! - `health [instances]`: 10,000 TCP-checked instances (interval 1s) against one loopback
+//!   listener: checks done vs scheduled over 10 s (drift) and the process's CPU.
 //! - `populate <api-url> <zone> <n>`: creates `<zone>` with services `svc0..svc{n-1}`, one A
 //!   instance each (the names dnsperf queries).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -183,6 +185,90 @@ async fn latency(samples: usize) {
     server.shutdown().await;
 }
 
+fn cpu_seconds() -> f64 {
+    // utime + stime (fields 14 and 15 of /proc/self/stat), in clock ticks of 100 Hz.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+async fn checks_done(api: SocketAddr) -> f64 {
+    let mut s = TcpStream::connect(api).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.lines()
+        .filter(|l| l.starts_with("trellis_discovery_health_checks_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn health(n: usize) {
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = target.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = target.accept().await {
+            drop(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_path_buf());
+    cfg.health.interval = Duration::from_secs(1);
+    cfg.health.timeout = Duration::from_millis(500);
+    cfg.health.concurrency = std::env::var("HEALTH_CONCURRENCY")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(cfg.health.concurrency);
+    let concurrency = cfg.health.concurrency;
+    let server = Server::start(cfg).await.unwrap();
+    let api = server.api_addr;
+    let ns = create_zone(api, "hc.local").await;
+    let svc = post(
+        api,
+        "CreateService",
+        serde_json::json!({"Name": "hc", "NamespaceId": ns,
+        "DnsConfig": {"DnsRecords": [{"Type": "A", "TTL": 60}]},
+        "HealthCheckConfig": {"Type": "TCP", "FailureThreshold": 2}}),
+    )
+    .await;
+    let svc = svc["Service"]["Id"].as_str().unwrap().to_owned();
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            for k in (c..n).step_by(8) {
+                post(api, "RegisterInstance", serde_json::json!({"ServiceId": svc, "InstanceId": format!("i{k}"),
+                    "Attributes": {"AWS_INSTANCE_IPV4": "127.0.0.1", "AWS_INSTANCE_PORT": port.to_string()}})).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (c0, cpu0, t0) = (checks_done(api).await, cpu_seconds(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (c1, cpu1, el) = (
+        checks_done(api).await,
+        cpu_seconds(),
+        t0.elapsed().as_secs_f64(),
+    );
+    let expected = n as f64 * el;
+    println!(
+        "health: {n} instances, interval 1s, concurrency {concurrency}: {:.0} checks/s of {:.0} scheduled (drift {:.1}%), CPU {:.0}% of one core (checker + target listener)",
+        (c1 - c0) / el,
+        n as f64,
+        100.0 * (expected - (c1 - c0)) / expected,
+        100.0 * (cpu1 - cpu0) / el
+    );
+    server.shutdown().await;
+}
+
 async fn populate(api: SocketAddr, zone: &str, n: usize) {
     let ns = create_zone(api, zone).await;
     for i in 0..n {
@@ -202,10 +288,13 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("latency") => latency(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200)).await,
+        Some("health") => health(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000)).await,
         Some("populate") => {
             let api: SocketAddr = args[1].trim_start_matches("http://").parse().unwrap();
             populate(api, &args[2], args[3].parse().unwrap()).await;
         }
-        _ => eprintln!("usage: discovery_bench latency [samples] | populate <api> <zone> <n>"),
+        _ => eprintln!(
+            "usage: discovery_bench latency [samples] | health [instances] | populate <api> <zone> <n>"
+        ),
     }
 }

@@ -54,7 +54,7 @@ struct Serve {
     #[arg(long, default_value_t = 1)]
     healthy_threshold: u32,
     /// Concurrent active health checks.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     health_concurrency: usize,
     /// Trust domain of the CA created on first start in `<data-dir>/ca`.
     #[arg(long, default_value = "mesh.local", env = "TRELLIS_TRUST_DOMAIN")]

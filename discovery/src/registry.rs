@@ -267,11 +267,15 @@ impl Registry {
                     serde_json::from_slice(&v).map_err(|_| bad("operation"))?,
                 )),
                 "req" => state.apply(Change::PutRequest(
-                    k["req/".len()..].to_owned(),
+                    k.strip_prefix("req/")
+                        .ok_or_else(|| bad("request key"))?
+                        .to_owned(),
                     String::from_utf8(v).map_err(|_| bad("request id"))?,
                 )),
                 "tag" => state.apply(Change::PutTags(
-                    k["tag/".len()..].to_owned(),
+                    k.strip_prefix("tag/")
+                        .ok_or_else(|| bad("tag key"))?
+                        .to_owned(),
                     serde_json::from_slice(&v).map_err(|_| bad("tag list"))?,
                 )),
                 _ => return Err(bad("record kind")),

@@ -943,3 +943,60 @@ async fn ca_is_mounted_and_initialised_on_first_start() {
     assert_eq!(String::from_utf8(again).unwrap(), roots);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answers_follow_registry_changes_and_ignore_case() {
+    if tool("dig").is_none() {
+        return;
+    }
+    let server = start(None).await;
+    let (addr, dns) = (server.api_addr, server.dns_addr.unwrap());
+    let (_, svc) = setup(addr, "cache.local", serde_json::json!({})).await;
+    register(addr, &svc, "a", "10.7.0.1", 80).await;
+    let first = tokio::task::spawn_blocking(move || {
+        // The same question twice (the second is served from the answer cache), in mixed case.
+        (
+            dig(dns, &["api.cache.local", "A"]),
+            dig(dns, &["API.Cache.LOCAL", "A"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        answers(&first.0),
+        vec!["api.cache.local. 7 IN A 10.7.0.1".to_owned()],
+        "{}",
+        first.0
+    );
+    assert_eq!(answers(&first.1).len(), 1, "{}", first.1);
+    assert!(
+        first.1.contains("API.Cache.LOCAL"),
+        "question echoed as asked: {}",
+        first.1
+    );
+    register(addr, &svc, "b", "10.7.0.2", 80).await;
+    let second = tokio::task::spawn_blocking(move || dig(dns, &["api.cache.local", "A"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        answers(&second).len(),
+        2,
+        "a registration is visible at once: {second}"
+    );
+    let (s, _) = api(
+        addr,
+        "DeregisterInstance",
+        serde_json::json!({"ServiceId": svc, "InstanceId": "a"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let third = tokio::task::spawn_blocking(move || dig(dns, &["api.cache.local", "A"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        answers(&third),
+        vec!["api.cache.local. 7 IN A 10.7.0.2".to_owned()],
+        "{third}"
+    );
+    server.shutdown().await;
+}

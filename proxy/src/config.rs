@@ -58,6 +58,10 @@ pub struct ControlPlaneConfig {
     /// Join token for the first certificate; redacted in `/config`.
     #[serde(default, serialize_with = "redact")]
     pub token: Option<String>,
+    /// File holding the join token (e.g. written by `trellis-ca token create --out`), read at
+    /// start when `token` is not set.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
     /// How long one watch request is held by the server.
     #[serde(default = "default_watch_wait", with = "humantime_serde")]
     pub watch_wait: Duration,

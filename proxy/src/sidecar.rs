@@ -695,12 +695,23 @@ async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError
             "mTLS needs a certificate: configure control_plane (address + token)".into(),
         )
     })?;
-    let token = cp.token.as_deref().ok_or_else(|| {
-        StartError::Identity("control_plane.token is required to fetch a certificate".into())
-    })?;
+    let token = match (&cp.token, &cp.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| {
+                StartError::Identity(format!("control_plane.token_file {}: {e}", path.display()))
+            })?,
+        (None, None) => {
+            return Err(StartError::Identity(
+                "control_plane.token or control_plane.token_file is required to fetch a certificate"
+                    .into(),
+            ));
+        }
+    };
     Identity::bootstrap(
         &format!("http://{}", cp.address),
-        token,
+        &token,
         config.identity.trust_domain.clone(),
         None,
     )

@@ -984,3 +984,117 @@ fn list_tags(reg: &Registry, req: ResourceArn) -> Result<Value, ApiError> {
     let tags = st.tags.get(&req.resource_arn).cloned().unwrap_or_default();
     Ok(json!({"Tags": tags}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::RegistryConfig;
+    use crate::store::MemoryStore;
+
+    fn reg() -> std::sync::Arc<Registry> {
+        Registry::open(Box::new(MemoryStore::default()), RegistryConfig::default()).unwrap()
+    }
+
+    fn call(r: &Registry, action: &str, body: Value) -> Result<Value, ApiError> {
+        handle_action(r, action, body.to_string().as_bytes())
+    }
+
+    fn namespace(r: &Registry, name: &str) -> String {
+        let op = call(r, "CreateHttpNamespace", json!({"Name": name})).unwrap();
+        let got = call(r, "GetOperation", json!({"OperationId": op["OperationId"]})).unwrap();
+        got["Operation"]["Targets"]["NAMESPACE"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[test]
+    fn wrong_types_and_unknown_actions_are_invalid_input() {
+        let r = reg();
+        assert!(matches!(
+            call(&r, "GetNamespace", json!({"Id": 5})),
+            Err(ApiError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            call(&r, "GetNamespace", json!([])),
+            Err(ApiError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            handle_action(&r, "ListNamespaces", b"\xff\xfe"),
+            Err(ApiError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            call(&r, "Nope", json!({})),
+            Err(ApiError::UnknownOperation(_))
+        ));
+        assert!(matches!(
+            call(&r, "ListNamespaces", json!({"MaxResults": 0})),
+            Err(ApiError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            call(
+                &r,
+                "ListNamespaces",
+                json!({"Filters": [{"Name": "BOGUS", "Values": ["x"]}]})
+            ),
+            Err(ApiError::InvalidInput(_))
+        ));
+    }
+
+    #[test]
+    fn pagination_and_in_use_and_idempotent_services() {
+        let r = reg();
+        for i in 0..5 {
+            namespace(&r, &format!("n{i}"));
+        }
+        let p1 = call(&r, "ListNamespaces", json!({"MaxResults": 2})).unwrap();
+        assert_eq!(p1["Namespaces"].as_array().unwrap().len(), 2);
+        let huge = json!({"MaxResults": 100, "NextToken": format!("trellis-{}", usize::MAX)});
+        let empty = call(&r, "ListNamespaces", huge).unwrap();
+        assert_eq!(empty["Namespaces"].as_array().unwrap().len(), 0);
+        let p3 = call(
+            &r,
+            "ListNamespaces",
+            json!({"MaxResults": 2, "NextToken": "trellis-4"}),
+        )
+        .unwrap();
+        assert_eq!(p3["Namespaces"].as_array().unwrap().len(), 1);
+        assert!(p3.get("NextToken").is_none());
+
+        let ns = namespace(&r, "svcs");
+        let req = json!({"Name": "a", "NamespaceId": ns, "CreatorRequestId": "c1"});
+        let s1 = call(&r, "CreateService", req.clone()).unwrap();
+        let s2 = call(&r, "CreateService", req).unwrap();
+        assert_eq!(s1["Service"]["Id"], s2["Service"]["Id"]);
+        assert!(matches!(
+            call(&r, "DeleteNamespace", json!({"Id": ns})),
+            Err(ApiError::ResourceInUse(_))
+        ));
+        let sid = s1["Service"]["Id"].clone();
+        let reg_req = json!({"ServiceId": sid, "InstanceId": "i", "CreatorRequestId": "r1", "Attributes": {"k": "v"}});
+        let o1 = call(&r, "RegisterInstance", reg_req.clone()).unwrap();
+        let o2 = call(&r, "RegisterInstance", reg_req).unwrap();
+        assert_eq!(o1["OperationId"], o2["OperationId"]);
+        let too_many: serde_json::Map<String, Value> =
+            (0..31).map(|i| (format!("k{i}"), json!("v"))).collect();
+        assert!(matches!(
+            call(
+                &r,
+                "RegisterInstance",
+                json!({"ServiceId": sid, "InstanceId": "j", "Attributes": too_many})
+            ),
+            Err(ApiError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            call(
+                &r,
+                "RegisterInstance",
+                json!({"ServiceId": sid, "InstanceId": "bad id!", "Attributes": {}})
+            ),
+            Err(ApiError::InvalidInput(_))
+        ));
+        // Service ids may be given as ARNs.
+        let arn = s1["Service"]["Arn"].clone();
+        assert!(call(&r, "GetService", json!({"Id": arn})).is_ok());
+    }
+}

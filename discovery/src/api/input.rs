@@ -256,7 +256,8 @@ pub fn page<T>(
     let max = max.map(|m| m as usize).unwrap_or(default);
     let total = items.len();
     let page: Vec<T> = items.into_iter().skip(start).take(max).collect();
-    let next = (start + max < total).then(|| format!("trellis-{}", start + max));
+    let end = start.saturating_add(max);
+    let next = (end < total).then(|| format!("trellis-{end}"));
     Ok((page, next))
 }
 
