@@ -185,10 +185,11 @@ fn dig(cp: &Host, dig: &Path) -> Vec<String> {
     v
 }
 
-fn sidecar_toml(cp: &Host, token: &str, service: &str, inbound: Option<&Host>) -> String {
+/// `credential` is the control-plane credential line: `token = ".."` or `token_file = ".."`.
+fn sidecar_toml(cp: &Host, credential: &str, service: &str, inbound: Option<&Host>) -> String {
     let mut t = format!(
         "[identity]\nnamespace = \"{NS}\"\nservice = \"{service}\"\ntrust_domain = \"{TRUST}\"\n\n\
-         [control_plane]\naddress = \"{}:{API_PORT}\"\ntoken = \"{token}\"\nwatch_wait = \"5s\"\n\n\
+         [control_plane]\naddress = \"{}:{API_PORT}\"\n{credential}\nwatch_wait = \"5s\"\n\n\
          [admin]\nlisten = \"127.0.0.1:15000\"\n\n\
          [resilience]\nmax_retries = 3\nconnect_timeout = \"500ms\"\noutlier_consecutive_5xx = 1\n\n",
         cp.addr
@@ -271,7 +272,22 @@ fn mesh_across_network_namespaces() {
         .unwrap();
     assert!(init.status.success(), "{init:?}");
     let api_token = token(&ca, &ca_dir, "api");
-    let web_token = token(&ca, &ca_dir, "web");
+    // The web sidecar (its own uid) reads its join token from a 0600 file it owns.
+    let web_token = tmp.path().join("web.token");
+    let out = Command::new(&ca)
+        .args(["token", "create", "--dir"])
+        .arg(&ca_dir)
+        .args(["--namespace", NS, "--service", "web", "--out"])
+        .arg(&web_token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let chown = Command::new("chown")
+        .arg(format!("{SIDECAR_UID}:{SIDECAR_UID}"))
+        .arg(&web_token)
+        .status()
+        .unwrap();
+    assert!(chown.success());
 
     let lab = Lab::new(&["cp", "a1", "a2", "client"]).unwrap();
     let (cp, a1, a2, client) = (
@@ -350,7 +366,11 @@ fn mesh_across_network_namespaces() {
             &log(&format!("{name}-app")),
         );
         let path = conf.join(format!("{name}.toml"));
-        std::fs::write(&path, sidecar_toml(&cp, &api_token, "api", Some(h))).unwrap();
+        std::fs::write(
+            &path,
+            sidecar_toml(&cp, &format!("token = \"{api_token}\""), "api", Some(h)),
+        )
+        .unwrap();
         let sc = spawn(
             h,
             &proxy,
@@ -371,7 +391,16 @@ fn mesh_across_network_namespaces() {
     }
     // The client's sidecar runs as its own user, as in a task with transparent interception.
     let web_conf = conf.join("web.toml");
-    std::fs::write(&web_conf, sidecar_toml(&cp, &web_token, "web", None)).unwrap();
+    std::fs::write(
+        &web_conf,
+        sidecar_toml(
+            &cp,
+            &format!("token_file = \"{}\"", web_token.display()),
+            "web",
+            None,
+        ),
+    )
+    .unwrap();
     for d in [tmp.path(), conf.as_path()] {
         std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
