@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openssl dnsutils curl iproute2 iptables procps iputils-ping docker-compose prometheus)
+APT_PACKAGES=(openssl dnsutils curl iproute2 iptables procps iputils-ping util-linux docker-compose prometheus)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -22,6 +22,7 @@ mod endpoint;
 mod env;
 mod error;
 mod forward;
+pub mod intercept;
 pub mod lb;
 mod listener;
 mod metrics;

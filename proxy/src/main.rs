@@ -48,6 +48,31 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Transparent interception: in the app's network namespace, redirect its outbound TCP to the
+    /// sidecar's egress listener (the sidecar's uid and loopback excluded). Needs CAP_NET_ADMIN.
+    InitIptables {
+        /// The uid the sidecar runs as (its own traffic is not redirected).
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        /// The sidecar's `outbound.egress_listen` port.
+        #[arg(long, default_value_t = 15080)]
+        egress_port: u16,
+        /// Destination ports to intercept (comma-separated); all TCP ports when absent.
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<u16>,
+        /// Destination networks never intercepted (comma-separated CIDRs), besides loopback.
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<ipnet::Ipv4Net>,
+        /// Remove the rules instead of installing them.
+        #[arg(long)]
+        remove: bool,
+        /// Print the iptables commands instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+        /// The iptables program.
+        #[arg(long, default_value = "iptables")]
+        iptables: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +88,45 @@ fn main() -> ExitCode {
             log_json,
             check,
         } => lb(config, log_json, check),
+        Command::InitIptables {
+            proxy_uid,
+            egress_port,
+            ports,
+            exclude,
+            remove,
+            dry_run,
+            iptables,
+        } => {
+            use trellis_proxy::intercept;
+            let c = intercept::InterceptConfig {
+                proxy_uid,
+                egress_port,
+                ports,
+                exclude,
+            };
+            if dry_run {
+                let rules = if remove {
+                    intercept::remove_rules()
+                } else {
+                    intercept::install_rules(&c)
+                };
+                for r in rules {
+                    println!("{iptables} {}", r.join(" "));
+                }
+                return ExitCode::SUCCESS;
+            }
+            if remove {
+                intercept::remove(&iptables);
+                return ExitCode::SUCCESS;
+            }
+            match intercept::install(&iptables, &c) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("trellis-proxy init-iptables: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Probe { url, timeout } => match probe(&url, timeout) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
