@@ -62,6 +62,14 @@ pub struct ControlPlaneConfig {
     /// start when `token` is not set.
     #[serde(default)]
     pub token_file: Option<std::path::PathBuf>,
+    /// This instance's id in discovery (Cloud Map `InstanceId`). When set, SIGTERM deregisters it
+    /// (`DeregisterInstance`) before the listeners stop accepting, so peers stop picking it.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// The Cloud Map `ServiceId` of `identity.service`; looked up by namespace + service name
+    /// (`ListNamespaces` + `ListServices`) when not set.
+    #[serde(default)]
+    pub service_id: Option<String>,
     /// How long one watch request is held by the server.
     #[serde(default = "default_watch_wait", with = "humantime_serde")]
     pub watch_wait: Duration,

@@ -18,6 +18,7 @@ mod client;
 mod clock;
 mod cluster;
 mod config;
+mod deregister;
 mod endpoint;
 mod env;
 mod error;
@@ -48,6 +49,7 @@ pub use config::{
     IntentionRule, Intentions, LimitsConfig, OutboundConfig, Protocol, ResilienceConfig,
     RuntimeConfig, StaticCluster, StaticEndpoint, UpstreamConfig,
 };
+pub use deregister::{DeregisterError, Deregistration};
 pub use endpoint::{EndpointState, InFlight};
 pub use env::{EnvSource, MapEnv, ProcessEnv};
 pub use error::{ConfigError, ProxyError, Side, StartError};

@@ -28,6 +28,7 @@ use crate::body::ProxyBody;
 use crate::client::UpstreamClient;
 use crate::cluster::{Cluster, EndpointSpec};
 use crate::config::{Config, Decision, Intentions, Protocol, ResilienceConfig, StaticCluster};
+use crate::deregister::Deregistration;
 use crate::error::{ProxyError, StartError};
 use crate::forward::{ForwardPolicy, Target, error_response, forward};
 use crate::listener::{AcceptContext, bind_reuseport, spawn_accept};
@@ -424,12 +425,23 @@ pub async fn start_with(
         });
     }
 
-    // Drain: fail /ready, stop accepting, finish in-flight up to the drain timeout, then stop the rest.
+    // Drain: fail /ready, leave discovery (so peers stop picking us while we still accept), stop
+    // accepting, finish in-flight up to the drain timeout, then stop the rest.
     let drain_timeout = config.runtime.drain_timeout;
+    let leave = deregistration(&config);
     let done = tokio::spawn(async move {
         shutdown.cancelled().await;
         tracing::info!("draining");
         health.set_draining();
+        if let Some(d) = leave {
+            match tokio::time::timeout(DEREGISTER_TIMEOUT, d.run()).await {
+                Ok(Ok(())) => {
+                    tracing::info!(instance = %d.instance_id, "deregistered from discovery")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "deregistration failed; draining anyway"),
+                Err(_) => tracing::warn!("deregistration timed out; draining anyway"),
+            }
+        }
         stop.cancel();
         tracker.close();
         if tokio::time::timeout(drain_timeout, tracker.wait())
@@ -458,6 +470,21 @@ pub async fn start_with(
         intentions,
         identity,
         done,
+    })
+}
+
+/// Upper bound on leaving discovery at shutdown (the drain goes on either way).
+const DEREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What to deregister at shutdown: only with a control plane and an `instance_id`.
+fn deregistration(config: &Config) -> Option<Deregistration> {
+    let cp = config.control_plane.as_ref()?;
+    Some(Deregistration {
+        control_plane: cp.address,
+        namespace: config.identity.namespace.clone(),
+        service: config.identity.service.clone(),
+        service_id: cp.service_id.clone(),
+        instance_id: cp.instance_id.clone()?,
     })
 }
 

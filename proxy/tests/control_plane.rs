@@ -124,3 +124,114 @@ async fn endpoints_follow_the_real_control_plane() {
     sc.wait().await;
     server.shutdown().await;
 }
+
+/// An app that holds every request until `release` is notified: "a request in flight" without timing.
+async fn held_app(release: std::sync::Arc<tokio::sync::Notify>) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let release = release.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                release.notified().await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nheld")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn shutdown_deregisters_from_discovery_before_draining() {
+    let server = Server::start(ServerConfig::new("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let cp = server.api_addr;
+    let op = api(
+        cp,
+        "CreateHttpNamespace",
+        serde_json::json!({"Name": "my-app.local"}),
+    )
+    .await;
+    let got = api(
+        cp,
+        "GetOperation",
+        serde_json::json!({"OperationId": op["OperationId"]}),
+    )
+    .await;
+    let ns_id = got["Operation"]["Targets"]["NAMESPACE"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Another service first, so the lookup by name has something to skip.
+    api(
+        cp,
+        "CreateService",
+        serde_json::json!({"Name": "api", "NamespaceId": ns_id}),
+    )
+    .await;
+    let svc = api(
+        cp,
+        "CreateService",
+        serde_json::json!({"Name": "web", "NamespaceId": ns_id}),
+    )
+    .await;
+    let svc_id = svc["Service"]["Id"].as_str().unwrap().to_owned();
+
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let app_addr = held_app(release.clone()).await;
+    // No service_id in the config: the sidecar looks it up by namespace + service name.
+    let toml = format!(
+        "{}\n[control_plane]\naddress = \"{cp}\"\ninstance_id = \"web-1\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app_addr}\"\ndanger_allow_plaintext = true\n",
+        base()
+    );
+    let (sc, stop) = sidecar(&toml).await;
+    let inbound = sc.inbound_addr.unwrap();
+    register(cp, &svc_id, "web-1", inbound).await;
+    let discover = || {
+        api(
+            cp,
+            "DiscoverInstances",
+            serde_json::json!({"NamespaceName": "my-app.local", "ServiceName": "web"}),
+        )
+    };
+    assert_eq!(discover().await["Instances"].as_array().unwrap().len(), 1);
+
+    // A request in flight through the inbound listener, held by the app.
+    let inflight =
+        tokio::spawn(async move { get(&h1_client(), &format!("http://{inbound}/")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!inflight.is_finished());
+
+    stop.cancel();
+    let mut gone = false;
+    for _ in 0..250 {
+        if discover().await["Instances"].as_array().unwrap().is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "instance deregistered within 5 s of shutdown");
+    // Still draining: the held request has not been answered yet and the sidecar has not finished.
+    assert!(!inflight.is_finished(), "deregistered while draining");
+    release.notify_waiters();
+    let (status, _, body) = inflight.await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"held"[..]));
+    tokio::time::timeout(Duration::from_secs(5), sc.wait())
+        .await
+        .unwrap();
+    server.shutdown().await;
+}
