@@ -427,7 +427,7 @@ impl Default for Intentions {
 
 fn default_trust_domain() -> TrustDomain {
     // A literal that is a valid trust domain.
-    "trellis.local"
+    "mesh.local"
         .parse()
         .unwrap_or_else(|_| unreachable!("constant trust domain is valid"))
 }

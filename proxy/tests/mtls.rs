@@ -50,7 +50,7 @@ fn client_config(service: &str, target: &str, at: SocketAddr, protocol: &str) ->
 
 #[tokio::test]
 async fn mtls_between_sidecars_with_intentions() {
-    let ca = EphemeralCa::new("trellis.local").unwrap();
+    let ca = EphemeralCa::new("mesh.local").unwrap();
     let api_id = ca
         .issue_identity("my-app.local", "api", None)
         .await
@@ -85,7 +85,7 @@ async fn mtls_between_sidecars_with_intentions() {
     )
     .unwrap();
     assert!(
-        headers.contains("x-forwarded-client-cert: By=spiffe://trellis.local/ns/my-app.local/svc/api;URI=spiffe://trellis.local/ns/my-app.local/svc/web"),
+        headers.contains("x-forwarded-client-cert: By=spiffe://mesh.local/ns/my-app.local/svc/api;URI=spiffe://mesh.local/ns/my-app.local/svc/web"),
         "{headers}"
     );
     // A large body over the multiplexed mTLS hop.
@@ -177,7 +177,7 @@ async fn get_raw(addr: SocketAddr) -> Vec<u8> {
 
 #[tokio::test]
 async fn tcp_over_mtls_relays_large_streams() {
-    let ca = EphemeralCa::new("trellis.local").unwrap();
+    let ca = EphemeralCa::new("mesh.local").unwrap();
     let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let echo_addr = echo.local_addr().unwrap();
     tokio::spawn(async move {
@@ -227,7 +227,7 @@ async fn tcp_over_mtls_relays_large_streams() {
 
 #[tokio::test]
 async fn certificate_rotation_under_load_fails_no_request() {
-    let ca = EphemeralCa::new("trellis.local").unwrap();
+    let ca = EphemeralCa::new("mesh.local").unwrap();
     let api_id = ca
         .issue_identity("my-app.local", "api", None)
         .await
@@ -361,7 +361,7 @@ async fn sign_api(
 
 #[tokio::test]
 async fn bootstraps_its_certificate_from_the_sign_api_with_a_token() {
-    let ca = Arc::new(EphemeralCa::new("trellis.local").unwrap());
+    let ca = Arc::new(EphemeralCa::new("mesh.local").unwrap());
     let (cp, signed) = sign_api(ca.clone(), "join-t0ken", "api").await;
     let app = app("api-app", None).await;
     let toml = |token: &str| {
@@ -510,7 +510,7 @@ fn s_client(
 #[tokio::test]
 async fn openssl_client_needs_a_certificate() {
     let Some(openssl) = openssl() else { return };
-    let ca = EphemeralCa::new("trellis.local").unwrap();
+    let ca = EphemeralCa::new("mesh.local").unwrap();
     let api_id = ca
         .issue_identity("my-app.local", "api", None)
         .await
@@ -544,7 +544,7 @@ async fn openssl_client_needs_a_certificate() {
 
 #[tokio::test]
 async fn upgrade_crosses_two_sidecars_over_mtls() {
-    let ca = EphemeralCa::new("trellis.local").unwrap();
+    let ca = EphemeralCa::new("mesh.local").unwrap();
     let api_id = ca
         .issue_identity("my-app.local", "api", None)
         .await
