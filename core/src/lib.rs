@@ -2,12 +2,14 @@
 //!
 //! What it holds: validated names ([`NamespaceName`], [`ServiceName`], [`TrustDomain`]), workload
 //! identities ([`SpiffeId`]), the endpoint-set wire type of the discovery watch API ([`EndpointSet`]),
-//! and health state ([`HealthStatus`]). What it does not hold: any I/O, any async runtime, any TLS.
+//! health state ([`HealthStatus`]) and AWS SigV4 verification ([`sigv4`]) for the AWS-compatible
+//! APIs. What it does not hold: any I/O, any async runtime, any TLS.
 //! Strings from the edge become these types once; inner code never re-checks them.
 
 mod endpoint;
 mod health;
 mod name;
+pub mod sigv4;
 mod spiffe;
 
 pub use endpoint::{Endpoint, EndpointSet};
