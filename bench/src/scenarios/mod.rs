@@ -3,6 +3,7 @@
 
 pub mod dns;
 pub mod http;
+pub mod lb;
 pub mod peers;
 pub mod tcp;
 pub mod trellis;

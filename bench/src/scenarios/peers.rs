@@ -106,6 +106,25 @@ stream {{
     start_nginx(ctx, Role::Subject, "nginx-stream", &conf, port)
 }
 
+/// nginx (one worker per `ctx.workers`) with the given body inside its `http { }` block.
+pub fn nginx_custom(
+    ctx: &Ctx,
+    name: &str,
+    port: u16,
+    http_body: &str,
+) -> Result<(Proc, SocketAddr)> {
+    let conf = format!(
+        "{common}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+{http_body}
+}}",
+        common = nginx_common(ctx, name)
+    );
+    start_nginx(ctx, Role::Subject, name, &conf, port)
+}
+
 fn nginx_common(ctx: &Ctx, tag: &str) -> String {
     let w = ctx.work.display();
     format!(
