@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use trellis_bench::report::{self, ScenarioResult};
-use trellis_bench::scenarios::{Subject, dns, http, lb, tcp, trellis};
+use trellis_bench::scenarios::{Subject, dns, http, lb, memory, tcp, trellis};
 use trellis_bench::{Ctx, proc};
 
 const SCENARIOS: &[&str] = &[
@@ -19,12 +19,13 @@ const SCENARIOS: &[&str] = &[
     "tcp",
     "dns",
     "lb-rules",
+    "resources",
 ];
 
 #[derive(Parser)]
 #[command(about = "Benchmarks trellis against nginx, HAProxy, unbound and openssl in one run")]
 struct Args {
-    /// Scenario to run, or `all`. One of: http1-keepalive, http1-newconn, http1-large, http2, tcp, dns, lb-rules.
+    /// Scenario to run, or `all`. One of: http1-keepalive, http1-newconn, http1-large, http2, tcp, dns, lb-rules, resources.
     #[arg(default_value = "all")]
     scenario: String,
     /// Short runs (about 3 minutes for all): proves each scenario produces numbers, nothing more.
@@ -101,8 +102,13 @@ fn run(args: Args) -> Result<()> {
     };
     let mut results: Vec<ScenarioResult> = Vec::new();
     for s in selected {
-        if s == "lb-rules" {
-            for r in lb::run(&ctx)? {
+        if s == "lb-rules" || s == "resources" {
+            let many = if s == "lb-rules" {
+                lb::run(&ctx)?
+            } else {
+                memory::run(&ctx, http_subjects())?
+            };
+            for r in many {
                 print!("{}", r.to_markdown());
                 results.push(r);
             }

@@ -4,6 +4,7 @@
 pub mod dns;
 pub mod http;
 pub mod lb;
+pub mod memory;
 pub mod peers;
 pub mod tcp;
 pub mod trellis;
