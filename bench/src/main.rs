@@ -52,6 +52,9 @@ struct Args {
     /// Do not apt-get install missing peers and load tools.
     #[arg(long)]
     no_install: bool,
+    /// Use the release binaries already in target/release instead of building them.
+    #[arg(long)]
+    no_build: bool,
 }
 
 fn main() -> ExitCode {
@@ -83,7 +86,9 @@ fn run(args: Args) -> Result<()> {
     if !args.no_install {
         install_tools()?;
     }
-    build_trellis(&root)?;
+    if !args.no_build {
+        build_trellis(&root)?;
+    }
     let work = root.join("bench/work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
