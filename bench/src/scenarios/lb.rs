@@ -167,6 +167,15 @@ pub fn run(ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
             ctx.runs,
             ctx.workers
         )];
+        let cpu_one = out.first().and_then(|first| cpu_of(&first.rows));
+        if let (Some(now), Some(one)) = (cpu_of(&rows), cpu_one)
+            && now > 0.0
+        {
+            notes.push(format!(
+                "CPU per request, trellis at 1 rule ÷ at {n} rules = {:.2} (the same ratio measured in CPU time, which a noisy machine disturbs less than wall-clock req/s)",
+                one / now
+            ));
+        }
         let one = out.first().and_then(|first| rate_of(&first.rows));
         if let (Some(now), Some(one)) = (rate_of(&rows), one)
             && one > 0.0
@@ -193,4 +202,12 @@ fn rate_of(rows: &[crate::report::Row]) -> Option<f64> {
     rows.iter()
         .find(|row| row.subject == "trellis")
         .map(|row| row.median(|s| s.rate))
+}
+
+fn cpu_of(rows: &[crate::report::Row]) -> Option<f64> {
+    let row = rows.iter().find(|row| row.subject == "trellis")?;
+    row.runs
+        .iter()
+        .all(|s| s.cpu_us_per_req.is_some())
+        .then(|| row.median(|s| s.cpu_us_per_req.unwrap_or(0.0)))
 }
