@@ -8,15 +8,24 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use trellis_bench::report::{self, ScenarioResult};
-use trellis_bench::scenarios::{Subject, http, tcp, trellis};
+use trellis_bench::scenarios::{Subject, dns, http, lb, memory, tcp, trellis};
 use trellis_bench::{Ctx, proc};
 
-const SCENARIOS: &[&str] = &["http1-keepalive", "http1-newconn", "http1-large", "tcp"];
+const SCENARIOS: &[&str] = &[
+    "http1-keepalive",
+    "http1-newconn",
+    "http1-large",
+    "http2",
+    "tcp",
+    "dns",
+    "lb-rules",
+    "resources",
+];
 
 #[derive(Parser)]
 #[command(about = "Benchmarks trellis against nginx, HAProxy, unbound and openssl in one run")]
 struct Args {
-    /// Scenario to run, or `all`. One of: http1-keepalive, http1-newconn, http1-large, tcp.
+    /// Scenario to run, or `all`. One of: http1-keepalive, http1-newconn, http1-large, http2, tcp, dns, lb-rules, resources.
     #[arg(default_value = "all")]
     scenario: String,
     /// Short runs (about 3 minutes for all): proves each scenario produces numbers, nothing more.
@@ -43,6 +52,9 @@ struct Args {
     /// Do not apt-get install missing peers and load tools.
     #[arg(long)]
     no_install: bool,
+    /// Use the release binaries already in target/release instead of building them.
+    #[arg(long)]
+    no_build: bool,
 }
 
 fn main() -> ExitCode {
@@ -74,7 +86,9 @@ fn run(args: Args) -> Result<()> {
     if !args.no_install {
         install_tools()?;
     }
-    build_trellis(&root)?;
+    if !args.no_build {
+        build_trellis(&root)?;
+    }
     let work = root.join("bench/work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -93,6 +107,18 @@ fn run(args: Args) -> Result<()> {
     };
     let mut results: Vec<ScenarioResult> = Vec::new();
     for s in selected {
+        if s == "lb-rules" || s == "resources" {
+            let many = if s == "lb-rules" {
+                lb::run(&ctx)?
+            } else {
+                memory::run(&ctx, http_subjects())?
+            };
+            for r in many {
+                print!("{}", r.to_markdown());
+                results.push(r);
+            }
+            continue;
+        }
         let r = match s {
             "http1-keepalive" => {
                 http::run(&ctx, http::Shape::KeepAlive, "trellis", http_subjects())?
@@ -101,7 +127,9 @@ fn run(args: Args) -> Result<()> {
                 http::run(&ctx, http::Shape::NewConnection, "trellis", http_subjects())?
             }
             "http1-large" => http::run(&ctx, http::Shape::Large, "trellis", http_subjects())?,
+            "http2" => http::run_h2(&ctx, "trellis", h2_subjects())?,
             "tcp" => tcp::run(&ctx, "trellis", tcp_subjects())?,
+            "dns" => dns::run(&ctx, dns::standard_subjects())?,
             _ => unreachable!("checked above"),
         };
         print!("{}", r.to_markdown());
@@ -119,6 +147,12 @@ fn run(args: Args) -> Result<()> {
 
 fn http_subjects() -> Vec<Subject<'static>> {
     http::standard_subjects(vec![Subject::new("trellis", |ctx, port, origin| {
+        trellis::sidecar(ctx, port, origin, false)
+    })])
+}
+
+fn h2_subjects() -> Vec<Subject<'static>> {
+    http::h2_subjects(vec![Subject::new("trellis", |ctx, port, origin| {
         trellis::sidecar(ctx, port, origin, false)
     })])
 }
@@ -146,6 +180,23 @@ fn build_trellis(root: &std::path::Path) -> Result<()> {
         .success();
     if !ok {
         bail!("cargo build --release of the trellis binaries failed");
+    }
+    // The DNS scenario populates trellis-discovery through its API with this example.
+    let ok = Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "trellis-discovery",
+            "--example",
+            "discovery_bench",
+        ])
+        .status()
+        .context("running cargo build")?
+        .success();
+    if !ok {
+        bail!("cargo build --release of the discovery_bench example failed");
     }
     Ok(())
 }

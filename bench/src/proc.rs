@@ -19,6 +19,18 @@ pub struct Proc {
 impl Proc {
     /// Spawns `program args` in its own process group, output to `<work>/<name>.log`.
     pub fn spawn(ctx: &Ctx, role: Role, name: &str, program: &Path, args: &[&str]) -> Result<Proc> {
+        Proc::spawn_env(ctx, role, name, program, args, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables (e.g. `TOKIO_WORKER_THREADS`).
+    pub fn spawn_env(
+        ctx: &Ctx,
+        role: Role,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
         let log = std::fs::File::create(ctx.work.join(format!("{name}.log")))?;
         let mut cmd = match ctx.cpu_for(role) {
             Some(cpu) => {
@@ -29,6 +41,7 @@ impl Proc {
             None => Command::new(program),
         };
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

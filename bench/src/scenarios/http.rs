@@ -91,3 +91,48 @@ pub fn run(
         )],
     })
 }
+
+/// The subjects of the HTTP/2 scenario: `extra` (trellis), direct (an nginx h2c origin), nginx and
+/// HAProxy, each accepting cleartext HTTP/2 with prior knowledge and proxying over HTTP/1.1.
+pub fn h2_subjects<'a>(extra: Vec<Subject<'a>>) -> Vec<Subject<'a>> {
+    let mut v = extra;
+    v.push(Subject::new("direct", |ctx, port, _| {
+        peers::nginx_origin_h2(ctx, port).map(|(p, a)| (Some(p), a))
+    }));
+    v.push(Subject::new("nginx", |ctx, port, origin| {
+        peers::nginx_proxy_h2(ctx, port, origin).map(|(p, a)| (Some(p), a))
+    }));
+    v.push(Subject::new("haproxy", |ctx, port, origin| {
+        peers::haproxy_h2(ctx, port, origin).map(|(p, a)| (Some(p), a))
+    }));
+    v
+}
+
+/// HTTP/2 (cleartext, prior knowledge) with h2load: 16 connections × 16 concurrent streams, small
+/// responses; the proxies talk HTTP/1.1 keep-alive to the nginx origin.
+pub fn run_h2(ctx: &Ctx, ours: &str, subjects: Vec<Subject<'_>>) -> Result<ScenarioResult> {
+    const CLIENTS: usize = 16;
+    const STREAMS: usize = 16;
+    eprintln!("scenario http2");
+    let (_origin_proc, origin) = peers::nginx_origin(ctx, free_port()?)?;
+    let load = |ctx: &Ctx, addr: SocketAddr, d| {
+        load::h2load(ctx, &format!("http://{addr}/"), CLIENTS, STREAMS, d)
+    };
+    let mut rows = Vec::new();
+    for s in &subjects {
+        rows.push(measure(ctx, s, origin, &load)?);
+    }
+    Ok(ScenarioResult {
+        name: "http2".into(),
+        title: "HTTP/2 (h2c), small responses".into(),
+        unit: "req/s".into(),
+        ours: ours.into(),
+        rows,
+        notes: vec![format!(
+            "h2load: 1 thread, {CLIENTS} connections × {STREAMS} streams, {}s × {} runs; every proxy {} worker(s), HTTP/1.1 to the origin. h2load reports mean (p50 column) and max (p99.9 column) only. The direct row's CPU is the h2c origin's own.",
+            ctx.duration.as_secs(),
+            ctx.runs,
+            ctx.workers,
+        )],
+    })
+}

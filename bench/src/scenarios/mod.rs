@@ -1,7 +1,10 @@
 //! The scenarios. Each builds its peers, runs the same load against every subject in the same run,
 //! and returns a [`ScenarioResult`](crate::report::ScenarioResult).
 
+pub mod dns;
 pub mod http;
+pub mod lb;
+pub mod memory;
 pub mod peers;
 pub mod tcp;
 pub mod trellis;

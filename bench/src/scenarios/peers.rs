@@ -27,16 +27,59 @@ http {{
     start_nginx(ctx, Role::Origin, "nginx-origin", &conf, port)
 }
 
-/// nginx as an HTTP reverse proxy with upstream keep-alive.
-pub fn nginx_proxy(ctx: &Ctx, port: u16, origin: SocketAddr) -> Result<(Proc, SocketAddr)> {
+/// nginx serving the origin's small body over cleartext HTTP/2 (prior knowledge, as h2load speaks
+/// it): the "direct" subject of the HTTP/2 scenario.
+pub fn nginx_origin_h2(ctx: &Ctx, port: u16) -> Result<(Proc, SocketAddr)> {
     let conf = format!(
         "{common}
 http {{
   access_log off;
   keepalive_requests 1000000;
-  upstream origin {{ server {origin}; keepalive 256; keepalive_requests 1000000; }}
+  http2_max_concurrent_streams 256;
   server {{
-    listen 127.0.0.1:{port} reuseport backlog=4096;
+    listen 127.0.0.1:{port} http2 reuseport backlog=4096;
+    location / {{ default_type text/plain; return 200 \"hello from the origin\\n\"; }}
+  }}
+}}",
+        common = nginx_common(ctx, "origin-h2")
+    );
+    start_nginx(ctx, Role::Subject, "nginx-origin-h2", &conf, port)
+}
+
+/// nginx as an HTTP reverse proxy with upstream keep-alive.
+pub fn nginx_proxy(ctx: &Ctx, port: u16, origin: SocketAddr) -> Result<(Proc, SocketAddr)> {
+    nginx_proxy_with(ctx, port, origin, false)
+}
+
+/// [`nginx_proxy`] whose listener speaks cleartext HTTP/2 (prior knowledge); HTTP/1.1 upstream.
+pub fn nginx_proxy_h2(ctx: &Ctx, port: u16, origin: SocketAddr) -> Result<(Proc, SocketAddr)> {
+    nginx_proxy_with(ctx, port, origin, true)
+}
+
+fn nginx_proxy_with(
+    ctx: &Ctx,
+    port: u16,
+    origin: SocketAddr,
+    h2: bool,
+) -> Result<(Proc, SocketAddr)> {
+    let (listen_extra, h2_conf, tag, name) = if h2 {
+        (
+            " http2",
+            "\n  http2_max_concurrent_streams 256;",
+            "proxy-h2",
+            "nginx-h2",
+        )
+    } else {
+        ("", "", "proxy", "nginx")
+    };
+    let conf = format!(
+        "{common}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  upstream origin {{ server {origin}; keepalive 256; keepalive_requests 1000000; }}{h2_conf}
+  server {{
+    listen 127.0.0.1:{port}{listen_extra} reuseport backlog=4096;
     location / {{
       proxy_pass http://origin;
       proxy_http_version 1.1;
@@ -45,9 +88,9 @@ http {{
     }}
   }}
 }}",
-        common = nginx_common(ctx, "proxy")
+        common = nginx_common(ctx, tag)
     );
-    start_nginx(ctx, Role::Subject, "nginx", &conf, port)
+    start_nginx(ctx, Role::Subject, name, &conf, port)
 }
 
 /// nginx stream (raw TCP) proxy.
@@ -61,6 +104,25 @@ stream {{
         common = nginx_common(ctx, "stream")
     );
     start_nginx(ctx, Role::Subject, "nginx-stream", &conf, port)
+}
+
+/// nginx (one worker per `ctx.workers`) with the given body inside its `http { }` block.
+pub fn nginx_custom(
+    ctx: &Ctx,
+    name: &str,
+    port: u16,
+    http_body: &str,
+) -> Result<(Proc, SocketAddr)> {
+    let conf = format!(
+        "{common}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+{http_body}
+}}",
+        common = nginx_common(ctx, name)
+    );
+    start_nginx(ctx, Role::Subject, name, &conf, port)
 }
 
 fn nginx_common(ctx: &Ctx, tag: &str) -> String {
@@ -112,6 +174,22 @@ fn start_nginx(
 
 /// HAProxy in HTTP mode (or TCP mode with splicing) with one thread.
 pub fn haproxy(ctx: &Ctx, port: u16, origin: SocketAddr, tcp: bool) -> Result<(Proc, SocketAddr)> {
+    haproxy_with(ctx, port, origin, tcp, false)
+}
+
+/// HAProxy in HTTP mode whose frontend speaks cleartext HTTP/2 (`proto h2`); HTTP/1.1 upstream.
+pub fn haproxy_h2(ctx: &Ctx, port: u16, origin: SocketAddr) -> Result<(Proc, SocketAddr)> {
+    haproxy_with(ctx, port, origin, false, true)
+}
+
+fn haproxy_with(
+    ctx: &Ctx,
+    port: u16,
+    origin: SocketAddr,
+    tcp: bool,
+    h2: bool,
+) -> Result<(Proc, SocketAddr)> {
+    let bind_extra = if h2 { " proto h2" } else { "" };
     let mode = if tcp {
         "mode tcp\n  option splice-auto"
     } else {
@@ -128,14 +206,18 @@ defaults
   timeout client 60s
   timeout server 60s
 frontend f
-  bind 127.0.0.1:{port}
+  bind 127.0.0.1:{port}{bind_extra}
   default_backend b
 backend b
   server origin {origin}
 ",
         workers = ctx.workers
     );
-    let name = if tcp { "haproxy-tcp" } else { "haproxy" };
+    let name = match (tcp, h2) {
+        (true, _) => "haproxy-tcp",
+        (false, true) => "haproxy-h2",
+        (false, false) => "haproxy",
+    };
     let path = ctx.work.join(format!("{name}.cfg"));
     std::fs::write(&path, conf)?;
     let path_str = path.display().to_string();

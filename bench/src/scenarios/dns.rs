@@ -1,0 +1,147 @@
+//! Authoritative DNS: dnsperf against trellis-discovery and against unbound serving the same 1,000
+//! names (A records, one per service), each server with one worker thread.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use super::{Subject, measure};
+use crate::proc::{Proc, free_port};
+use crate::report::ScenarioResult;
+use crate::{Ctx, Role, load};
+
+/// The zone every subject serves.
+pub const ZONE: &str = "bench.local";
+
+/// Number of names (services `svc0..svc{N-1}`, one A record each).
+pub const NAMES: usize = 1000;
+
+/// The address of name `i`, the same in every subject.
+fn address(i: usize) -> String {
+    format!("10.{}.{}.{}", i / 65536 % 256, i / 256 % 256, i % 256)
+}
+
+/// trellis-discovery with one worker thread, populated through its Cloud Map API with
+/// [`NAMES`] services (by the `discovery_bench` example's `populate`).
+pub fn trellis(ctx: &Ctx, dns_port: u16) -> Result<(Option<Proc>, SocketAddr)> {
+    let api = free_port()?;
+    let data = ctx.work.join("discovery-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let api_s = format!("127.0.0.1:{api}");
+    let dns_s = format!("127.0.0.1:{dns_port}");
+    let data_s = data.display().to_string();
+    let workers = ctx.workers.to_string();
+    let mut p = Proc::spawn_env(
+        ctx,
+        Role::Subject,
+        "trellis-discovery",
+        &ctx.bin("trellis-discovery"),
+        &[
+            "serve",
+            "--api-listen",
+            &api_s,
+            "--dns-listen",
+            &dns_s,
+            "--data-dir",
+            &data_s,
+        ],
+        &[("TOKIO_WORKER_THREADS", &workers), ("RUST_LOG", "warn")],
+    )?;
+    let api_addr = SocketAddr::from(([127, 0, 0, 1], api));
+    p.wait_tcp(ctx, api_addr)?;
+    let dns_addr = SocketAddr::from(([127, 0, 0, 1], dns_port));
+    p.wait_tcp(ctx, dns_addr)?;
+    let populate = ctx.bin_dir.join("examples/discovery_bench");
+    let ok = Command::new(&populate)
+        .args(["populate", &api_s, ZONE, &NAMES.to_string()])
+        .status()
+        .with_context(|| format!("running {}", populate.display()))?
+        .success();
+    if !ok {
+        bail!("discovery_bench populate failed");
+    }
+    Ok((Some(p), dns_addr))
+}
+
+/// unbound answering the same names from `local-data`, `num-threads` = workers.
+pub fn unbound(ctx: &Ctx, port: u16) -> Result<(Option<Proc>, SocketAddr)> {
+    let w = ctx.work.display();
+    let mut conf = format!(
+        "server:
+  interface: 127.0.0.1
+  port: {port}
+  num-threads: {workers}
+  do-daemonize: no
+  use-syslog: no
+  logfile: \"\"
+  username: \"\"
+  chroot: \"\"
+  directory: \"{w}\"
+  pidfile: \"{w}/unbound.pid\"
+  access-control: 127.0.0.0/8 allow
+  verbosity: 0
+  so-reuseport: yes
+  local-zone: \"{ZONE}.\" static
+",
+        workers = ctx.workers
+    );
+    for i in 0..NAMES {
+        conf.push_str(&format!(
+            "  local-data: \"svc{i}.{ZONE}. 60 IN A {}\"\n",
+            address(i)
+        ));
+    }
+    let path = ctx.work.join("unbound.conf");
+    std::fs::write(&path, conf)?;
+    let path_s = path.display().to_string();
+    let mut p = Proc::spawn(
+        ctx,
+        Role::Subject,
+        "unbound",
+        "unbound".as_ref(),
+        &["-d", "-c", &path_s],
+    )?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    p.wait_tcp(ctx, addr)?;
+    Ok((Some(p), addr))
+}
+
+pub fn standard_subjects() -> Vec<Subject<'static>> {
+    vec![
+        Subject::new("trellis", |ctx, port, _| trellis(ctx, port)),
+        Subject::new("unbound", |ctx, port, _| unbound(ctx, port)),
+    ]
+}
+
+pub fn run(ctx: &Ctx, subjects: Vec<Subject<'_>>) -> Result<ScenarioResult> {
+    eprintln!("scenario dns");
+    let queries = ctx.work.join("queries.txt");
+    let text: String = (0..NAMES).map(|i| format!("svc{i}.{ZONE} A\n")).collect();
+    std::fs::write(&queries, text)?;
+    let load = |ctx: &Ctx, addr: SocketAddr, d| load::dnsperf(ctx, addr, &queries, d);
+    // No origin: the subjects answer themselves.
+    let unused = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut rows = Vec::new();
+    for s in &subjects {
+        rows.push(measure(ctx, s, unused, &load)?);
+    }
+    Ok(ScenarioResult {
+        name: "dns".into(),
+        title: format!("Authoritative DNS, {NAMES} names (A), UDP"),
+        unit: "queries/s".into(),
+        ours: "trellis".into(),
+        rows,
+        notes: vec![format!(
+            "dnsperf: 4 clients, up to 200 outstanding, {}s × {} runs; every server {} worker thread(s){}; target: trellis ≥ 1.2× unbound. Latency is dnsperf's average (p50 column), no percentiles.",
+            ctx.duration.as_secs(),
+            ctx.runs,
+            ctx.workers,
+            if ctx.pin {
+                ", pinned to CPU 1, dnsperf to CPU 0"
+            } else {
+                ""
+            }
+        )],
+    })
+}

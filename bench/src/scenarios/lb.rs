@@ -1,0 +1,213 @@
+//! Path-rule scaling of the internal load balancer: `trellis-proxy lb` vs HAProxy (one ACL +
+//! `use_backend` per rule) vs nginx (one `location` per rule), at 1, 100 and 1,000 path rules, the
+//! request always hitting the LAST rule (the worst case for a linear scan).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use anyhow::Result;
+
+use super::{Subject, measure, peers};
+use crate::proc::{Proc, free_port};
+use crate::report::ScenarioResult;
+use crate::{Ctx, Role, load};
+
+/// The rule counts measured.
+pub const RULE_COUNTS: &[usize] = &[1, 100, 1000];
+
+fn trellis(ctx: &Ctx, port: u16, origin: SocketAddr, n: usize) -> Result<Proc> {
+    let admin = free_port()?;
+    let mut conf = format!(
+        "[admin]
+listen = \"127.0.0.1:{admin}\"
+
+[[target_group]]
+name = \"be\"
+targets = [\"{origin}\"]
+health_check = {{ path = \"/\", interval = \"5s\", timeout = \"1s\" }}
+
+[[listener]]
+name = \"web\"
+listen = \"127.0.0.1:{port}\"
+default_action = {{ type = \"fixed-response\", status = 404 }}
+"
+    );
+    for i in 1..=n {
+        let _ = write!(
+            conf,
+            "
+[[listener.rule]]
+name = \"r{i}\"
+priority = {i}
+conditions = [{{ field = \"path-pattern\", values = [\"/svc{i}/*\"] }}]
+action = {{ type = \"forward\", target_groups = [{{ name = \"be\" }}] }}
+"
+        );
+    }
+    let path = ctx.work.join(format!("lb-{n}.toml"));
+    std::fs::write(&path, conf)?;
+    let path_s = path.display().to_string();
+    let workers = ctx.workers.to_string();
+    let mut p = Proc::spawn_env(
+        ctx,
+        Role::Subject,
+        &format!("trellis-lb-{n}"),
+        &ctx.bin("trellis-proxy"),
+        &["lb", "--config", &path_s],
+        &[("TOKIO_WORKER_THREADS", &workers), ("TRELLIS_LOG", "warn")],
+    )?;
+    p.wait_tcp(ctx, SocketAddr::from(([127, 0, 0, 1], port)))?;
+    Ok(p)
+}
+
+fn haproxy(ctx: &Ctx, port: u16, origin: SocketAddr, n: usize) -> Result<Proc> {
+    let mut conf = format!(
+        "global
+  nbthread {workers}
+  maxconn 4000
+defaults
+  mode http
+  option http-keep-alive
+  http-reuse always
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:{port}
+",
+        workers = ctx.workers
+    );
+    for i in 1..=n {
+        let _ = writeln!(conf, "  acl r{i} path_beg /svc{i}/");
+    }
+    for i in 1..=n {
+        let _ = writeln!(conf, "  use_backend be if r{i}");
+    }
+    let _ = write!(
+        conf,
+        "  default_backend nomatch
+backend be
+  server origin {origin}
+backend nomatch
+  http-request return status 404
+"
+    );
+    let path = ctx.work.join(format!("haproxy-lb-{n}.cfg"));
+    std::fs::write(&path, conf)?;
+    let path_s = path.display().to_string();
+    let mut p = Proc::spawn(
+        ctx,
+        Role::Subject,
+        &format!("haproxy-lb-{n}"),
+        "haproxy".as_ref(),
+        &["-db", "-f", &path_s],
+    )?;
+    p.wait_tcp(ctx, SocketAddr::from(([127, 0, 0, 1], port)))?;
+    Ok(p)
+}
+
+fn nginx(ctx: &Ctx, port: u16, origin: SocketAddr, n: usize) -> Result<Proc> {
+    let mut locations = String::new();
+    for i in 1..=n {
+        let _ = writeln!(
+            locations,
+            "    location /svc{i}/ {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }}"
+        );
+    }
+    let (p, _) = peers::nginx_custom(
+        ctx,
+        &format!("nginx-lb-{n}"),
+        port,
+        &format!(
+            "  upstream origin {{ server {origin}; keepalive 256; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=4096;
+{locations}    location / {{ return 404; }}
+  }}"
+        ),
+    )?;
+    Ok(p)
+}
+
+fn subjects(n: usize) -> Vec<Subject<'static>> {
+    vec![
+        Subject::new("trellis", move |ctx, port, origin| {
+            trellis(ctx, port, origin, n)
+                .map(|p| (Some(p), SocketAddr::from(([127, 0, 0, 1], port))))
+        }),
+        Subject::new("haproxy", move |ctx, port, origin| {
+            haproxy(ctx, port, origin, n)
+                .map(|p| (Some(p), SocketAddr::from(([127, 0, 0, 1], port))))
+        }),
+        Subject::new("nginx", move |ctx, port, origin| {
+            nginx(ctx, port, origin, n).map(|p| (Some(p), SocketAddr::from(([127, 0, 0, 1], port))))
+        }),
+    ]
+}
+
+/// One result per rule count (`lb-rules-1`, `lb-rules-100`, `lb-rules-1000`); the last one's notes
+/// carry trellis at 1,000 rules ÷ trellis at 1 rule (target ≥ 0.90).
+pub fn run(ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
+    eprintln!("scenario lb-rules");
+    let (_origin_proc, origin) = peers::nginx_origin(ctx, free_port()?)?;
+    let conns = ctx.connections;
+    let mut out: Vec<ScenarioResult> = Vec::new();
+    for &n in RULE_COUNTS {
+        let path = format!("/svc{n}/item");
+        let load = |ctx: &Ctx, addr: SocketAddr, d| {
+            load::wrk(ctx, &format!("http://{addr}{path}"), conns, d, &[])
+        };
+        let mut rows = Vec::new();
+        for s in &subjects(n) {
+            rows.push(measure(ctx, s, origin, &load)?);
+        }
+        let mut notes = vec![format!(
+            "wrk: 1 thread, {conns} connections at `{path}` (the last of {n} rule(s)), {}s × {} runs; every proxy {} worker(s). Target: trellis ≥ 1.2× HAProxy.",
+            ctx.duration.as_secs(),
+            ctx.runs,
+            ctx.workers
+        )];
+        let cpu_one = out.first().and_then(|first| cpu_of(&first.rows));
+        if let (Some(now), Some(one)) = (cpu_of(&rows), cpu_one)
+            && now > 0.0
+        {
+            notes.push(format!(
+                "CPU per request, trellis at 1 rule ÷ at {n} rules = {:.2} (the same ratio measured in CPU time, which a noisy machine disturbs less than wall-clock req/s)",
+                one / now
+            ));
+        }
+        let one = out.first().and_then(|first| rate_of(&first.rows));
+        if let (Some(now), Some(one)) = (rate_of(&rows), one)
+            && one > 0.0
+        {
+            let ratio = now / one;
+            notes.push(format!(
+                "trellis at {n} rules ÷ trellis at 1 rule = {ratio:.2} (target ≥ 0.90: {})",
+                if ratio >= 0.9 { "met" } else { "MISSED" }
+            ));
+        }
+        out.push(ScenarioResult {
+            name: format!("lb-rules-{n}"),
+            title: format!("Internal LB, {n} path rule(s), request matching the last"),
+            unit: "req/s".into(),
+            ours: "trellis".into(),
+            rows,
+            notes,
+        });
+    }
+    Ok(out)
+}
+
+fn rate_of(rows: &[crate::report::Row]) -> Option<f64> {
+    rows.iter()
+        .find(|row| row.subject == "trellis")
+        .map(|row| row.median(|s| s.rate))
+}
+
+fn cpu_of(rows: &[crate::report::Row]) -> Option<f64> {
+    let row = rows.iter().find(|row| row.subject == "trellis")?;
+    row.runs
+        .iter()
+        .all(|s| s.cpu_us_per_req.is_some())
+        .then(|| row.median(|s| s.cpu_us_per_req.unwrap_or(0.0)))
+}
