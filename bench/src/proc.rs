@@ -17,12 +17,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Spawns `program args` in its own process group, output to `<work>/<name>.log`.
-    pub fn spawn(ctx: &Ctx, role: Role, name: &str, program: &Path, args: &[&str]) -> Result<Proc> {
-        Proc::spawn_env(ctx, role, name, program, args, &[])
-    }
-
-    /// [`Proc::spawn`] with extra environment variables (e.g. `TOKIO_WORKER_THREADS`).
+    /// Spawns `program args` (with extra environment, e.g. `TOKIO_WORKER_THREADS`) in its own
+    /// process group, output to `<work>/<name>.log`.
     pub fn spawn_env(
         ctx: &Ctx,
         role: Role,
@@ -117,4 +113,40 @@ pub fn have(program: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Stands for the written config file's path in [`Launch::args`].
+pub const CONFIG: &str = "{config}";
+
+/// A config-driven subject (nginx, HAProxy, unbound, trellis): write its config into the work dir,
+/// start it, wait until it listens.
+pub struct Launch<'a> {
+    pub role: Role,
+    pub name: &'a str,
+    pub program: &'a Path,
+    /// Arguments; [`CONFIG`] is replaced by the config file's path.
+    pub args: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
+    /// File name of the config inside the work dir.
+    pub config_file: &'a str,
+    pub config: &'a str,
+    /// Loopback port the subject listens on when ready.
+    pub port: u16,
+}
+
+impl Launch<'_> {
+    pub fn start(&self, ctx: &Ctx) -> Result<(Proc, SocketAddr)> {
+        let path = ctx.work.join(self.config_file);
+        std::fs::write(&path, self.config)?;
+        let path = path.display().to_string();
+        let args: Vec<&str> = self
+            .args
+            .iter()
+            .map(|a| if *a == CONFIG { path.as_str() } else { a })
+            .collect();
+        let mut p = Proc::spawn_env(ctx, self.role, self.name, self.program, &args, self.env)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        p.wait_tcp(ctx, addr)?;
+        Ok((p, addr))
+    }
 }

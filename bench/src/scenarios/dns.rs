@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::{Subject, measure};
-use crate::proc::{Proc, free_port};
+use crate::proc::{CONFIG, Launch, Proc, free_port};
 use crate::report::ScenarioResult;
 use crate::{Ctx, Role, load};
 
@@ -92,18 +92,17 @@ pub fn unbound(ctx: &Ctx, port: u16) -> Result<(Option<Proc>, SocketAddr)> {
             address(i)
         ));
     }
-    let path = ctx.work.join("unbound.conf");
-    std::fs::write(&path, conf)?;
-    let path_s = path.display().to_string();
-    let mut p = Proc::spawn(
-        ctx,
-        Role::Subject,
-        "unbound",
-        "unbound".as_ref(),
-        &["-d", "-c", &path_s],
-    )?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    p.wait_tcp(ctx, addr)?;
+    let (p, addr) = Launch {
+        role: Role::Subject,
+        name: "unbound",
+        program: "unbound".as_ref(),
+        args: &["-d", "-c", CONFIG],
+        env: &[],
+        config_file: "unbound.conf",
+        config: &conf,
+        port,
+    }
+    .start(ctx)?;
     Ok((Some(p), addr))
 }
 

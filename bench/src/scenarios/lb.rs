@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use anyhow::Result;
 
 use super::{Subject, measure, peers};
-use crate::proc::{Proc, free_port};
+use crate::proc::{CONFIG, Launch, Proc, free_port};
 use crate::report::ScenarioResult;
 use crate::{Ctx, Role, load};
 
@@ -44,19 +44,18 @@ action = {{ type = \"forward\", target_groups = [{{ name = \"be\" }}] }}
 "
         );
     }
-    let path = ctx.work.join(format!("lb-{n}.toml"));
-    std::fs::write(&path, conf)?;
-    let path_s = path.display().to_string();
     let workers = ctx.workers.to_string();
-    let mut p = Proc::spawn_env(
-        ctx,
-        Role::Subject,
-        &format!("trellis-lb-{n}"),
-        &ctx.bin("trellis-proxy"),
-        &["lb", "--config", &path_s],
-        &[("TOKIO_WORKER_THREADS", &workers), ("TRELLIS_LOG", "warn")],
-    )?;
-    p.wait_tcp(ctx, SocketAddr::from(([127, 0, 0, 1], port)))?;
+    let (p, _) = Launch {
+        role: Role::Subject,
+        name: &format!("trellis-lb-{n}"),
+        program: &ctx.bin("trellis-proxy"),
+        args: &["lb", "--config", CONFIG],
+        env: &[("TOKIO_WORKER_THREADS", &workers), ("TRELLIS_LOG", "warn")],
+        config_file: &format!("lb-{n}.toml"),
+        config: &conf,
+        port,
+    }
+    .start(ctx)?;
     Ok(p)
 }
 
@@ -92,17 +91,17 @@ backend nomatch
   http-request return status 404
 "
     );
-    let path = ctx.work.join(format!("haproxy-lb-{n}.cfg"));
-    std::fs::write(&path, conf)?;
-    let path_s = path.display().to_string();
-    let mut p = Proc::spawn(
-        ctx,
-        Role::Subject,
-        &format!("haproxy-lb-{n}"),
-        "haproxy".as_ref(),
-        &["-db", "-f", &path_s],
-    )?;
-    p.wait_tcp(ctx, SocketAddr::from(([127, 0, 0, 1], port)))?;
+    let (p, _) = Launch {
+        role: Role::Subject,
+        name: &format!("haproxy-lb-{n}"),
+        program: "haproxy".as_ref(),
+        args: &["-db", "-f", CONFIG],
+        env: &[],
+        config_file: &format!("haproxy-lb-{n}.cfg"),
+        config: &conf,
+        port,
+    }
+    .start(ctx)?;
     Ok(p)
 }
 

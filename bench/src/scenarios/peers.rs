@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-use crate::proc::Proc;
+use crate::proc::{CONFIG, Launch, Proc};
 use crate::{Ctx, Role};
 
 /// nginx serving a fixed small body (and `/large`, a 1 MiB file): the origin behind every proxy.
@@ -156,20 +156,18 @@ fn start_nginx(
         ),
         1,
     );
-    let path = ctx.work.join(format!("{name}.conf"));
-    std::fs::write(&path, conf)?;
-    let path_str = path.display().to_string();
     let prefix = format!("{w}/");
-    let mut p = Proc::spawn(
-        ctx,
+    Launch {
         role,
         name,
-        "nginx".as_ref(),
-        &["-p", &prefix, "-c", &path_str],
-    )?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    p.wait_tcp(ctx, addr)?;
-    Ok((p, addr))
+        program: "nginx".as_ref(),
+        args: &["-p", &prefix, "-c", CONFIG],
+        env: &[],
+        config_file: &format!("{name}.conf"),
+        config: &conf,
+        port,
+    }
+    .start(ctx)
 }
 
 /// HAProxy in HTTP mode (or TCP mode with splicing) with one thread.
@@ -218,17 +216,16 @@ backend b
         (false, true) => "haproxy-h2",
         (false, false) => "haproxy",
     };
-    let path = ctx.work.join(format!("{name}.cfg"));
-    std::fs::write(&path, conf)?;
-    let path_str = path.display().to_string();
-    let mut p = Proc::spawn(
-        ctx,
-        Role::Subject,
+    let (p, addr) = Launch {
+        role: Role::Subject,
         name,
-        "haproxy".as_ref(),
-        &["-db", "-f", &path_str],
-    )?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    p.wait_tcp(ctx, addr)?;
+        program: "haproxy".as_ref(),
+        args: &["-db", "-f", CONFIG],
+        env: &[],
+        config_file: &format!("{name}.cfg"),
+        config: &conf,
+        port,
+    }
+    .start(ctx)?;
     Ok((p, addr))
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-use crate::proc::{Proc, free_port};
+use crate::proc::{CONFIG, Launch, Proc, free_port};
 use crate::{Ctx, Role};
 
 /// The sidecar's outbound side as a plain reverse proxy (app → sidecar → origin), for the HTTP
@@ -39,17 +39,16 @@ worker_threads = {workers}
         workers = ctx.workers
     );
     let name = if tcp { "trellis-tcp" } else { "trellis" };
-    let path = ctx.work.join(format!("{name}.toml"));
-    std::fs::write(&path, conf)?;
-    let path_str = path.display().to_string();
-    let mut p = Proc::spawn(
-        ctx,
-        Role::Subject,
+    let (p, addr) = Launch {
+        role: Role::Subject,
         name,
-        &ctx.bin("trellis-proxy"),
-        &["sidecar", "--config", &path_str],
-    )?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    p.wait_tcp(ctx, addr)?;
+        program: &ctx.bin("trellis-proxy"),
+        args: &["sidecar", "--config", CONFIG],
+        env: &[],
+        config_file: &format!("{name}.toml"),
+        config: &conf,
+        port,
+    }
+    .start(ctx)?;
     Ok((Some(p), addr))
 }
