@@ -4,7 +4,9 @@
 //!
 //! One task per checked instance on a fixed-rate schedule (`tokio::time::interval`: no drift),
 //! phase-shifted by a random jitter so thousands of checks spread over the interval; a semaphore
-//! bounds the checks in flight. A reconciler starts and stops tasks as instances come and go.
+//! bounds the checks in flight. A reconciler starts and stops tasks as instances come and go, and
+//! restarts a task when its service's check settings change (`health_settings.rs`: per-service
+//! interval, timeout, thresholds and status matcher from tags, over the server-wide defaults).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use trellis_core::HealthStatus;
 
+use crate::health_settings::CheckSettings;
 use crate::metrics::Metrics;
 use crate::model::{CheckType, attr};
 use crate::registry::Registry;
@@ -53,7 +56,7 @@ enum Check {
         kind: CheckType,
         target: SocketAddr,
         path: String,
-        failure_threshold: u32,
+        settings: CheckSettings,
     },
     Ttl(Duration),
 }
@@ -96,7 +99,7 @@ impl HealthChecker {
 
     /// Starts tasks for new checks, stops those whose instance left or whose check changed.
     fn reconcile(&mut self) {
-        let desired = desired_checks(&self.registry);
+        let desired = desired_checks(&self.registry, &self.config);
         self.tasks.retain(|k, (check, task)| {
             let keep = desired.get(k) == Some(check) && !task.is_finished();
             if !keep {
@@ -112,7 +115,6 @@ impl HealthChecker {
                 Check::Active { .. } => tokio::spawn(active(
                     self.registry.clone(),
                     self.metrics.clone(),
-                    self.config.clone(),
                     self.permits.clone(),
                     key.clone(),
                     check.clone(),
@@ -126,7 +128,7 @@ impl HealthChecker {
     }
 }
 
-fn desired_checks(reg: &Registry) -> HashMap<Key, Check> {
+fn desired_checks(reg: &Registry, defaults: &HealthConfig) -> HashMap<Key, Check> {
     let st = reg.read();
     let mut out = HashMap::new();
     for (sid, e) in &st.services {
@@ -160,7 +162,11 @@ fn desired_checks(reg: &Registry) -> HashMap<Key, Check> {
                     kind: hc.kind,
                     target: SocketAddr::new(ip, port),
                     path: hc.resource_path.clone().unwrap_or_else(|| "/".into()),
-                    failure_threshold: hc.failure_threshold.unwrap_or(1).max(1),
+                    settings: CheckSettings::for_service(
+                        defaults,
+                        hc.failure_threshold.unwrap_or(1),
+                        st.tags.get(&e.service.arn).map_or(&[], Vec::as_slice),
+                    ),
                 },
             );
         }
@@ -171,7 +177,6 @@ fn desired_checks(reg: &Registry) -> HashMap<Key, Check> {
 async fn active(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    config: HealthConfig,
     permits: Arc<Semaphore>,
     (service_id, instance_id): Key,
     check: Check,
@@ -180,14 +185,14 @@ async fn active(
         kind,
         target,
         path,
-        failure_threshold,
+        settings,
     } = check
     else {
         return;
     };
     let jitter =
-        rand::rng().random_range(Duration::ZERO..config.interval.max(Duration::from_millis(1)));
-    let mut ticks = tokio::time::interval_at(Instant::now() + jitter, config.interval);
+        rand::rng().random_range(Duration::ZERO..settings.interval.max(Duration::from_millis(1)));
+    let mut ticks = tokio::time::interval_at(Instant::now() + jitter, settings.interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let (mut successes, mut failures) = (0u32, 0u32);
     let kind_label = match kind {
@@ -201,9 +206,9 @@ async fn active(
             return;
         };
         let ok = match kind {
-            CheckType::Http => http_check(target, &path, config.timeout).await,
+            CheckType::Http => http_check(target, &path, &settings).await,
             // HTTPS: a TCP connect (no certificate verification of the app's TLS).
-            CheckType::Https | CheckType::Tcp => tcp_check(target, config.timeout).await,
+            CheckType::Https | CheckType::Tcp => tcp_check(target, settings.timeout).await,
         };
         metrics
             .health_checks
@@ -212,13 +217,13 @@ async fn active(
         if ok {
             successes += 1;
             failures = 0;
-            if successes >= config.healthy_threshold {
+            if successes >= settings.healthy_threshold {
                 registry.set_health(&service_id, &instance_id, HealthStatus::Healthy);
             }
         } else {
             failures += 1;
             successes = 0;
-            if failures >= failure_threshold {
+            if failures >= settings.unhealthy_threshold {
                 registry.set_health(&service_id, &instance_id, HealthStatus::Unhealthy);
             }
         }
@@ -241,8 +246,9 @@ fn reset_on_close(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
-/// `GET path` over HTTP/1.1; healthy on a 2xx or 3xx status, as Route 53.
-async fn http_check(target: SocketAddr, path: &str, timeout: Duration) -> bool {
+/// `GET path` over HTTP/1.1; healthy when the status matches the service's matcher (by default
+/// 2xx or 3xx, as Route 53).
+async fn http_check(target: SocketAddr, path: &str, settings: &CheckSettings) -> bool {
     let attempt = async {
         let mut s = TcpStream::connect(target).await.ok()?;
         reset_on_close(&s);
@@ -261,9 +267,12 @@ async fn http_check(target: SocketAddr, path: &str, timeout: Duration) -> bool {
         }
         let head = std::str::from_utf8(&buf[..n]).ok()?;
         let code: u16 = head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()?;
-        Some((200..400).contains(&code))
+        Some(settings.matcher.matches(code))
     };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+    matches!(
+        tokio::time::timeout(settings.timeout, attempt).await,
+        Ok(Some(true))
+    )
 }
 
 /// Unhealthy when no heartbeat arrived within `ttl` (counting from the task's start).

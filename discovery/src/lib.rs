@@ -20,6 +20,8 @@ mod dns_udp;
 #[cfg(feature = "server")]
 mod health;
 #[cfg(feature = "server")]
+pub mod health_settings;
+#[cfg(feature = "server")]
 mod http;
 #[cfg(feature = "server")]
 mod metrics;

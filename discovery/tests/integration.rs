@@ -746,6 +746,76 @@ async fn active_http_and_tcp_checks() {
     server.shutdown().await;
 }
 
+/// Per-service settings from tags override the server-wide defaults (here: a 1 h interval and
+/// 2xx-3xx, so only the tags can make these checks run and fail in time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_service_health_check_settings_from_tags() {
+    let mut cfg = ServerConfig::new(loopback());
+    cfg.health = HealthConfig {
+        interval: Duration::from_secs(3600),
+        timeout: Duration::from_secs(2),
+        healthy_threshold: 1,
+        concurrency: 8,
+    };
+    let server = Server::start(cfg).await.unwrap();
+    let addr = server.api_addr;
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let app_addr = app(up).await;
+    let (_, svc) = setup(
+        addr,
+        "tags.local",
+        serde_json::json!({
+            "HealthCheckConfig": {"Type": "HTTP", "ResourcePath": "/health", "FailureThreshold": 1},
+            "Tags": [{"Key": "trellis:health-check-interval", "Value": "100ms"},
+                     {"Key": "trellis:health-check-matcher", "Value": "204"}]}),
+    )
+    .await;
+    let (_, got) = api(addr, "GetService", serde_json::json!({"Id": svc})).await;
+    let arn = got["Service"]["Arn"].as_str().unwrap().to_owned();
+    // A bad value is refused with InvalidInput naming the tag.
+    for (key, value) in [
+        ("trellis:health-check-interval", "1ms"),
+        ("trellis:healthy-threshold", "0"),
+        ("trellis:health-check-matcher", "2xx"),
+    ] {
+        let (s, b) = api(
+            addr,
+            "TagResource",
+            serde_json::json!({"ResourceARN": arn, "Tags": [{"Key": key, "Value": value}]}),
+        )
+        .await;
+        assert_eq!(
+            (s, b["__type"].as_str()),
+            (400, Some("InvalidInput")),
+            "{b}"
+        );
+        assert!(b["Message"].as_str().unwrap().contains(key), "{b}");
+    }
+    register(addr, &svc, "app", "127.0.0.1", app_addr.port()).await;
+    let health = |set: &EndpointSet| set.endpoints.first().map(|e| e.health);
+    let q = "tags.local/api?health=all";
+    // The app answers 200, which the service's matcher (204) calls a failure.
+    until(addr, q, Duration::from_secs(5), |s| {
+        health(s) == Some(trellis_discovery::HealthStatus::Unhealthy)
+    })
+    .await;
+    // Retagged live: 2xx matches again; the check restarts with the new settings.
+    let (s, b) = api(
+        addr,
+        "TagResource",
+        serde_json::json!({"ResourceARN": arn, "Tags": [
+            {"Key": "trellis:health-check-matcher", "Value": "200-299"},
+            {"Key": "trellis:healthy-threshold", "Value": "2"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    until(addr, q, Duration::from_secs(10), |s| {
+        health(s) == Some(trellis_discovery::HealthStatus::Healthy)
+    })
+    .await;
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_heartbeats() {
     let server = start(None).await;

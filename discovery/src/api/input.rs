@@ -51,6 +51,7 @@ pub fn tags(t: &Option<Vec<Tag>>) -> Result<(), ApiError> {
                 "tag keys are 1-128 characters and values 0-256".into(),
             ));
         }
+        crate::health_settings::validate_tag(tag).map_err(ApiError::InvalidInput)?;
     }
     Ok(())
 }
