@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use trellis_bench::report::{self, ScenarioResult};
-use trellis_bench::scenarios::{Subject, dns, http, lb, memory, tcp, trellis};
+use trellis_bench::scenarios::{Subject, dns, http, lb, memory, mtls, tcp, trellis};
 use trellis_bench::{Ctx, proc};
 
 const SCENARIOS: &[&str] = &[
@@ -16,6 +16,7 @@ const SCENARIOS: &[&str] = &[
     "http1-newconn",
     "http1-large",
     "http2",
+    "mtls-pair",
     "tcp",
     "dns",
     "lb-rules",
@@ -25,7 +26,7 @@ const SCENARIOS: &[&str] = &[
 #[derive(Parser)]
 #[command(about = "Benchmarks trellis against nginx, HAProxy, unbound and openssl in one run")]
 struct Args {
-    /// Scenario to run, or `all`. One of: http1-keepalive, http1-newconn, http1-large, http2, tcp, dns, lb-rules, resources.
+    /// Scenario to run, or `all`. One of: http1-keepalive, http1-newconn, http1-large, http2, mtls-pair, tcp, dns, lb-rules, resources, control-plane, instructions.
     #[arg(default_value = "all")]
     scenario: String,
     /// Short runs (about 3 minutes for all): proves each scenario produces numbers, nothing more.
@@ -128,6 +129,7 @@ fn run(args: Args) -> Result<()> {
             }
             "http1-large" => http::run(&ctx, http::Shape::Large, "trellis", http_subjects())?,
             "http2" => http::run_h2(&ctx, "trellis", h2_subjects())?,
+            "mtls-pair" => mtls::run(&ctx)?,
             "tcp" => tcp::run(&ctx, "trellis", tcp_subjects())?,
             "dns" => dns::run(&ctx, dns::standard_subjects())?,
             _ => unreachable!("checked above"),
@@ -174,6 +176,8 @@ fn build_trellis(root: &std::path::Path) -> Result<()> {
             "trellis-proxy",
             "-p",
             "trellis-discovery",
+            "-p",
+            "trellis-ca",
         ])
         .status()
         .context("running cargo build")?

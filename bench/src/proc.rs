@@ -14,6 +14,12 @@ use crate::{Ctx, Role};
 pub struct Proc {
     pub name: String,
     child: Child,
+    /// Processes that are part of this subject (e.g. the server half of a proxy pair): their CPU
+    /// and memory count with this one's, and they stop with it.
+    measured: Vec<Proc>,
+    /// Processes this subject needs but that are not measured (e.g. the control plane that issued
+    /// its certificates); they stop with it.
+    background: Vec<Proc>,
 }
 
 impl Proc {
@@ -48,11 +54,32 @@ impl Proc {
         Ok(Proc {
             name: name.to_owned(),
             child,
+            measured: Vec::new(),
+            background: Vec::new(),
         })
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// This process and every measured companion (see [`Proc::with_measured`]).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut v = vec![self.pid()];
+        v.extend(self.measured.iter().flat_map(Proc::pids));
+        v
+    }
+
+    /// Makes `other` part of this subject: measured together, stopped together.
+    pub fn with_measured(mut self, other: Proc) -> Proc {
+        self.measured.push(other);
+        self
+    }
+
+    /// Keeps `other` running as long as this subject, without measuring it.
+    pub fn with_background(mut self, other: Proc) -> Proc {
+        self.background.push(other);
+        self
     }
 
     /// Waits until `addr` accepts TCP connections, or fails with the process's log tail.

@@ -5,6 +5,7 @@ pub mod dns;
 pub mod http;
 pub mod lb;
 pub mod memory;
+pub mod mtls;
 pub mod peers;
 pub mod tcp;
 pub mod trellis;
@@ -55,19 +56,20 @@ pub fn measure(
 ) -> Result<Row> {
     let port = free_port()?;
     let (proc, addr) = (subject.start)(ctx, port, origin)?;
-    let pid = proc.as_ref().map(Proc::pid);
+    let pids = proc.as_ref().map(Proc::pids);
     eprintln!("  {}: warm-up", subject.name);
     load(ctx, addr, warmup(ctx))?;
     let mut runs = Vec::new();
     for i in 0..ctx.runs {
-        let cpu0 = pid.map(resources::cpu_seconds);
+        let cpu_of = |pids: &[u32]| pids.iter().map(|p| resources::cpu_seconds(*p)).sum::<f64>();
+        let cpu0 = pids.as_deref().map(cpu_of);
         let mut s = load(ctx, addr, ctx.duration)?;
-        if let (Some(pid), Some(cpu0)) = (pid, cpu0) {
-            let cpu = resources::cpu_seconds(pid) - cpu0;
+        if let (Some(pids), Some(cpu0)) = (&pids, cpu0) {
+            let cpu = cpu_of(pids) - cpu0;
             if s.total > 0 {
                 s.cpu_us_per_req = Some(cpu * 1e6 / s.total as f64);
             }
-            s.rss_kib = Some(resources::rss_kib(pid));
+            s.rss_kib = Some(pids.iter().map(|p| resources::rss_kib(*p)).sum());
         }
         eprintln!(
             "  {}: run {}/{}: {:.0}/s p99 {:.0}µs errors {}{}",

@@ -229,3 +229,39 @@ backend b
     .start(ctx)?;
     Ok((p, addr))
 }
+
+/// HAProxy (`nbthread` = workers) with the given sections after `global` and `defaults` (HTTP
+/// mode, keep-alive, connection reuse); it must bind `port`.
+pub fn haproxy_custom(
+    ctx: &Ctx,
+    name: &str,
+    port: u16,
+    sections: &str,
+) -> Result<(Proc, SocketAddr)> {
+    let conf = format!(
+        "global
+  nbthread {workers}
+  maxconn 4000
+  tune.bufsize 16384
+defaults
+  mode http
+  option http-keep-alive
+  http-reuse always
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+{sections}",
+        workers = ctx.workers
+    );
+    Launch {
+        role: Role::Subject,
+        name,
+        program: "haproxy".as_ref(),
+        args: &["-db", "-f", CONFIG],
+        env: &[],
+        config_file: &format!("{name}.cfg"),
+        config: &conf,
+        port,
+    }
+    .start(ctx)
+}
