@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use trellis_bench::report::{self, ScenarioResult};
-use trellis_bench::scenarios::{Subject, dns, http, lb, memory, mtls, tcp, trellis};
+use trellis_bench::scenarios::{Subject, control, dns, http, lb, memory, mtls, tcp, trellis};
 use trellis_bench::{Ctx, proc};
 
 const SCENARIOS: &[&str] = &[
@@ -21,6 +21,7 @@ const SCENARIOS: &[&str] = &[
     "dns",
     "lb-rules",
     "resources",
+    "control-plane",
 ];
 
 #[derive(Parser)]
@@ -108,11 +109,11 @@ fn run(args: Args) -> Result<()> {
     };
     let mut results: Vec<ScenarioResult> = Vec::new();
     for s in selected {
-        if s == "lb-rules" || s == "resources" {
-            let many = if s == "lb-rules" {
-                lb::run(&ctx)?
-            } else {
-                memory::run(&ctx, http_subjects())?
+        if s == "lb-rules" || s == "resources" || s == "control-plane" {
+            let many = match s {
+                "lb-rules" => lb::run(&ctx)?,
+                "resources" => memory::run(&ctx, http_subjects())?,
+                _ => control::run(&ctx)?,
             };
             for r in many {
                 print!("{}", r.to_markdown());

@@ -182,6 +182,19 @@ async fn latency(samples: usize) {
     println!(
         "RegisterInstance durable throughput: {rps:.0}/s (8 clients, new connection per request)"
     );
+    // One machine-readable line for trellis-bench's control-plane scenario.
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "BENCHJSON {}",
+        serde_json::json!({
+            "samples": samples,
+            "dns_p50_us": us(pct(&mut dns_lat, 0.5)),
+            "dns_p99_us": us(pct(&mut dns_lat, 0.99)),
+            "watch_p50_us": us(pct(&mut watch_lat, 0.5)),
+            "watch_p99_us": us(pct(&mut watch_lat, 0.99)),
+            "register_per_s": rps,
+        })
+    );
     server.shutdown().await;
 }
 

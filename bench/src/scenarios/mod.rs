@@ -1,6 +1,7 @@
 //! The scenarios. Each builds its peers, runs the same load against every subject in the same run,
 //! and returns a [`ScenarioResult`](crate::report::ScenarioResult).
 
+pub mod control;
 pub mod dns;
 pub mod http;
 pub mod lb;

@@ -138,6 +138,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "  openssl x509 -req per cert       : {openssl_rate:>9.0} certs/s   (baseline, process per cert)"
     );
+    // One machine-readable line for trellis-bench's control-plane scenario.
+    let inproc_cpu = if inproc_cpu.is_finite() {
+        inproc_cpu
+    } else {
+        0.0
+    };
+    println!(
+        "BENCHJSON {{\"inproc\":{inproc:.1},\"inproc_cpu\":{inproc_cpu:.1},\"inproc_disk\":{inproc_disk:.1},\"http\":{http_rate:.1},\"http_clients\":{conc},\"openssl\":{openssl_rate:.1}}}"
+    );
     Ok(())
 }
 
