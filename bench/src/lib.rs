@@ -33,6 +33,9 @@ pub struct Ctx {
     pub work: PathBuf,
     /// The workspace's release binaries.
     pub bin_dir: PathBuf,
+    /// A command every subject runs under (e.g. `valgrind --tool=callgrind`), none normally.
+    /// Subjects then run as a single process (nginx without its master).
+    pub wrap: Vec<String>,
 }
 
 impl Ctx {

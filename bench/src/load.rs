@@ -116,6 +116,18 @@ pub fn h2load(
     parse_h2load(&text).with_context(|| format!("parsing h2load output:\n{text}"))
 }
 
+/// Exactly `requests` HTTP/1.1 keep-alive requests over `clients` connections (h2load `--h1 -n`),
+/// for counting instructions on a fixed amount of work.
+pub fn h1_fixed(ctx: &Ctx, url: &str, clients: usize, requests: u64) -> Result<Sample> {
+    let mut cmd = taskset(ctx, "h2load");
+    cmd.args(["--h1", "-t1", "-c", &clients.to_string()])
+        .args(["-n", &requests.to_string()])
+        .arg(url);
+    let out = cmd.output().context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_h2load(&text).with_context(|| format!("parsing h2load output:\n{text}"))
+}
+
 fn parse_h2load(text: &str) -> Result<Sample> {
     let mut s = Sample::default();
     for line in text.lines() {

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use trellis_bench::report::{self, ScenarioResult};
-use trellis_bench::scenarios::{Subject, control, dns, http, lb, memory, mtls, tcp, trellis};
+use trellis_bench::scenarios::{
+    Subject, control, dns, http, instructions, lb, memory, mtls, tcp, trellis,
+};
 use trellis_bench::{Ctx, proc};
 
 const SCENARIOS: &[&str] = &[
@@ -22,6 +24,7 @@ const SCENARIOS: &[&str] = &[
     "lb-rules",
     "resources",
     "control-plane",
+    "instructions",
 ];
 
 #[derive(Parser)]
@@ -106,6 +109,7 @@ fn run(args: Args) -> Result<()> {
             .join("target/release")
             .canonicalize()
             .unwrap_or(root.join("target/release")),
+        wrap: Vec::new(),
     };
     let mut results: Vec<ScenarioResult> = Vec::new();
     for s in selected {
@@ -131,6 +135,7 @@ fn run(args: Args) -> Result<()> {
             "http1-large" => http::run(&ctx, http::Shape::Large, "trellis", http_subjects())?,
             "http2" => http::run_h2(&ctx, "trellis", h2_subjects())?,
             "mtls-pair" => mtls::run(&ctx)?,
+            "instructions" => instructions::run(&ctx, http_subjects())?,
             "tcp" => tcp::run(&ctx, "trellis", tcp_subjects())?,
             "dns" => dns::run(&ctx, dns::standard_subjects())?,
             _ => unreachable!("checked above"),
@@ -246,6 +251,7 @@ fn install_tools() -> Result<()> {
         ("unbound", "unbound"),
         ("openssl", "openssl"),
         ("taskset", "util-linux"),
+        ("valgrind", "valgrind"),
     ];
     let stream_module = std::path::Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
     let mut missing: Vec<&str> = wanted

@@ -34,15 +34,18 @@ impl Proc {
         env: &[(&str, &str)],
     ) -> Result<Proc> {
         let log = std::fs::File::create(ctx.work.join(format!("{name}.log")))?;
-        let mut cmd = match ctx.cpu_for(role) {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpu]).arg(program);
-                c
-            }
-            None => Command::new(program),
-        };
-        cmd.args(args)
+        // [taskset -c CPU] [wrapper...] program args
+        let mut argv: Vec<&std::ffi::OsStr> = Vec::new();
+        if let Some(cpu) = ctx.cpu_for(role) {
+            argv.extend(["taskset", "-c", cpu].map(std::ffi::OsStr::new));
+        }
+        if role == Role::Subject {
+            argv.extend(ctx.wrap.iter().map(std::ffi::OsStr::new));
+        }
+        argv.push(program.as_os_str());
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -84,7 +87,9 @@ impl Proc {
 
     /// Waits until `addr` accepts TCP connections, or fails with the process's log tail.
     pub fn wait_tcp(&mut self, ctx: &Ctx, addr: SocketAddr) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Slower under a wrapper such as valgrind.
+        let limit = Duration::from_secs(if ctx.wrap.is_empty() { 20 } else { 120 });
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
@@ -99,10 +104,28 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!(
-            "{} did not listen on {addr} within 20s:\n{}",
+            "{} did not listen on {addr} within {limit:?}:\n{}",
             self.name,
             self.log_tail(ctx)
         )
+    }
+
+    /// SIGTERM, then waits up to `limit` for the process to exit (e.g. so valgrind writes its
+    /// profile); SIGKILL after that. Companions are stopped on drop as usual.
+    pub fn terminate(&mut self, limit: Duration) -> Result<()> {
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{} did not exit within {limit:?} of SIGTERM", self.name)
     }
 
     fn log_tail(&self, ctx: &Ctx) -> String {

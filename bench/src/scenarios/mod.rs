@@ -4,6 +4,7 @@
 pub mod control;
 pub mod dns;
 pub mod http;
+pub mod instructions;
 pub mod lb;
 pub mod memory;
 pub mod mtls;

@@ -129,14 +129,16 @@ fn nginx_common(ctx: &Ctx, tag: &str) -> String {
     let w = ctx.work.display();
     format!(
         "daemon off;
-master_process on;
+master_process {master};
 user root;
 worker_processes {workers};
 pid {w}/nginx-{tag}.pid;
 error_log {w}/nginx-{tag}.err warn;
 worker_rlimit_nofile 65536;
 events {{ worker_connections 16384; multi_accept on; }}",
-        workers = ctx.workers
+        workers = ctx.workers,
+        // Under a wrapper (valgrind) the one process must do the work itself.
+        master = if ctx.wrap.is_empty() { "on" } else { "off" }
     )
 }
 
