@@ -8,11 +8,16 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::pool::Release;
+
 pin_project_lite::pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         Streamed { #[pin] body: Incoming },
         Full { data: Option<Bytes> },
+        /// A response body from a pooled HTTP/1.1 connection, which goes back to its pool when
+        /// the body ends (dropped unfinished, the connection closes instead).
+        Pooled { #[pin] body: Incoming, release: Option<Release> },
     }
 }
 
@@ -25,6 +30,15 @@ impl ProxyBody {
         let data: Bytes = data.into();
         ProxyBody::Full {
             data: (!data.is_empty()).then_some(data),
+        }
+    }
+}
+
+impl ProxyBody {
+    pub(crate) fn pooled(body: Incoming, release: Release) -> Self {
+        ProxyBody::Pooled {
+            body,
+            release: Some(release),
         }
     }
 }
@@ -46,19 +60,32 @@ impl Body for ProxyBody {
         match self.project() {
             ProxyBodyProj::Streamed { body } => body.poll_frame(cx),
             ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBodyProj::Pooled { mut body, release } => {
+                let frame = body.as_mut().poll_frame(cx);
+                match &frame {
+                    Poll::Ready(None) => release.take().map(Release::release),
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
+                        release.take().map(Release::release)
+                    }
+                    // An error: the connection is not reusable.
+                    Poll::Ready(Some(Err(_))) => release.take().map(drop),
+                    _ => None,
+                };
+                frame
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Streamed { body } => body.is_end_stream(),
+            ProxyBody::Streamed { body } | ProxyBody::Pooled { body, .. } => body.is_end_stream(),
             ProxyBody::Full { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Streamed { body } => body.size_hint(),
+            ProxyBody::Streamed { body } | ProxyBody::Pooled { body, .. } => body.size_hint(),
             ProxyBody::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::pool::H1Pool;
 use crate::tls::MtlsConnector;
 
 /// Idle pooled connections kept per endpoint.
@@ -43,6 +44,8 @@ pub struct UpstreamClient {
     main: Inner,
     upgrade: Inner,
     h2_prior_knowledge: bool,
+    /// Plaintext HTTP/1.1: the lean pool of `pool.rs` instead of `main`.
+    h1: Option<Arc<H1Pool>>,
 }
 
 fn builder(idle_timeout: Duration, h2_only: bool) -> hyper_util::client::legacy::Builder {
@@ -69,6 +72,7 @@ impl UpstreamClient {
             main,
             upgrade,
             h2_prior_knowledge: h2,
+            h1: (!h2).then(|| H1Pool::new(connect_timeout, idle_timeout)),
         }
     }
 
@@ -89,6 +93,7 @@ impl UpstreamClient {
             main,
             upgrade,
             h2_prior_knowledge: false,
+            h1: None,
         }
     }
 
@@ -99,6 +104,18 @@ impl UpstreamClient {
 
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
         self.main.send(req).await.map_err(classify)
+    }
+
+    /// Sends to the endpoint at `addr` (the request's URI names the same endpoint).
+    pub async fn send_to(
+        &self,
+        addr: std::net::SocketAddr,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        match &self.h1 {
+            Some(pool) => Box::pin(pool.send(addr, req)).await,
+            None => Ok(self.send(req).await?.map(ProxyBody::from)),
+        }
     }
 
     /// Sends over an HTTP/1.1 connection so the response can switch protocols.

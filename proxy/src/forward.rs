@@ -118,9 +118,9 @@ pub async fn forward(
         let guard = ep.start();
         let send = async {
             if downstream_upgrade.is_some() {
-                client.send_upgrade(up).await
+                Ok(client.send_upgrade(up).await?.map(ProxyBody::from))
             } else {
-                client.send(up).await
+                client.send_to(ep.addr, up).await
             }
         };
         let result = match tokio::time::timeout(budget, send).await {
@@ -154,7 +154,7 @@ pub async fn forward(
                 } else {
                     strip_hop_by_hop(resp.headers_mut());
                 }
-                return resp.map(ProxyBody::from);
+                return resp;
             }
             Err(e) => {
                 cluster.record(&ep, true, &snapshot);
@@ -197,27 +197,55 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
+///
+/// On the hot path: one pass over the names finds which hop-by-hop headers are present (standard
+/// names compare as enum tags, without hashing); only those are removed, so a message without any
+/// costs no hash lookup at all.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for h in named {
-        headers.remove(h);
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if name == header::UPGRADE {
+            present |= 1 << HOP_BY_HOP.len();
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // Names listed in `Connection` (beyond the fixed set, which is removed below).
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            // The usual tokens are options, not header names (and keep-alive is in the set).
+            .filter(|t| {
+                !t.eq_ignore_ascii_case("keep-alive")
+                    && !t.eq_ignore_ascii_case("close")
+                    && !t.eq_ignore_ascii_case("upgrade")
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !HOP_BY_HOP.contains(n))
+            .collect();
+        for h in named {
+            headers.remove(h);
+        }
     }
     // `te: trailers` is end-to-end in practice (gRPC needs it); every other TE value is hop-by-hop.
     let keep_te = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for h in &HOP_BY_HOP {
-        if !(keep_te && h == header::TE) {
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 && !(keep_te && h == header::TE) {
             headers.remove(h);
         }
     }
-    headers.remove(header::UPGRADE);
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        headers.remove(header::UPGRADE);
+    }
 }
 
 fn endpoint_uri(authority: &Authority, path: &PathAndQuery) -> Uri {

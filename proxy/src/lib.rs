@@ -28,6 +28,7 @@ pub mod lb;
 mod listener;
 mod metrics;
 mod outlier;
+mod pool;
 mod relay;
 mod retry;
 pub mod route;
