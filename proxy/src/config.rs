@@ -138,6 +138,76 @@ pub struct OutboundConfig {
     pub egress_listen: Option<SocketAddr>,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
+    /// Routes that split one upstream's traffic over upstream clusters (App Mesh routes): checked
+    /// in priority order; an upstream's traffic that no route matches goes to its own cluster.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One outbound route (App Mesh `httpRoute` parity).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The upstream whose traffic this route takes (its `Host` names on the egress listener and
+    /// its local port).
+    pub upstream: ServiceName,
+    /// Shown in logs; `routes[i]` when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// 1–50000, lowest first; routes without one come after, in the order written.
+    #[serde(default)]
+    pub priority: Option<u32>,
+    /// All given fields must match; none given matches every request.
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+    /// Weighted clusters (each an upstream's service name), weights 0–999.
+    pub targets: Vec<RouteTarget>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// The path starts with this text. At most one of `prefix`, `path`, `path_regex`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// The path is exactly this.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The whole path matches this regular expression (RE2 syntax).
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    /// HTTP method, e.g. `GET`.
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchConfig>,
+}
+
+/// One header condition: exactly one of `exact`, `prefix`, `regex`, `present = true`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    pub name: String,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub present: bool,
+    /// Match when the condition does not hold.
+    #[serde(default)]
+    pub invert: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTarget {
+    /// An upstream's service name.
+    pub cluster: ServiceName,
+    #[serde(default = "one")]
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -319,6 +389,7 @@ impl Config {
                 });
             }
         }
+        crate::outbound::compile(&self.outbound)?;
         for (i, c) in self.clusters.iter().enumerate() {
             if c.endpoints.is_empty() {
                 return Err(ConfigError::Invalid {

@@ -33,6 +33,7 @@ use crate::error::{ProxyError, StartError};
 use crate::forward::{ForwardPolicy, Target, error_response, forward};
 use crate::listener::{AcceptContext, bind_reuseport, spawn_accept};
 use crate::metrics::Metrics;
+use crate::outbound::{Router, compile as compile_routes};
 use crate::server::{HttpMode, serve};
 use crate::tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, client_config};
 use crate::watch::{self, WatchTarget};
@@ -52,6 +53,9 @@ pub struct Running {
     clusters: HashMap<String, Arc<Cluster>>,
     intentions: Arc<ArcSwap<Intentions>>,
     identity: Option<Arc<Identity>>,
+    router: Arc<Router>,
+    /// Upstream service names in config order (what the route tables index).
+    upstreams: Vec<String>,
     done: JoinHandle<()>,
 }
 
@@ -77,7 +81,8 @@ impl Running {
         self.identity.as_ref()
     }
 
-    /// Applies what can change without restarting: static cluster endpoints, the `/config` view.
+    /// Applies what can change without restarting: static cluster endpoints, intentions, outbound
+    /// routes (same upstreams), the `/config` view.
     /// Listeners and identity need a restart (reported in the log).
     pub fn reload(&self, config: &Config) {
         for c in &config.clusters {
@@ -88,11 +93,22 @@ impl Running {
         if let Some(inb) = &config.inbound {
             self.intentions.store(Arc::new(inb.intentions.clone()));
         }
+        let same_upstreams = config
+            .outbound
+            .upstreams
+            .iter()
+            .map(|u| u.service.as_str())
+            .eq(self.upstreams.iter().map(String::as_str));
+        match compile_routes(&config.outbound) {
+            Ok(tables) if same_upstreams => self.router.swap(tables),
+            Ok(_) => tracing::warn!("outbound.upstreams changed: routes kept; restart to apply"),
+            Err(e) => tracing::warn!(error = %e, "outbound.routes not reloaded"),
+        }
         self.admin
             .config_json
             .store(Arc::new(config.redacted_json()));
         tracing::info!(
-            "configuration reloaded (static clusters, intentions); listener and identity changes need a restart"
+            "configuration reloaded (static clusters, intentions, routes); listener and identity changes need a restart"
         );
     }
 }
@@ -176,9 +192,9 @@ pub async fn start_with(
     }
     health.set_identity_loaded();
 
-    // Outbound clusters.
+    // Outbound clusters, one per upstream, in config order (route tables index them).
     let mut clusters: HashMap<String, Arc<Cluster>> = HashMap::new();
-    let mut targets: HashMap<String, Target> = HashMap::new();
+    let mut targets: Vec<Target> = Vec::with_capacity(config.outbound.upstreams.len());
     for u in &config.outbound.upstreams {
         let name = u.service.as_str().to_owned();
         let cluster = Arc::new(Cluster::new(
@@ -220,20 +236,18 @@ pub async fn start_with(
             }
             _ => (plain_h1.clone(), None),
         };
-        targets.insert(
-            name,
-            Target {
-                cluster,
-                client,
-                policy,
-                tcp_tls,
-            },
-        );
+        targets.push(Target {
+            cluster,
+            client,
+            policy,
+            tcp_tls,
+        });
     }
+    let router = Arc::new(Router::new(compile_routes(&config.outbound)?, targets));
 
     // Per-upstream local listeners.
     let mut upstream_addrs = BTreeMap::new();
-    for u in &config.outbound.upstreams {
+    for (pos, u) in config.outbound.upstreams.iter().enumerate() {
         let Some(port) = u.local_port else { continue };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let listeners =
@@ -243,20 +257,18 @@ pub async fn start_with(
                 source,
             })?;
         upstream_addrs.insert(u.service.to_string(), local_addr(&listeners, addr));
-        let Some(target) = targets.get(u.service.as_str()).cloned() else {
-            continue;
-        };
+        let router = Arc::clone(&router);
         match u.protocol {
             Protocol::Http => {
                 let (builder, stop, log) =
                     (builder.clone(), stop.clone(), config.runtime.access_log);
-                spawn_accept(listeners, ctx("outbound"), move |stream, _peer| {
-                    let target = target.clone();
+                spawn_accept(listeners, ctx("outbound"), move |stream, peer| {
+                    let router = Arc::clone(&router);
                     let (builder, stop) = (builder.clone(), stop.clone());
                     async move {
                         serve(stream, &builder, HttpMode::Auto, stop, move |req| {
-                            let target = target.clone();
-                            async move { proxy_logged(&target, req, log, None).await }
+                            let router = Arc::clone(&router);
+                            async move { route_and_proxy(&router, pos, req, peer, log).await }
                         })
                         .await;
                     }
@@ -264,15 +276,19 @@ pub async fn start_with(
             }
             Protocol::Tcp => {
                 let connect_timeout = r.connect_timeout;
-                spawn_accept(listeners, ctx("outbound"), move |stream, _peer| {
-                    let target = target.clone();
-                    async move { relay_to_cluster(stream, &target, connect_timeout).await }
+                spawn_accept(listeners, ctx("outbound"), move |stream, peer| {
+                    let router = Arc::clone(&router);
+                    async move {
+                        if let Some(target) = router.route_tcp(pos, peer.ip()) {
+                            relay_to_cluster(stream, target, connect_timeout).await;
+                        }
+                    }
                 });
             }
         }
     }
 
-    // Egress listener: route by Host.
+    // Egress listener: route by Host, then by the upstream's routes.
     let mut egress_addr = None;
     if let Some(addr) = config.outbound.egress_listen {
         let listeners =
@@ -282,30 +298,28 @@ pub async fn start_with(
                 source,
             })?;
         egress_addr = Some(local_addr(&listeners, addr));
-        let mut routes: HashMap<String, Target> = HashMap::new();
-        for (name, t) in &targets {
-            let u = config
-                .outbound
-                .upstreams
-                .iter()
-                .find(|u| u.service.as_str() == name);
+        let mut hosts: HashMap<String, usize> = HashMap::new();
+        for (pos, u) in config.outbound.upstreams.iter().enumerate() {
             let ns = u
-                .and_then(|u| u.namespace.clone())
+                .namespace
+                .clone()
                 .unwrap_or_else(|| config.identity.namespace.clone());
-            routes.insert(name.clone(), t.clone());
-            routes.insert(format!("{name}.{ns}"), t.clone());
+            let name = u.service.as_str();
+            hosts.insert(name.to_owned(), pos);
+            hosts.insert(format!("{name}.{ns}"), pos);
         }
-        let routes = Arc::new(routes);
+        let hosts = Arc::new(hosts);
+        let router = Arc::clone(&router);
         let (builder, stop, log) = (builder.clone(), stop.clone(), config.runtime.access_log);
-        spawn_accept(listeners, ctx("egress"), move |stream, _peer| {
-            let routes = Arc::clone(&routes);
+        spawn_accept(listeners, ctx("egress"), move |stream, peer| {
+            let (hosts, router) = (Arc::clone(&hosts), Arc::clone(&router));
             let (builder, stop) = (builder.clone(), stop.clone());
             async move {
                 serve(stream, &builder, HttpMode::Auto, stop, move |req| {
-                    let routes = Arc::clone(&routes);
+                    let (hosts, router) = (Arc::clone(&hosts), Arc::clone(&router));
                     async move {
-                        match route_by_host(&routes, &req) {
-                            Some(t) => proxy_logged(t, req, log, None).await,
+                        match upstream_by_host(&hosts, &req) {
+                            Some(pos) => route_and_proxy(&router, pos, req, peer, log).await,
                             None => error_response(&ProxyError::NoRoute),
                         }
                     }
@@ -469,6 +483,13 @@ pub async fn start_with(
         clusters,
         intentions,
         identity,
+        router,
+        upstreams: config
+            .outbound
+            .upstreams
+            .iter()
+            .map(|u| u.service.as_str().to_owned())
+            .collect(),
         done,
     })
 }
@@ -503,11 +524,8 @@ fn local_addr(listeners: &[tokio::net::TcpListener], fallback: SocketAddr) -> So
         .unwrap_or(fallback)
 }
 
-/// The target for a request's `Host` (or `:authority`), port ignored.
-fn route_by_host<'a>(
-    routes: &'a HashMap<String, Target>,
-    req: &Request<Incoming>,
-) -> Option<&'a Target> {
+/// The upstream position for a request's `Host` (or `:authority`), port ignored.
+fn upstream_by_host(routes: &HashMap<String, usize>, req: &Request<Incoming>) -> Option<usize> {
     let host = req
         .headers()
         .get(HOST)
@@ -521,6 +539,21 @@ fn route_by_host<'a>(
     routes
         .get(host)
         .or_else(|| routes.get(&host.to_ascii_lowercase()))
+        .copied()
+}
+
+/// An outbound request for upstream `pos`: its routes pick the cluster, then forward.
+async fn route_and_proxy(
+    router: &Router,
+    pos: usize,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    access_log: bool,
+) -> Response<ProxyBody> {
+    match router.route(pos, &req, peer.ip()) {
+        Some(t) => proxy_logged(t, req, access_log, None).await,
+        None => error_response(&ProxyError::NoRoute),
+    }
 }
 
 async fn proxy_logged(
