@@ -53,7 +53,7 @@ pub use config::{
     StaticEndpoint, UpstreamConfig,
 };
 pub use deregister::{DeregisterError, Deregistration};
-pub use endpoint::{EndpointState, InFlight};
+pub use endpoint::{EndpointState, InFlight, OwnedInFlight};
 pub use env::{EnvSource, MapEnv, ProcessEnv};
 pub use error::{ConfigError, ProxyError, Side, StartError};
 pub use forward::{ForwardPolicy, Target, error_response, forward, strip_hop_by_hop};
