@@ -138,10 +138,44 @@ pub struct OutboundConfig {
     pub egress_listen: Option<SocketAddr>,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
+    /// What the egress listener does with an intercepted connection (iptables `REDIRECT`) whose
+    /// original destination is no known upstream: relay it there unchanged, refuse it, or serve
+    /// it as HTTP routed by `Host`.
+    #[serde(default)]
+    pub unknown_destination: UnknownDestination,
     /// Routes that split one upstream's traffic over upstream clusters (App Mesh routes): checked
     /// in priority order; an upstream's traffic that no route matches goes to its own cluster.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownDestination {
+    /// Relay the bytes to the original destination (Envoy's `ORIGINAL_DST` passthrough).
+    #[default]
+    Passthrough,
+    /// Close the connection.
+    Refuse,
+    /// Serve HTTP and route by `Host` like a direct connection.
+    Host,
+}
+
+/// An address the app may dial for an upstream: `ip` (any port) or `ip:port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Destination {
+    Socket(SocketAddr),
+    Ip(std::net::IpAddr),
+}
+
+impl Destination {
+    pub fn matches(self, addr: SocketAddr) -> bool {
+        match self {
+            Destination::Socket(s) => s == addr,
+            Destination::Ip(ip) => ip == addr.ip(),
+        }
+    }
 }
 
 /// One outbound route (App Mesh `httpRoute` parity).
@@ -227,6 +261,11 @@ pub struct UpstreamConfig {
     /// Talk plaintext to the upstream endpoints (e.g. an app without a sidecar). Dangerous.
     #[serde(default)]
     pub danger_plaintext: bool,
+    /// Service VIPs the app may dial (`"10.0.0.10"` any port, or `"10.0.0.10:80"`): an
+    /// intercepted connection whose original destination is one of them goes to this upstream.
+    /// The current endpoint IPs (the service's DNS answers) always count too.
+    #[serde(default)]
+    pub addresses: Vec<Destination>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]

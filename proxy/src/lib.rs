@@ -20,6 +20,7 @@ mod clock;
 mod cluster;
 mod config;
 mod deregister;
+mod egress;
 mod endpoint;
 mod env;
 mod error;
@@ -50,14 +51,14 @@ pub use config::{
     AdminConfig, BalancerKind, Config, ControlPlaneConfig, Decision, HeaderMatchConfig,
     IdentityConfig, InboundConfig, IntentionRule, Intentions, LimitsConfig, OutboundConfig,
     Protocol, ResilienceConfig, RouteConfig, RouteMatch, RouteTarget, RuntimeConfig, StaticCluster,
-    StaticEndpoint, UpstreamConfig,
+    StaticEndpoint, UnknownDestination, UpstreamConfig,
 };
 pub use deregister::{DeregisterError, Deregistration};
 pub use endpoint::{EndpointState, InFlight, OwnedInFlight};
 pub use env::{EnvSource, MapEnv, ProcessEnv};
 pub use error::{ConfigError, ProxyError, Side, StartError};
 pub use forward::{ForwardPolicy, Target, error_response, forward, strip_hop_by_hop};
-pub use listener::{AcceptContext, bind_reuseport, spawn_accept};
+pub use listener::{AcceptContext, bind_reuseport, original_dst, spawn_accept};
 pub use metrics::{Metrics, UpstreamMetrics};
 pub use outbound::{RouteTables, Router, compile as compile_routes};
 pub use outlier::{OutlierPolicy, Verdict};

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::header::{HOST, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
@@ -29,6 +29,7 @@ use crate::client::UpstreamClient;
 use crate::cluster::{Cluster, EndpointSpec};
 use crate::config::{Config, Decision, Intentions, Protocol, ResilienceConfig, StaticCluster};
 use crate::deregister::Deregistration;
+use crate::egress::Egress;
 use crate::error::{ProxyError, StartError};
 use crate::forward::{ForwardPolicy, Target, error_response, forward};
 use crate::listener::{AcceptContext, bind_reuseport, spawn_accept};
@@ -288,7 +289,7 @@ pub async fn start_with(
         }
     }
 
-    // Egress listener: route by Host, then by the upstream's routes.
+    // Egress listener: direct connections by Host, intercepted ones by original destination.
     let mut egress_addr = None;
     if let Some(addr) = config.outbound.egress_listen {
         let listeners =
@@ -298,34 +299,17 @@ pub async fn start_with(
                 source,
             })?;
         egress_addr = Some(local_addr(&listeners, addr));
-        let mut hosts: HashMap<String, usize> = HashMap::new();
-        for (pos, u) in config.outbound.upstreams.iter().enumerate() {
-            let ns = u
-                .namespace
-                .clone()
-                .unwrap_or_else(|| config.identity.namespace.clone());
-            let name = u.service.as_str();
-            hosts.insert(name.to_owned(), pos);
-            hosts.insert(format!("{name}.{ns}"), pos);
-        }
-        let hosts = Arc::new(hosts);
-        let router = Arc::clone(&router);
-        let (builder, stop, log) = (builder.clone(), stop.clone(), config.runtime.access_log);
+        let egress = Arc::new(Egress::new(
+            &config.outbound,
+            &config.identity.namespace,
+            Arc::clone(&router),
+            builder.clone(),
+            stop.clone(),
+            config.runtime.access_log,
+            r.connect_timeout,
+        ));
         spawn_accept(listeners, ctx("egress"), move |stream, peer| {
-            let (hosts, router) = (Arc::clone(&hosts), Arc::clone(&router));
-            let (builder, stop) = (builder.clone(), stop.clone());
-            async move {
-                serve(stream, &builder, HttpMode::Auto, stop, move |req| {
-                    let (hosts, router) = (Arc::clone(&hosts), Arc::clone(&router));
-                    async move {
-                        match upstream_by_host(&hosts, &req) {
-                            Some(pos) => route_and_proxy(&router, pos, req, peer, log).await,
-                            None => error_response(&ProxyError::NoRoute),
-                        }
-                    }
-                })
-                .await;
-            }
+            Arc::clone(&egress).handle(stream, peer)
         });
     }
 
@@ -524,26 +508,8 @@ fn local_addr(listeners: &[tokio::net::TcpListener], fallback: SocketAddr) -> So
         .unwrap_or(fallback)
 }
 
-/// The upstream position for a request's `Host` (or `:authority`), port ignored.
-fn upstream_by_host(routes: &HashMap<String, usize>, req: &Request<Incoming>) -> Option<usize> {
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())?;
-    let host = match host.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    routes
-        .get(host)
-        .or_else(|| routes.get(&host.to_ascii_lowercase()))
-        .copied()
-}
-
 /// An outbound request for upstream `pos`: its routes pick the cluster, then forward.
-async fn route_and_proxy(
+pub(crate) async fn route_and_proxy(
     router: &Router,
     pos: usize,
     req: Request<Incoming>,
@@ -585,7 +551,11 @@ async fn proxy_logged(
 }
 
 /// Raw TCP to a cluster: pick, connect (another endpoint on connect failure), then relay.
-async fn relay_to_cluster(down: TcpStream, target: &Target, connect_timeout: std::time::Duration) {
+pub(crate) async fn relay_to_cluster(
+    down: TcpStream,
+    target: &Target,
+    connect_timeout: std::time::Duration,
+) {
     let cluster = &target.cluster;
     let mut avoid = None;
     for _ in 0..=target.policy.max_retries {
