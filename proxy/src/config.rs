@@ -6,7 +6,7 @@
 //! Environment settings override the file. Units are converted here ("250ms" → `Duration`); inner
 //! code never re-checks a value.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -242,6 +242,10 @@ pub struct RouteTarget {
     pub cluster: ServiceName,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Only the cluster's endpoints whose instance attributes include all of these (a subset,
+    /// e.g. `{ version = "v2" }`, like an App Mesh virtual node per version).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -291,6 +295,9 @@ pub struct StaticEndpoint {
     pub address: SocketAddr,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Instance attributes, for route targets that pick a subset.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -60,7 +60,7 @@ pub use error::{ConfigError, ProxyError, Side, StartError};
 pub use forward::{ForwardPolicy, Target, error_response, forward, strip_hop_by_hop};
 pub use listener::{AcceptContext, bind_reuseport, original_dst, spawn_accept};
 pub use metrics::{Metrics, UpstreamMetrics};
-pub use outbound::{RouteTables, Router, compile as compile_routes};
+pub use outbound::{RouteTables, Router, Subset, compile as compile_routes, subset_name};
 pub use outlier::{OutlierPolicy, Verdict};
 pub use relay::{COPY_BUF_SIZE, relay_copy, relay_tcp};
 pub use retry::{RetryBudget, is_idempotent};

@@ -3,9 +3,12 @@
 //!
 //! Each upstream (a virtual service, reached by `Host` on the egress listener or by its local
 //! port) has one [`RuleIndex`]. Its rules come from `[[outbound.routes]]`; its default action
-//! forwards to the upstream's own cluster. A forward action's weighted groups are upstream
-//! positions, so a pick is an index into the target table: no lookup by name, no allocation.
+//! forwards to the upstream's own cluster. A forward action's weighted groups are target slots —
+//! the upstreams in config order, then the attribute subsets routes name (`{ cluster = "api",
+//! attributes = { version = "v2" } }`) — so a pick is an index into the target table: no lookup by
+//! name, no allocation.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -23,14 +26,31 @@ use crate::route::{
 /// Priority of the first route written without one; later ones follow in order.
 const IMPLICIT_PRIORITY_BASE: u32 = 40_000;
 
-/// Route tables by upstream position (as in `outbound.upstreams`).
+/// A route target that is part of an upstream's cluster: its endpoints with these attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subset {
+    /// Upstream position.
+    pub upstream: usize,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Route tables by upstream position (as in `outbound.upstreams`), and the subsets whose target
+/// slots follow the upstreams'.
 #[derive(Debug, Clone)]
-pub struct RouteTables(Vec<RuleIndex>);
+pub struct RouteTables {
+    tables: Vec<RuleIndex>,
+    subsets: Vec<Subset>,
+}
 
 impl RouteTables {
+    /// Subset `i` has target slot `upstreams + i`.
+    pub fn subsets(&self) -> &[Subset] {
+        &self.subsets
+    }
+
     /// The upstream position a request for upstream `u` goes to. `rnd` is uniform over `u32`.
     pub fn pick(&self, u: usize, req: &RequestView<'_>, rnd: u32) -> usize {
-        let Some(table) = self.0.get(u) else {
+        let Some(table) = self.tables.get(u) else {
             return u;
         };
         match table.route(req).action() {
@@ -94,6 +114,7 @@ pub fn compile(outbound: &OutboundConfig) -> Result<RouteTables, ConfigError> {
     let ups = &outbound.upstreams;
     let position = |name: &str| ups.iter().position(|u| u.service.as_str() == name);
     let mut rules: Vec<Vec<Rule>> = vec![Vec::new(); ups.len()];
+    let mut subsets: Vec<Subset> = Vec::new();
     for (i, r) in outbound.routes.iter().enumerate() {
         let key = |field: &str| format!("outbound.routes[{i}]{field}");
         let invalid = |field: &str, problem: String| ConfigError::Invalid {
@@ -125,7 +146,9 @@ pub fn compile(outbound: &OutboundConfig) -> Result<RouteTables, ConfigError> {
                 .into(),
             priority,
             conditions,
-            action: Action::Forward(forward(r, &position).map_err(|(f, p)| invalid(&f, p))?),
+            action: Action::Forward(
+                forward(r, &position, ups.len(), &mut subsets).map_err(|(f, p)| invalid(&f, p))?,
+            ),
         });
     }
     let tables = rules
@@ -147,14 +170,23 @@ pub fn compile(outbound: &OutboundConfig) -> Result<RouteTables, ConfigError> {
             })
         })
         .collect::<Result<_, _>>()?;
-    Ok(RouteTables(tables))
+    Ok(RouteTables { tables, subsets })
 }
 
 type FieldError = (String, String);
 
+/// How a subset is named in logs and `/clusters`: `api[version=v2]`.
+pub fn subset_name(service: &str, attributes: &BTreeMap<String, String>) -> String {
+    let attrs: Vec<String> = attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{service}[{}]", attrs.join(","))
+}
+
+/// The forward action of a route; attribute subsets get slots after the `n` upstreams.
 fn forward(
     r: &RouteConfig,
     position: &dyn Fn(&str) -> Option<usize>,
+    upstreams: usize,
+    subsets: &mut Vec<Subset>,
 ) -> Result<Forward, FieldError> {
     let mut groups = Vec::with_capacity(r.targets.len());
     for (j, t) in r.targets.iter().enumerate() {
@@ -166,8 +198,27 @@ fn forward(
             )
         })?;
         let weight = Weight::try_from(t.weight).map_err(|e| (field("weight"), e.to_string()))?;
+        let (slot, name) = if t.attributes.is_empty() {
+            (slot, t.cluster.as_str().to_owned())
+        } else {
+            let subset = Subset {
+                upstream: slot,
+                attributes: t.attributes.clone(),
+            };
+            let i = match subsets.iter().position(|s| *s == subset) {
+                Some(i) => i,
+                None => {
+                    subsets.push(subset);
+                    subsets.len() - 1
+                }
+            };
+            (
+                upstreams + i,
+                subset_name(t.cluster.as_str(), &t.attributes),
+            )
+        };
         groups.push(WeightedGroup {
-            name: t.cluster.as_str().into(),
+            name: name.into(),
             slot,
             weight,
         });
@@ -390,6 +441,35 @@ targets = [{ cluster = "api-v1" }]
             let e = err(routes);
             assert!(e.contains(want), "{routes}\n→ {e}");
         }
+    }
+
+    #[test]
+    fn attribute_subsets_get_slots_after_the_upstreams() {
+        let c = with_routes(
+            r#"
+[[outbound.routes]]
+upstream = "api"
+match = { prefix = "/a" }
+targets = [{ cluster = "api", attributes = { version = "v2" } }]
+
+[[outbound.routes]]
+upstream = "api-v1"
+match = { prefix = "/b" }
+targets = [{ cluster = "api", attributes = { version = "v2" } }, { cluster = "api-v2", attributes = { zone = "x" }, weight = 0 }]
+"#,
+        )
+        .unwrap();
+        let t = compile(&c.outbound).unwrap();
+        assert_eq!(t.subsets().len(), 2, "the same subset is shared");
+        assert_eq!(t.subsets()[0].upstream, 0);
+        assert_eq!(t.subsets()[1].upstream, 2);
+        let h = HeaderMap::new();
+        assert_eq!(t.pick(0, &view("GET", "/a", &h), 0), 3);
+        assert_eq!(t.pick(1, &view("GET", "/b", &h), u32::MAX), 3);
+        assert_eq!(
+            subset_name("api", &t.subsets()[0].attributes),
+            "api[version=v2]"
+        );
     }
 
     #[test]

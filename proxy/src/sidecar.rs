@@ -34,7 +34,7 @@ use crate::error::{ProxyError, StartError};
 use crate::forward::{ForwardPolicy, Target, error_response, forward};
 use crate::listener::{AcceptContext, bind_reuseport, spawn_accept};
 use crate::metrics::Metrics;
-use crate::outbound::{Router, compile as compile_routes};
+use crate::outbound::{Router, Subset, compile as compile_routes, subset_name};
 use crate::server::{HttpMode, serve};
 use crate::tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, client_config};
 use crate::watch::{self, WatchTarget};
@@ -55,8 +55,10 @@ pub struct Running {
     intentions: Arc<ArcSwap<Intentions>>,
     identity: Option<Arc<Identity>>,
     router: Arc<Router>,
-    /// Upstream service names in config order (what the route tables index).
+    /// Upstream service names in config order, and the route subsets after them (what the route
+    /// tables' target slots index).
     upstreams: Vec<String>,
+    subsets: Vec<Subset>,
     done: JoinHandle<()>,
 }
 
@@ -88,7 +90,20 @@ impl Running {
     pub fn reload(&self, config: &Config) {
         for c in &config.clusters {
             if let Some(cluster) = self.clusters.get(c.service.as_str()) {
-                cluster.update(static_specs(c), cluster.revision() + 1);
+                cluster.update(static_specs(c).map(|(s, _)| s), cluster.revision() + 1);
+            }
+            for sub in &self.subsets {
+                let name = self.upstreams.get(sub.upstream).map(String::as_str);
+                if name != Some(c.service.as_str()) {
+                    continue;
+                }
+                if let Some(cluster) = self
+                    .clusters
+                    .get(&subset_name(c.service.as_str(), &sub.attributes))
+                {
+                    let specs = static_specs(c).filter(|(_, a)| cluster.accepts(a));
+                    cluster.update(specs.map(|(s, _)| s), cluster.revision() + 1);
+                }
             }
         }
         if let Some(inb) = &config.inbound {
@@ -101,8 +116,12 @@ impl Running {
             .map(|u| u.service.as_str())
             .eq(self.upstreams.iter().map(String::as_str));
         match compile_routes(&config.outbound) {
-            Ok(tables) if same_upstreams => self.router.swap(tables),
-            Ok(_) => tracing::warn!("outbound.upstreams changed: routes kept; restart to apply"),
+            Ok(tables) if same_upstreams && tables.subsets() == self.subsets.as_slice() => {
+                self.router.swap(tables)
+            }
+            Ok(_) => tracing::warn!(
+                "outbound.upstreams or route subsets changed: routes kept; restart to apply"
+            ),
             Err(e) => tracing::warn!(error = %e, "outbound.routes not reloaded"),
         }
         self.admin
@@ -205,7 +224,7 @@ pub async fn start_with(
             metrics.upstream(&name),
         ));
         if let Some(sc) = config.clusters.iter().find(|c| c.service == u.service) {
-            cluster.update(static_specs(sc), 1);
+            cluster.update(static_specs(sc).map(|(s, _)| s), 1);
         } else if let Some(cp) = &config.control_plane {
             let target = WatchTarget {
                 control_plane: cp.address,
@@ -244,7 +263,45 @@ pub async fn start_with(
             tcp_tls,
         });
     }
-    let router = Arc::new(Router::new(compile_routes(&config.outbound)?, targets));
+    // Attribute subsets that routes target: a cluster each, fed by the same source but keeping
+    // only matching endpoints, reached like their upstream (same identity, same client).
+    let tables = compile_routes(&config.outbound)?;
+    for sub in tables.subsets() {
+        let (Some(u), Some(base)) = (
+            config.outbound.upstreams.get(sub.upstream),
+            targets.get(sub.upstream).cloned(),
+        ) else {
+            continue; // compile() only makes subsets of listed upstreams
+        };
+        let name = subset_name(u.service.as_str(), &sub.attributes);
+        let cluster = Arc::new(
+            Cluster::new(&name, balancer(u.balancer), r, metrics.upstream(&name))
+                .with_subset(sub.attributes.clone()),
+        );
+        if let Some(sc) = config.clusters.iter().find(|c| c.service == u.service) {
+            cluster.update(
+                static_specs(sc)
+                    .filter(|(_, attrs)| cluster.accepts(attrs))
+                    .map(|(s, _)| s),
+                1,
+            );
+        } else if let Some(cp) = &config.control_plane {
+            let target = WatchTarget {
+                control_plane: cp.address,
+                namespace: u
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| config.identity.namespace.clone()),
+                service: u.service.clone(),
+                wait: cp.watch_wait,
+            };
+            tokio::spawn(watch::run(target, Arc::clone(&cluster), watch_stop.clone()));
+        }
+        clusters.insert(name, Arc::clone(&cluster));
+        targets.push(Target { cluster, ..base });
+    }
+    let subsets = tables.subsets().to_vec();
+    let router = Arc::new(Router::new(tables, targets));
 
     // Per-upstream local listeners.
     let mut upstream_addrs = BTreeMap::new();
@@ -468,6 +525,7 @@ pub async fn start_with(
         intentions,
         identity,
         router,
+        subsets,
         upstreams: config
             .outbound
             .upstreams
@@ -493,11 +551,19 @@ fn deregistration(config: &Config) -> Option<Deregistration> {
     })
 }
 
-fn static_specs(c: &StaticCluster) -> impl Iterator<Item = EndpointSpec> + '_ {
-    c.endpoints.iter().map(|e| EndpointSpec {
-        instance_id: e.address.to_string(),
-        addr: e.address,
-        weight: e.weight,
+/// A static cluster's endpoints, each with its attributes (for subsets).
+fn static_specs(
+    c: &StaticCluster,
+) -> impl Iterator<Item = (EndpointSpec, &BTreeMap<String, String>)> + '_ {
+    c.endpoints.iter().map(|e| {
+        (
+            EndpointSpec {
+                instance_id: e.address.to_string(),
+                addr: e.address,
+                weight: e.weight,
+            },
+            &e.attributes,
+        )
     })
 }
 

@@ -265,3 +265,101 @@ async fn environment_configures_routes() {
     stop.cancel();
     sc.wait().await;
 }
+
+/// Share of `n` requests to `url` answered by backend `name` (4 concurrent keep-alive clients).
+async fn share_of(url: String, name: &'static str, n: usize) -> f64 {
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = h1_client();
+            let mut hits = 0;
+            for _ in 0..n / 4 {
+                let (s, backend, _) = get(&c, &url).await;
+                assert_eq!(s, 200);
+                hits += usize::from(backend == name);
+            }
+            hits
+        }));
+    }
+    let mut hits = 0;
+    for t in tasks {
+        hits += t.await.unwrap();
+    }
+    hits as f64 / (n / 4 * 4) as f64
+}
+
+const BY_VERSION: &str = r#"
+[[outbound.routes]]
+upstream = "api"
+match = { prefix = "/canary" }
+targets = [
+  { cluster = "api", attributes = { version = "v1" }, weight = 90 },
+  { cluster = "api", attributes = { version = "v2" }, weight = 10 },
+]
+"#;
+
+#[tokio::test]
+async fn weighted_split_by_instance_attribute_static_and_from_discovery() {
+    let (v1, v2) = (app("v1", None).await, app("v2", None).await);
+    // Static endpoints with attributes.
+    let text = format!(
+        "{}\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n{BY_VERSION}\n[[clusters]]\nservice = \"api\"\nendpoints = [\n  {{ address = \"{}\", attributes = {{ version = \"v1\" }} }},\n  {{ address = \"{}\", attributes = {{ version = \"v2\" }} }},\n]\n",
+        base(),
+        v1.addr,
+        v2.addr
+    );
+    let (sc, stop) = sidecar(&text).await;
+    let local = sc.upstream_addrs["api"];
+    let share = share_of(format!("http://{local}/canary"), "v2", 2000).await;
+    assert!((share - 0.10).abs() <= 0.05, "v2 share {share}");
+    // Unmatched traffic goes to the whole cluster (both versions, round robin).
+    let share = share_of(format!("http://{local}/other"), "v2", 400).await;
+    assert!(
+        (share - 0.5).abs() <= 0.1,
+        "whole cluster: v2 share {share}"
+    );
+    stop.cancel();
+    sc.wait().await;
+
+    // The same from the discovery watch API: instance attributes pick the subset.
+    let cp = control_plane("my-app.local", "api").await;
+    cp.set.send_modify(|s| {
+        s.revision += 1;
+        s.endpoints = [("i1", v1.addr, "v1"), ("i2", v2.addr, "v2")]
+            .into_iter()
+            .map(|(id, a, version)| trellis_core::Endpoint {
+                instance_id: id.into(),
+                address: a.ip(),
+                port: a.port(),
+                weight: 1,
+                health: trellis_core::HealthStatus::Healthy,
+                attributes: [("version".to_owned(), version.to_owned())].into(),
+            })
+            .collect();
+    });
+    let text = format!(
+        "{}\n[control_plane]\naddress = \"{}\"\nwatch_wait = \"2s\"\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n{BY_VERSION}",
+        base(),
+        cp.addr
+    );
+    let (sc, stop) = sidecar(&text).await;
+    let admin = sc.admin_addr;
+    let mut ready = false;
+    for _ in 0..100 {
+        if get(&h1_client(), &format!("http://{admin}/ready")).await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(ready, "subset clusters loaded from the watch");
+    let (_, _, clusters) = get(&h1_client(), &format!("http://{admin}/clusters")).await;
+    let clusters = String::from_utf8_lossy(&clusters);
+    assert!(clusters.contains("api[version=v2]"), "{clusters}");
+    let local = sc.upstream_addrs["api"];
+    let share = share_of(format!("http://{local}/canary"), "v2", 2000).await;
+    assert!((share - 0.10).abs() <= 0.05, "v2 share {share}");
+    stop.cancel();
+    sc.wait().await;
+}
