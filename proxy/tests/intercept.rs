@@ -137,6 +137,26 @@ async fn inside() {
         "direct: {direct:?}"
     );
     sh("iptables -t nat -F OUTPUT");
+    // IPv6 (`IP6T_SO_ORIGINAL_DST`), when the namespace has ip6tables' nat table.
+    if Command::new("ip6tables")
+        .args(["-t", "nat", "-S"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        sh("ip -6 addr add fd00::50/128 dev lo nodad");
+        let l6 = TcpListener::bind("[::1]:0").await.unwrap();
+        let port6 = l6.local_addr().unwrap().port();
+        sh(&format!(
+            "ip6tables -t nat -A OUTPUT -p tcp -d fd00::50 --dport 1234 -j REDIRECT --to-ports {port6}"
+        ));
+        let _c = TcpStream::connect("[fd00::50]:1234").await.unwrap();
+        let (s, _) = l6.accept().await.unwrap();
+        let orig6: SocketAddr = "[fd00::50]:1234".parse().unwrap();
+        assert_eq!(trellis_proxy::original_dst(&s), Some(orig6));
+        sh("ip6tables -t nat -F OUTPUT");
+    } else {
+        eprintln!("skipping the IPv6 part: no ip6tables nat table");
+    }
 
     // 2. Apps: `api` (v1 and v2 behind routes), a raw TCP echo service, and a host the mesh does
     //    not know.
