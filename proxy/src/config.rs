@@ -435,6 +435,18 @@ impl Config {
                 });
             }
         }
+        let mut claimed: Vec<(Destination, usize)> = Vec::new();
+        for (i, u) in self.outbound.upstreams.iter().enumerate() {
+            for (j, d) in u.addresses.iter().enumerate() {
+                if let Some((_, other)) = claimed.iter().find(|(c, _)| c == d) {
+                    return Err(ConfigError::Invalid {
+                        key: format!("outbound.upstreams[{i}].addresses[{j}]"),
+                        problem: format!("also claimed by outbound.upstreams[{other}]"),
+                    });
+                }
+                claimed.push((*d, i));
+            }
+        }
         crate::outbound::compile(&self.outbound)?;
         for (i, c) in self.clusters.iter().enumerate() {
             if c.endpoints.is_empty() {

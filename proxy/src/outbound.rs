@@ -473,6 +473,20 @@ targets = [{ cluster = "api", attributes = { version = "v2" } }, { cluster = "ap
     }
 
     #[test]
+    fn an_address_claimed_twice_is_named() {
+        let text = BASE.replace(
+            "{ service = \"api-v2\", danger_plaintext = true }",
+            "{ service = \"api-v2\", danger_plaintext = true, addresses = [\"10.0.0.1\"] }",
+        )
+        .replace(
+            "{ service = \"api-v1\", danger_plaintext = true }",
+            "{ service = \"api-v1\", danger_plaintext = true, addresses = [\"10.0.0.2:80\", \"10.0.0.1\"] }",
+        );
+        let e = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(e.contains("outbound.upstreams[2].addresses[0]"), "{e}");
+    }
+
+    #[test]
     fn weighted_pick_follows_weights() {
         let c = with_routes(
             "[[outbound.routes]]\nupstream = \"api\"\ntargets = [{ cluster = \"api-v1\", weight = 90 }, { cluster = \"api-v2\", weight = 10 }]",

@@ -294,6 +294,24 @@ endpoints = [{{ address = "10.99.0.2:9000" }}]
         "known services still work"
     );
 
+    // 9. With `unknown_destination = "host"` it is served as HTTP routed by `Host`.
+    drop(_sidecar);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"refuse\"", "\"host\"");
+    std::fs::write(&config, text).unwrap();
+    let _sidecar = start_sidecar(proxy, &config).await;
+    let req = Request::get("http://10.99.0.3/")
+        .header("host", "api")
+        .body(body(""))
+        .unwrap();
+    let resp = h1_client().request(req).await.unwrap();
+    assert_eq!(
+        resp.headers()["x-backend"],
+        "api",
+        "routed by Host, not to `other`"
+    );
+
     let out = Command::new(proxy)
         .args(["init-iptables", "--remove"])
         .output()
