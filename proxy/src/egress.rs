@@ -95,21 +95,21 @@ impl Egress {
         };
         tracing::debug!(?decision, %peer, "egress connection");
         match decision {
-            Dispatch::ByHost => self.serve_by_host(stream, peer).await,
+            Dispatch::ByHost => self.serve_http(stream, peer, None).await,
             Dispatch::Upstream(pos) => match self.protocols.get(pos) {
                 Some(Protocol::Tcp) => {
                     if let Some(t) = self.router.route_tcp(pos, peer.ip()) {
                         relay_to_cluster(stream, t, self.connect_timeout).await;
                     }
                 }
-                _ => self.serve_upstream(stream, pos, peer).await,
+                _ => self.serve_http(stream, peer, Some(pos)).await,
             },
             Dispatch::Unknown(orig) => match self.unknown {
                 UnknownDestination::Passthrough => self.passthrough(stream, orig).await,
                 UnknownDestination::Refuse => {
                     tracing::debug!(%orig, "refusing an intercepted connection to an unknown destination");
                 }
-                UnknownDestination::Host => self.serve_by_host(stream, peer).await,
+                UnknownDestination::Host => self.serve_http(stream, peer, None).await,
             },
         }
     }
@@ -145,7 +145,14 @@ impl Egress {
         }
     }
 
-    async fn serve_by_host(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    /// HTTP on this connection: every request to upstream `fixed`, or (when `None`) to the
+    /// upstream its `Host` names; then through that upstream's routes.
+    async fn serve_http(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        fixed: Option<usize>,
+    ) {
         let me = Arc::clone(self);
         serve(
             stream,
@@ -155,28 +162,13 @@ impl Egress {
             move |req| {
                 let me = Arc::clone(&me);
                 async move {
-                    match upstream_by_host(&me.hosts, &req) {
+                    match fixed.or_else(|| upstream_by_host(&me.hosts, &req)) {
                         Some(pos) => {
                             route_and_proxy(&me.router, pos, req, peer, me.access_log).await
                         }
                         None => error_response(&ProxyError::NoRoute),
                     }
                 }
-            },
-        )
-        .await;
-    }
-
-    async fn serve_upstream(self: &Arc<Self>, stream: TcpStream, pos: usize, peer: SocketAddr) {
-        let me = Arc::clone(self);
-        serve(
-            stream,
-            &self.builder,
-            HttpMode::Auto,
-            self.stop.clone(),
-            move |req| {
-                let me = Arc::clone(&me);
-                async move { route_and_proxy(&me.router, pos, req, peer, me.access_log).await }
             },
         )
         .await;

@@ -27,7 +27,9 @@ use crate::balance::{RoundRobin, balancer};
 use crate::body::ProxyBody;
 use crate::client::UpstreamClient;
 use crate::cluster::{Cluster, EndpointSpec};
-use crate::config::{Config, Decision, Intentions, Protocol, ResilienceConfig, StaticCluster};
+use crate::config::{
+    Config, Decision, Intentions, Protocol, ResilienceConfig, StaticCluster, UpstreamConfig,
+};
 use crate::deregister::Deregistration;
 use crate::egress::Egress;
 use crate::error::{ProxyError, StartError};
@@ -89,20 +91,15 @@ impl Running {
     /// Listeners and identity need a restart (reported in the log).
     pub fn reload(&self, config: &Config) {
         for c in &config.clusters {
-            if let Some(cluster) = self.clusters.get(c.service.as_str()) {
-                cluster.update(static_specs(c).map(|(s, _)| s), cluster.revision() + 1);
-            }
-            for sub in &self.subsets {
-                let name = self.upstreams.get(sub.upstream).map(String::as_str);
-                if name != Some(c.service.as_str()) {
-                    continue;
-                }
-                if let Some(cluster) = self
-                    .clusters
-                    .get(&subset_name(c.service.as_str(), &sub.attributes))
-                {
-                    let specs = static_specs(c).filter(|(_, a)| cluster.accepts(a));
-                    cluster.update(specs.map(|(s, _)| s), cluster.revision() + 1);
+            let service = c.service.as_str();
+            let subsets = self
+                .subsets
+                .iter()
+                .filter(|sub| self.upstreams.get(sub.upstream).map(String::as_str) == Some(service))
+                .map(|sub| subset_name(service, &sub.attributes));
+            for name in std::iter::once(service.to_owned()).chain(subsets) {
+                if let Some(cluster) = self.clusters.get(&name) {
+                    update_static(cluster, c, cluster.revision() + 1);
                 }
             }
         }
@@ -223,20 +220,7 @@ pub async fn start_with(
             r,
             metrics.upstream(&name),
         ));
-        if let Some(sc) = config.clusters.iter().find(|c| c.service == u.service) {
-            cluster.update(static_specs(sc).map(|(s, _)| s), 1);
-        } else if let Some(cp) = &config.control_plane {
-            let target = WatchTarget {
-                control_plane: cp.address,
-                namespace: u
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| config.identity.namespace.clone()),
-                service: u.service.clone(),
-                wait: cp.watch_wait,
-            };
-            tokio::spawn(watch::run(target, Arc::clone(&cluster), watch_stop.clone()));
-        }
+        feed(&cluster, u, &config, &watch_stop);
         clusters.insert(name.clone(), Arc::clone(&cluster));
         let (client, tcp_tls) = match (&identity, u.danger_plaintext) {
             (Some(id), false) => {
@@ -278,25 +262,7 @@ pub async fn start_with(
             Cluster::new(&name, balancer(u.balancer), r, metrics.upstream(&name))
                 .with_subset(sub.attributes.clone()),
         );
-        if let Some(sc) = config.clusters.iter().find(|c| c.service == u.service) {
-            cluster.update(
-                static_specs(sc)
-                    .filter(|(_, attrs)| cluster.accepts(attrs))
-                    .map(|(s, _)| s),
-                1,
-            );
-        } else if let Some(cp) = &config.control_plane {
-            let target = WatchTarget {
-                control_plane: cp.address,
-                namespace: u
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| config.identity.namespace.clone()),
-                service: u.service.clone(),
-                wait: cp.watch_wait,
-            };
-            tokio::spawn(watch::run(target, Arc::clone(&cluster), watch_stop.clone()));
-        }
+        feed(&cluster, u, &config, &watch_stop);
         clusters.insert(name, Arc::clone(&cluster));
         targets.push(Target { cluster, ..base });
     }
@@ -549,6 +515,31 @@ fn deregistration(config: &Config) -> Option<Deregistration> {
         service_id: cp.service_id.clone(),
         instance_id: cp.instance_id.clone()?,
     })
+}
+
+/// Gives `cluster` (upstream `u`'s, or a subset of it) its endpoints: the static cluster's (those
+/// the cluster accepts), or a discovery watch until `stop`.
+fn feed(cluster: &Arc<Cluster>, u: &UpstreamConfig, config: &Config, stop: &CancellationToken) {
+    if let Some(sc) = config.clusters.iter().find(|c| c.service == u.service) {
+        update_static(cluster, sc, 1);
+    } else if let Some(cp) = &config.control_plane {
+        let target = WatchTarget {
+            control_plane: cp.address,
+            namespace: u
+                .namespace
+                .clone()
+                .unwrap_or_else(|| config.identity.namespace.clone()),
+            service: u.service.clone(),
+            wait: cp.watch_wait,
+        };
+        tokio::spawn(watch::run(target, Arc::clone(cluster), stop.clone()));
+    }
+}
+
+/// Installs a static cluster's endpoints that `cluster` accepts.
+fn update_static(cluster: &Cluster, sc: &StaticCluster, revision: u64) {
+    let specs = static_specs(sc).filter(|(_, attrs)| cluster.accepts(attrs));
+    cluster.update(specs.map(|(s, _)| s), revision);
 }
 
 /// A static cluster's endpoints, each with its attributes (for subsets).

@@ -820,16 +820,23 @@ default_action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
         .await
         .unwrap();
     let port = h.listeners[0].1.port();
+    assert_eq!(curl_h2(&cert, "lb.test", port).await, "a 2");
+    h.shutdown().await;
+}
+
+/// `curl --http2` to `https://<name>:<port>/hello` on loopback trusting `cacert`: body and
+/// HTTP version.
+async fn curl_h2(cacert: &Path, name: &str, port: u16) -> String {
     let out = tokio::process::Command::new("curl")
         .args(["-sS", "--http2", "--cacert"])
-        .arg(&cert)
+        .arg(cacert)
         .args([
             "--resolve",
-            &format!("lb.test:{port}:127.0.0.1"),
+            &format!("{name}:{port}:127.0.0.1"),
             "-w",
             " %{http_version}",
         ])
-        .arg(format!("https://lb.test:{port}/hello"))
+        .arg(format!("https://{name}:{port}/hello"))
         .output()
         .await
         .unwrap();
@@ -838,8 +845,7 @@ default_action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "a 2");
-    h.shutdown().await;
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test]
@@ -1177,25 +1183,7 @@ default_action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
     std::fs::write(&bundle, &roots_pem).unwrap();
 
     // curl verifies the chain and the name against the bundle.
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--http2", "--cacert"])
-        .arg(&bundle)
-        .args([
-            "--resolve",
-            &format!("lb.my-app.local:{port}:127.0.0.1"),
-            "-w",
-            " %{http_version}",
-        ])
-        .arg(format!("https://lb.my-app.local:{port}/hello"))
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "a 2");
+    assert_eq!(curl_h2(&bundle, "lb.my-app.local", port).await, "a 2");
 
     // openssl shows the chain: leaf (SPIFFE id + DNS name) signed by the CA's intermediate.
     let out = tokio::process::Command::new("openssl")
