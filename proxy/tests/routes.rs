@@ -193,6 +193,7 @@ targets = [{ cluster = "api-v1", weight = 90 }, { cluster = "api-v2", weight = 1
     };
     let v2 = count_v2(local).await;
     let share = v2 as f64 / N as f64;
+    eprintln!("weighted 90/10 by service: v2 share {share:.3} of {N}");
     assert!((share - 0.10).abs() <= 0.05, "v2 share {share} ({v2}/{N})");
     assert_eq!(api.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
 
@@ -312,6 +313,7 @@ async fn weighted_split_by_instance_attribute_static_and_from_discovery() {
     let (sc, stop) = sidecar(&text).await;
     let local = sc.upstream_addrs["api"];
     let share = share_of(format!("http://{local}/canary"), "v2", 2000).await;
+    eprintln!("weighted 90/10 by attribute (static): v2 share {share:.3} of 2000");
     assert!((share - 0.10).abs() <= 0.05, "v2 share {share}");
     // Unmatched traffic goes to the whole cluster (both versions, round robin).
     let share = share_of(format!("http://{local}/other"), "v2", 400).await;
