@@ -7,6 +7,8 @@
 //! - traffic across hosts is mTLS: a plain HTTP client is refused by an `api` sidecar;
 //! - `kill -9` of an instance: it leaves DNS and the client's endpoint set within the health
 //!   threshold, and the client sees no error meanwhile (retries + ejection);
+//! - transparent interception: the app calls `api` by name and by IP (no Host mapping); the sidecar
+//!   routes by `SO_ORIGINAL_DST`, over mTLS, balanced over both instances;
 //! - the control plane killed and restarted: sidecars keep serving while it is down, and it comes
 //!   back with every registration;
 //! - cleanup: every namespace is gone afterwards (the lab removes them on drop, also on failure).
@@ -464,7 +466,7 @@ fn mesh_across_network_namespaces() {
     // Transparent interception: the app calls plain http://api.my-app.local/ (resolved by the
     // control plane's DNS); the rules of `trellis-proxy init-iptables` (every TCP port, the
     // sidecar's uid and loopback excluded) hand the connection to the sidecar's egress listener,
-    // which routes by Host over mTLS.
+    // which routes by the original destination (an `api` endpoint IP) over mTLS.
     let resolv = tmp.path().join("resolv.conf");
     std::fs::write(&resolv, format!("nameserver {}\n", cp.addr)).unwrap();
     let init = |extra: &str| {
@@ -493,11 +495,31 @@ fn mesh_across_network_namespaces() {
         body.contains("svc/web"),
         "went through the sidecar over mTLS: {body}"
     );
+    // By IP, with no name or Host mapping at all: the sidecar reads the original destination
+    // (SO_ORIGINAL_DST), finds an `api` endpoint's address, and balances over `api` with mTLS
+    // (nothing listens on port 80 of the api hosts, so only the sidecar can answer).
+    let mut by_ip = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let (code, body) = curl(&client, &format!("http://{}/intercepted-ip", a1.addr)).unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("\"path\":\"/intercepted-ip\""), "{body}");
+        assert!(body.contains("svc/web"), "by IP over mTLS: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if let Some(i) = v["instance"].as_str() {
+            by_ip.insert(i.to_owned());
+        }
+    }
+    assert_eq!(by_ip.len(), 2, "by IP is load balanced over api: {by_ip:?}");
     let out = init("--remove");
     assert!(out.status.success(), "{out:?}");
     let nat = client.sh("iptables -t nat -S");
     let nat = String::from_utf8_lossy(&nat.stdout).to_string();
     assert!(!nat.contains("TRELLIS"), "rules removed: {nat}");
+    assert_eq!(
+        curl(&client, &format!("http://{}/intercepted-ip", a1.addr)),
+        None,
+        "without interception nothing answers on port 80"
+    );
 
     // On the wire between hosts there is no plaintext: a capture on a1's interface sees neither the
     // request path nor the response body of mesh traffic, but does see a plain client's request

@@ -1,6 +1,7 @@
 //! A cluster: the endpoints of one upstream service (swapped whole with `arc-swap`, read without a
 //! lock), its balancer, outlier detection, retry budget, circuit breaker and metrics.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +33,8 @@ pub struct Cluster {
     panic_threshold_percent: u8,
     loaded: AtomicBool,
     revision: AtomicU64,
+    /// Only endpoints whose attributes include all of these belong here (a route subset).
+    subset: BTreeMap<String, String>,
 }
 
 /// One endpoint as an update names it.
@@ -64,7 +67,21 @@ impl Cluster {
             panic_threshold_percent: r.panic_threshold_percent,
             loaded: AtomicBool::new(false),
             revision: AtomicU64::new(0),
+            subset: BTreeMap::new(),
         }
+    }
+
+    /// The same cluster restricted to endpoints carrying every attribute of `subset`.
+    pub fn with_subset(mut self, subset: BTreeMap<String, String>) -> Self {
+        self.subset = subset;
+        self
+    }
+
+    /// Whether an endpoint with `attributes` belongs to this cluster (always, without a subset).
+    pub fn accepts(&self, attributes: &BTreeMap<String, String>) -> bool {
+        self.subset
+            .iter()
+            .all(|(k, v)| attributes.get(k).is_some_and(|a| a == v))
     }
 
     pub fn name(&self) -> &str {

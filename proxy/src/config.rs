@@ -6,7 +6,7 @@
 //! Environment settings override the file. Units are converted here ("250ms" → `Duration`); inner
 //! code never re-checks a value.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -138,6 +138,114 @@ pub struct OutboundConfig {
     pub egress_listen: Option<SocketAddr>,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
+    /// What the egress listener does with an intercepted connection (iptables `REDIRECT`) whose
+    /// original destination is no known upstream: relay it there unchanged, refuse it, or serve
+    /// it as HTTP routed by `Host`.
+    #[serde(default)]
+    pub unknown_destination: UnknownDestination,
+    /// Routes that split one upstream's traffic over upstream clusters (App Mesh routes): checked
+    /// in priority order; an upstream's traffic that no route matches goes to its own cluster.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownDestination {
+    /// Relay the bytes to the original destination (Envoy's `ORIGINAL_DST` passthrough).
+    #[default]
+    Passthrough,
+    /// Close the connection.
+    Refuse,
+    /// Serve HTTP and route by `Host` like a direct connection.
+    Host,
+}
+
+/// An address the app may dial for an upstream: `ip` (any port) or `ip:port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Destination {
+    Socket(SocketAddr),
+    Ip(std::net::IpAddr),
+}
+
+impl Destination {
+    pub fn matches(self, addr: SocketAddr) -> bool {
+        match self {
+            Destination::Socket(s) => s == addr,
+            Destination::Ip(ip) => ip == addr.ip(),
+        }
+    }
+}
+
+/// One outbound route (App Mesh `httpRoute` parity).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The upstream whose traffic this route takes (its `Host` names on the egress listener and
+    /// its local port).
+    pub upstream: ServiceName,
+    /// Shown in logs; `routes[i]` when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// 1–50000, lowest first; routes without one come after, in the order written.
+    #[serde(default)]
+    pub priority: Option<u32>,
+    /// All given fields must match; none given matches every request.
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+    /// Weighted clusters (each an upstream's service name), weights 0–999.
+    pub targets: Vec<RouteTarget>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// The path starts with this text. At most one of `prefix`, `path`, `path_regex`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// The path is exactly this.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The whole path matches this regular expression (RE2 syntax).
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    /// HTTP method, e.g. `GET`.
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchConfig>,
+}
+
+/// One header condition: exactly one of `exact`, `prefix`, `regex`, `present = true`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    pub name: String,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub present: bool,
+    /// Match when the condition does not hold.
+    #[serde(default)]
+    pub invert: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTarget {
+    /// An upstream's service name.
+    pub cluster: ServiceName,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Only the cluster's endpoints whose instance attributes include all of these (a subset,
+    /// e.g. `{ version = "v2" }`, like an App Mesh virtual node per version).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -157,6 +265,11 @@ pub struct UpstreamConfig {
     /// Talk plaintext to the upstream endpoints (e.g. an app without a sidecar). Dangerous.
     #[serde(default)]
     pub danger_plaintext: bool,
+    /// Service VIPs the app may dial (`"10.0.0.10"` any port, or `"10.0.0.10:80"`): an
+    /// intercepted connection whose original destination is one of them goes to this upstream.
+    /// The current endpoint IPs (the service's DNS answers) always count too.
+    #[serde(default)]
+    pub addresses: Vec<Destination>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -182,6 +295,9 @@ pub struct StaticEndpoint {
     pub address: SocketAddr,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Instance attributes, for route targets that pick a subset.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -319,6 +435,19 @@ impl Config {
                 });
             }
         }
+        let mut claimed: Vec<(Destination, usize)> = Vec::new();
+        for (i, u) in self.outbound.upstreams.iter().enumerate() {
+            for (j, d) in u.addresses.iter().enumerate() {
+                if let Some((_, other)) = claimed.iter().find(|(c, _)| c == d) {
+                    return Err(ConfigError::Invalid {
+                        key: format!("outbound.upstreams[{i}].addresses[{j}]"),
+                        problem: format!("also claimed by outbound.upstreams[{other}]"),
+                    });
+                }
+                claimed.push((*d, i));
+            }
+        }
+        crate::outbound::compile(&self.outbound)?;
         for (i, c) in self.clusters.iter().enumerate() {
             if c.endpoints.is_empty() {
                 return Err(ConfigError::Invalid {

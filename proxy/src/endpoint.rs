@@ -4,7 +4,8 @@
 //! across endpoint-set updates as long as its address stays.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::clock::now_ms;
@@ -27,6 +28,12 @@ pub struct EndpointState {
     pub(crate) consecutive_failures: AtomicU32,
     pub(crate) ejected_until_ms: AtomicU64,
     pub(crate) ejections: AtomicU32,
+    /// Active health-check verdict (the LB's target groups); endpoints start healthy.
+    healthy: AtomicBool,
+    /// Leaving (deregistration delay): no new requests.
+    draining: AtomicBool,
+    /// `now_ms` when the endpoint last joined or became healthy (slow start); 0 = from the start.
+    healthy_since_ms: AtomicU64,
 }
 
 impl EndpointState {
@@ -43,6 +50,9 @@ impl EndpointState {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            healthy_since_ms: AtomicU64::new(0),
         }
     }
 
@@ -64,7 +74,51 @@ impl EndpointState {
         );
         s.ejections
             .store(self.ejections.load(Ordering::Relaxed), Ordering::Relaxed);
+        s.healthy.store(self.is_healthy(), Ordering::Relaxed);
+        s.draining.store(self.is_draining(), Ordering::Relaxed);
+        s.healthy_since_ms
+            .store(self.healthy_since_ms(), Ordering::Relaxed);
         s
+    }
+
+    /// A new endpoint that joins now (slow start counts from here).
+    pub fn joining(instance_id: impl Into<String>, addr: SocketAddr, weight: u32) -> Self {
+        let s = EndpointState::new(instance_id, addr, weight);
+        s.healthy_since_ms.store(now_ms().max(1), Ordering::Relaxed);
+        s
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Records a health verdict; true when it changed. Becoming healthy restarts slow start.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        let changed = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
+        if changed && healthy {
+            self.healthy_since_ms
+                .store(now_ms().max(1), Ordering::Relaxed);
+        }
+        changed
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Returns the previous value.
+    pub fn set_draining(&self, draining: bool) -> bool {
+        self.draining.swap(draining, Ordering::Relaxed)
+    }
+
+    pub fn healthy_since_ms(&self) -> u64 {
+        self.healthy_since_ms.load(Ordering::Relaxed)
+    }
+
+    /// Marks one request started; the owned guard ends it (e.g. when a response body ends).
+    pub fn start_owned(self: &Arc<Self>) -> OwnedInFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        OwnedInFlight(Arc::clone(self))
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -113,6 +167,22 @@ impl EndpointState {
 pub struct InFlight<'a>(&'a EndpointState);
 
 impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Ends an in-flight request when dropped; owns its endpoint so it can outlive the pick.
+#[derive(Debug)]
+pub struct OwnedInFlight(Arc<EndpointState>);
+
+impl OwnedInFlight {
+    pub fn endpoint(&self) -> &EndpointState {
+        &self.0
+    }
+}
+
+impl Drop for OwnedInFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }

@@ -1,6 +1,7 @@
 //! Transparent interception (`trellis-proxy init-iptables`), like App Mesh's `proxyConfiguration`:
 //! in the app's network namespace, `nat` rules send the app's outbound TCP to the sidecar's egress
-//! listener, which routes by `Host`. The sidecar's own traffic (its uid) and loopback destinations
+//! listener, which routes each connection by its original destination (`SO_ORIGINAL_DST`, see
+//! `egress.rs`). The sidecar's own traffic (its uid) and loopback destinations
 //! are left alone, so the sidecar can still reach the app and its upstreams.
 //!
 //! All rules live in one chain ([`CHAIN`]) jumped to from `OUTPUT`, so removal is exact and

@@ -3,7 +3,8 @@
 //! and outlier ejection to upstreams, and an inbound listener in front of the app.
 //!
 //! What it does not do: run the control plane (it only calls the discovery watch API over HTTP),
-//! or parse route tables (the route engine lives in `route/`, shared with the internal LB).
+//! or own a second route matcher: outbound routes (`outbound.rs`) compile into the `route/` engine
+//! the internal LB uses.
 //!
 //! Reusable pieces for the internal load balancer: [`Pick`] balancers, [`Cluster`] (endpoints +
 //! resilience state), [`forward`] (the request path), [`UpstreamClient`], [`Admin`], listeners and
@@ -19,6 +20,7 @@ mod clock;
 mod cluster;
 mod config;
 mod deregister;
+mod egress;
 mod endpoint;
 mod env;
 mod error;
@@ -27,6 +29,7 @@ pub mod intercept;
 pub mod lb;
 mod listener;
 mod metrics;
+mod outbound;
 mod outlier;
 mod pool;
 mod relay;
@@ -46,17 +49,19 @@ pub use circuit::Breaker;
 pub use client::UpstreamClient;
 pub use cluster::{Cluster, ClusterStatus, EndpointSpec, EndpointStatus, Snapshot};
 pub use config::{
-    AdminConfig, BalancerKind, Config, ControlPlaneConfig, Decision, IdentityConfig, InboundConfig,
-    IntentionRule, Intentions, LimitsConfig, OutboundConfig, Protocol, ResilienceConfig,
-    RuntimeConfig, StaticCluster, StaticEndpoint, UpstreamConfig,
+    AdminConfig, BalancerKind, Config, ControlPlaneConfig, Decision, HeaderMatchConfig,
+    IdentityConfig, InboundConfig, IntentionRule, Intentions, LimitsConfig, OutboundConfig,
+    Protocol, ResilienceConfig, RouteConfig, RouteMatch, RouteTarget, RuntimeConfig, StaticCluster,
+    StaticEndpoint, UnknownDestination, UpstreamConfig,
 };
 pub use deregister::{DeregisterError, Deregistration};
-pub use endpoint::{EndpointState, InFlight};
+pub use endpoint::{EndpointState, InFlight, OwnedInFlight};
 pub use env::{EnvSource, MapEnv, ProcessEnv};
 pub use error::{ConfigError, ProxyError, Side, StartError};
 pub use forward::{ForwardPolicy, Target, error_response, forward, strip_hop_by_hop};
-pub use listener::{AcceptContext, bind_reuseport, spawn_accept};
+pub use listener::{AcceptContext, bind_reuseport, original_dst, spawn_accept};
 pub use metrics::{Metrics, UpstreamMetrics};
+pub use outbound::{RouteTables, Router, Subset, compile as compile_routes, subset_name};
 pub use outlier::{OutlierPolicy, Verdict};
 pub use relay::{COPY_BUF_SIZE, relay_copy, relay_tcp};
 pub use retry::{RetryBudget, is_idempotent};

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +36,21 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     TcpListener::from_std(socket.into())
+}
+
+/// Where an accepted connection was going before an iptables `REDIRECT` sent it here
+/// (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` on an IPv6 socket). `None` when the kernel has no
+/// NAT record for it (not redirected, or conntrack absent); a connection that was not redirected
+/// may also report its own local address.
+pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let local = stream.local_addr().ok()?;
+    let orig = if local.is_ipv6() {
+        sock.original_dst_v6()
+    } else {
+        sock.original_dst_v4()
+    };
+    orig.ok()?.as_socket()
 }
 
 /// What every accepted connection shares.

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::header::{HOST, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
@@ -27,12 +27,16 @@ use crate::balance::{RoundRobin, balancer};
 use crate::body::ProxyBody;
 use crate::client::UpstreamClient;
 use crate::cluster::{Cluster, EndpointSpec};
-use crate::config::{Config, Decision, Intentions, Protocol, ResilienceConfig, StaticCluster};
+use crate::config::{
+    Config, Decision, Intentions, Protocol, ResilienceConfig, StaticCluster, UpstreamConfig,
+};
 use crate::deregister::Deregistration;
+use crate::egress::Egress;
 use crate::error::{ProxyError, StartError};
 use crate::forward::{ForwardPolicy, Target, error_response, forward};
 use crate::listener::{AcceptContext, bind_reuseport, spawn_accept};
 use crate::metrics::Metrics;
+use crate::outbound::{Router, Subset, compile as compile_routes, subset_name};
 use crate::server::{HttpMode, serve};
 use crate::tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, client_config};
 use crate::watch::{self, WatchTarget};
@@ -52,6 +56,11 @@ pub struct Running {
     clusters: HashMap<String, Arc<Cluster>>,
     intentions: Arc<ArcSwap<Intentions>>,
     identity: Option<Arc<Identity>>,
+    router: Arc<Router>,
+    /// Upstream service names in config order, and the route subsets after them (what the route
+    /// tables' target slots index).
+    upstreams: Vec<String>,
+    subsets: Vec<Subset>,
     done: JoinHandle<()>,
 }
 
@@ -77,22 +86,46 @@ impl Running {
         self.identity.as_ref()
     }
 
-    /// Applies what can change without restarting: static cluster endpoints, the `/config` view.
+    /// Applies what can change without restarting: static cluster endpoints, intentions, outbound
+    /// routes (same upstreams), the `/config` view.
     /// Listeners and identity need a restart (reported in the log).
     pub fn reload(&self, config: &Config) {
         for c in &config.clusters {
-            if let Some(cluster) = self.clusters.get(c.service.as_str()) {
-                cluster.update(static_specs(c), cluster.revision() + 1);
+            let service = c.service.as_str();
+            let subsets = self
+                .subsets
+                .iter()
+                .filter(|sub| self.upstreams.get(sub.upstream).map(String::as_str) == Some(service))
+                .map(|sub| subset_name(service, &sub.attributes));
+            for name in std::iter::once(service.to_owned()).chain(subsets) {
+                if let Some(cluster) = self.clusters.get(&name) {
+                    update_static(cluster, c, cluster.revision() + 1);
+                }
             }
         }
         if let Some(inb) = &config.inbound {
             self.intentions.store(Arc::new(inb.intentions.clone()));
         }
+        let same_upstreams = config
+            .outbound
+            .upstreams
+            .iter()
+            .map(|u| u.service.as_str())
+            .eq(self.upstreams.iter().map(String::as_str));
+        match compile_routes(&config.outbound) {
+            Ok(tables) if same_upstreams && tables.subsets() == self.subsets.as_slice() => {
+                self.router.swap(tables)
+            }
+            Ok(_) => tracing::warn!(
+                "outbound.upstreams or route subsets changed: routes kept; restart to apply"
+            ),
+            Err(e) => tracing::warn!(error = %e, "outbound.routes not reloaded"),
+        }
         self.admin
             .config_json
             .store(Arc::new(config.redacted_json()));
         tracing::info!(
-            "configuration reloaded (static clusters, intentions); listener and identity changes need a restart"
+            "configuration reloaded (static clusters, intentions, routes); listener and identity changes need a restart"
         );
     }
 }
@@ -176,9 +209,9 @@ pub async fn start_with(
     }
     health.set_identity_loaded();
 
-    // Outbound clusters.
+    // Outbound clusters, one per upstream, in config order (route tables index them).
     let mut clusters: HashMap<String, Arc<Cluster>> = HashMap::new();
-    let mut targets: HashMap<String, Target> = HashMap::new();
+    let mut targets: Vec<Target> = Vec::with_capacity(config.outbound.upstreams.len());
     for u in &config.outbound.upstreams {
         let name = u.service.as_str().to_owned();
         let cluster = Arc::new(Cluster::new(
@@ -187,20 +220,7 @@ pub async fn start_with(
             r,
             metrics.upstream(&name),
         ));
-        if let Some(sc) = config.clusters.iter().find(|c| c.service == u.service) {
-            cluster.update(static_specs(sc), 1);
-        } else if let Some(cp) = &config.control_plane {
-            let target = WatchTarget {
-                control_plane: cp.address,
-                namespace: u
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| config.identity.namespace.clone()),
-                service: u.service.clone(),
-                wait: cp.watch_wait,
-            };
-            tokio::spawn(watch::run(target, Arc::clone(&cluster), watch_stop.clone()));
-        }
+        feed(&cluster, u, &config, &watch_stop);
         clusters.insert(name.clone(), Arc::clone(&cluster));
         let (client, tcp_tls) = match (&identity, u.danger_plaintext) {
             (Some(id), false) => {
@@ -220,20 +240,38 @@ pub async fn start_with(
             }
             _ => (plain_h1.clone(), None),
         };
-        targets.insert(
-            name,
-            Target {
-                cluster,
-                client,
-                policy,
-                tcp_tls,
-            },
-        );
+        targets.push(Target {
+            cluster,
+            client,
+            policy,
+            tcp_tls,
+        });
     }
+    // Attribute subsets that routes target: a cluster each, fed by the same source but keeping
+    // only matching endpoints, reached like their upstream (same identity, same client).
+    let tables = compile_routes(&config.outbound)?;
+    for sub in tables.subsets() {
+        let (Some(u), Some(base)) = (
+            config.outbound.upstreams.get(sub.upstream),
+            targets.get(sub.upstream).cloned(),
+        ) else {
+            continue; // compile() only makes subsets of listed upstreams
+        };
+        let name = subset_name(u.service.as_str(), &sub.attributes);
+        let cluster = Arc::new(
+            Cluster::new(&name, balancer(u.balancer), r, metrics.upstream(&name))
+                .with_subset(sub.attributes.clone()),
+        );
+        feed(&cluster, u, &config, &watch_stop);
+        clusters.insert(name, Arc::clone(&cluster));
+        targets.push(Target { cluster, ..base });
+    }
+    let subsets = tables.subsets().to_vec();
+    let router = Arc::new(Router::new(tables, targets));
 
     // Per-upstream local listeners.
     let mut upstream_addrs = BTreeMap::new();
-    for u in &config.outbound.upstreams {
+    for (pos, u) in config.outbound.upstreams.iter().enumerate() {
         let Some(port) = u.local_port else { continue };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let listeners =
@@ -243,20 +281,18 @@ pub async fn start_with(
                 source,
             })?;
         upstream_addrs.insert(u.service.to_string(), local_addr(&listeners, addr));
-        let Some(target) = targets.get(u.service.as_str()).cloned() else {
-            continue;
-        };
+        let router = Arc::clone(&router);
         match u.protocol {
             Protocol::Http => {
                 let (builder, stop, log) =
                     (builder.clone(), stop.clone(), config.runtime.access_log);
-                spawn_accept(listeners, ctx("outbound"), move |stream, _peer| {
-                    let target = target.clone();
+                spawn_accept(listeners, ctx("outbound"), move |stream, peer| {
+                    let router = Arc::clone(&router);
                     let (builder, stop) = (builder.clone(), stop.clone());
                     async move {
                         serve(stream, &builder, HttpMode::Auto, stop, move |req| {
-                            let target = target.clone();
-                            async move { proxy_logged(&target, req, log, None).await }
+                            let router = Arc::clone(&router);
+                            async move { route_and_proxy(&router, pos, req, peer, log).await }
                         })
                         .await;
                     }
@@ -264,15 +300,19 @@ pub async fn start_with(
             }
             Protocol::Tcp => {
                 let connect_timeout = r.connect_timeout;
-                spawn_accept(listeners, ctx("outbound"), move |stream, _peer| {
-                    let target = target.clone();
-                    async move { relay_to_cluster(stream, &target, connect_timeout).await }
+                spawn_accept(listeners, ctx("outbound"), move |stream, peer| {
+                    let router = Arc::clone(&router);
+                    async move {
+                        if let Some(target) = router.route_tcp(pos, peer.ip()) {
+                            relay_to_cluster(stream, target, connect_timeout).await;
+                        }
+                    }
                 });
             }
         }
     }
 
-    // Egress listener: route by Host.
+    // Egress listener: direct connections by Host, intercepted ones by original destination.
     let mut egress_addr = None;
     if let Some(addr) = config.outbound.egress_listen {
         let listeners =
@@ -282,36 +322,17 @@ pub async fn start_with(
                 source,
             })?;
         egress_addr = Some(local_addr(&listeners, addr));
-        let mut routes: HashMap<String, Target> = HashMap::new();
-        for (name, t) in &targets {
-            let u = config
-                .outbound
-                .upstreams
-                .iter()
-                .find(|u| u.service.as_str() == name);
-            let ns = u
-                .and_then(|u| u.namespace.clone())
-                .unwrap_or_else(|| config.identity.namespace.clone());
-            routes.insert(name.clone(), t.clone());
-            routes.insert(format!("{name}.{ns}"), t.clone());
-        }
-        let routes = Arc::new(routes);
-        let (builder, stop, log) = (builder.clone(), stop.clone(), config.runtime.access_log);
-        spawn_accept(listeners, ctx("egress"), move |stream, _peer| {
-            let routes = Arc::clone(&routes);
-            let (builder, stop) = (builder.clone(), stop.clone());
-            async move {
-                serve(stream, &builder, HttpMode::Auto, stop, move |req| {
-                    let routes = Arc::clone(&routes);
-                    async move {
-                        match route_by_host(&routes, &req) {
-                            Some(t) => proxy_logged(t, req, log, None).await,
-                            None => error_response(&ProxyError::NoRoute),
-                        }
-                    }
-                })
-                .await;
-            }
+        let egress = Arc::new(Egress::new(
+            &config.outbound,
+            &config.identity.namespace,
+            Arc::clone(&router),
+            builder.clone(),
+            stop.clone(),
+            config.runtime.access_log,
+            r.connect_timeout,
+        ));
+        spawn_accept(listeners, ctx("egress"), move |stream, peer| {
+            Arc::clone(&egress).handle(stream, peer)
         });
     }
 
@@ -469,6 +490,14 @@ pub async fn start_with(
         clusters,
         intentions,
         identity,
+        router,
+        subsets,
+        upstreams: config
+            .outbound
+            .upstreams
+            .iter()
+            .map(|u| u.service.as_str().to_owned())
+            .collect(),
         done,
     })
 }
@@ -488,11 +517,44 @@ fn deregistration(config: &Config) -> Option<Deregistration> {
     })
 }
 
-fn static_specs(c: &StaticCluster) -> impl Iterator<Item = EndpointSpec> + '_ {
-    c.endpoints.iter().map(|e| EndpointSpec {
-        instance_id: e.address.to_string(),
-        addr: e.address,
-        weight: e.weight,
+/// Gives `cluster` (upstream `u`'s, or a subset of it) its endpoints: the static cluster's (those
+/// the cluster accepts), or a discovery watch until `stop`.
+fn feed(cluster: &Arc<Cluster>, u: &UpstreamConfig, config: &Config, stop: &CancellationToken) {
+    if let Some(sc) = config.clusters.iter().find(|c| c.service == u.service) {
+        update_static(cluster, sc, 1);
+    } else if let Some(cp) = &config.control_plane {
+        let target = WatchTarget {
+            control_plane: cp.address,
+            namespace: u
+                .namespace
+                .clone()
+                .unwrap_or_else(|| config.identity.namespace.clone()),
+            service: u.service.clone(),
+            wait: cp.watch_wait,
+        };
+        tokio::spawn(watch::run(target, Arc::clone(cluster), stop.clone()));
+    }
+}
+
+/// Installs a static cluster's endpoints that `cluster` accepts.
+fn update_static(cluster: &Cluster, sc: &StaticCluster, revision: u64) {
+    let specs = static_specs(sc).filter(|(_, attrs)| cluster.accepts(attrs));
+    cluster.update(specs.map(|(s, _)| s), revision);
+}
+
+/// A static cluster's endpoints, each with its attributes (for subsets).
+fn static_specs(
+    c: &StaticCluster,
+) -> impl Iterator<Item = (EndpointSpec, &BTreeMap<String, String>)> + '_ {
+    c.endpoints.iter().map(|e| {
+        (
+            EndpointSpec {
+                instance_id: e.address.to_string(),
+                addr: e.address,
+                weight: e.weight,
+            },
+            &e.attributes,
+        )
     })
 }
 
@@ -503,24 +565,18 @@ fn local_addr(listeners: &[tokio::net::TcpListener], fallback: SocketAddr) -> So
         .unwrap_or(fallback)
 }
 
-/// The target for a request's `Host` (or `:authority`), port ignored.
-fn route_by_host<'a>(
-    routes: &'a HashMap<String, Target>,
-    req: &Request<Incoming>,
-) -> Option<&'a Target> {
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())?;
-    let host = match host.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    routes
-        .get(host)
-        .or_else(|| routes.get(&host.to_ascii_lowercase()))
+/// An outbound request for upstream `pos`: its routes pick the cluster, then forward.
+pub(crate) async fn route_and_proxy(
+    router: &Router,
+    pos: usize,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    access_log: bool,
+) -> Response<ProxyBody> {
+    match router.route(pos, &req, peer.ip()) {
+        Some(t) => proxy_logged(t, req, access_log, None).await,
+        None => error_response(&ProxyError::NoRoute),
+    }
 }
 
 async fn proxy_logged(
@@ -552,7 +608,11 @@ async fn proxy_logged(
 }
 
 /// Raw TCP to a cluster: pick, connect (another endpoint on connect failure), then relay.
-async fn relay_to_cluster(down: TcpStream, target: &Target, connect_timeout: std::time::Duration) {
+pub(crate) async fn relay_to_cluster(
+    down: TcpStream,
+    target: &Target,
+    connect_timeout: std::time::Duration,
+) {
     let cluster = &target.cluster;
     let mut avoid = None;
     for _ in 0..=target.policy.max_retries {

@@ -141,11 +141,13 @@ async fn poll_once(
 /// Applies a set: serving endpoints only (all of them when none is, fail open).
 pub fn apply(cluster: &Cluster, set: &EndpointSet) {
     cluster.update(
-        set.serving().map(|e| EndpointSpec {
-            instance_id: e.instance_id.clone(),
-            addr: e.socket_addr(),
-            weight: e.weight,
-        }),
+        set.serving()
+            .filter(|e| cluster.accepts(&e.attributes))
+            .map(|e| EndpointSpec {
+                instance_id: e.instance_id.clone(),
+                addr: e.socket_addr(),
+                weight: e.weight,
+            }),
         set.revision,
     );
 }

@@ -820,16 +820,23 @@ default_action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
         .await
         .unwrap();
     let port = h.listeners[0].1.port();
+    assert_eq!(curl_h2(&cert, "lb.test", port).await, "a 2");
+    h.shutdown().await;
+}
+
+/// `curl --http2` to `https://<name>:<port>/hello` on loopback trusting `cacert`: body and
+/// HTTP version.
+async fn curl_h2(cacert: &Path, name: &str, port: u16) -> String {
     let out = tokio::process::Command::new("curl")
         .args(["-sS", "--http2", "--cacert"])
-        .arg(&cert)
+        .arg(cacert)
         .args([
             "--resolve",
-            &format!("lb.test:{port}:127.0.0.1"),
+            &format!("{name}:{port}:127.0.0.1"),
             "-w",
             " %{http_version}",
         ])
-        .arg(format!("https://lb.test:{port}/hello"))
+        .arg(format!("https://{name}:{port}/hello"))
         .output()
         .await
         .unwrap();
@@ -838,8 +845,7 @@ default_action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "a 2");
-    h.shutdown().await;
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test]
@@ -1032,4 +1038,191 @@ action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A TLS connection to the LB that trusts only `roots`; returns it and the leaf it was shown.
+async fn tls_to_lb(
+    port: u16,
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+) -> (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    rustls_pki_types::CertificateDer<'static>,
+) {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("lb.my-app.local").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    (send, leaf)
+}
+
+async fn get_on(send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>) -> String {
+    let req = http::Request::get("/hello")
+        .header("host", "lb.my-app.local")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn https_listener_with_a_certificate_from_the_built_in_ca() {
+    if !tool("openssl") || !tool("curl") {
+        eprintln!("skipping: openssl or curl not on PATH");
+        return;
+    }
+    // The real control plane with its CA, and a join token scoped to the LB's workload name.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = trellis_ca::CaDir::new(dir.path().join("ca"));
+    ca_dir
+        .init("mesh.local".parse().unwrap(), trellis_ca::Policy::default())
+        .unwrap();
+    let token = ca_dir
+        .tokens()
+        .unwrap()
+        .create(trellis_ca::Scope::Workload {
+            namespace: "my-app.local".parse().unwrap(),
+            service: "lb".parse().unwrap(),
+        })
+        .unwrap()
+        .bearer();
+    let mut cp_cfg = trellis_discovery::ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    cp_cfg.data_dir = Some(dir.path().to_owned());
+    let cp = trellis_discovery::Server::start(cp_cfg).await.unwrap();
+    let cp_addr = cp.api_addr;
+
+    let a = upstream("a").await;
+    let listener = |dns: &str, extra: &str| {
+        format!(
+            r#"{}
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "tls"
+listen = "127.0.0.1:0"
+protocol = "https"
+tls = {{ source = "ca", control_plane = "{cp_addr}", token = "{token}", dns_names = ["{dns}"]{extra} }}
+default_action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
+"#,
+            group("a", &[&a], ""),
+        )
+    };
+
+    // A name the CA will not certify fails the start, naming the listener and the field.
+    let err = start(
+        LbConfig::from_str(&listener("lb.example.com", "")).unwrap(),
+        CancellationToken::new(),
+    )
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("tls") && err.contains("dns_names"), "{err}");
+
+    // Short-lived certificates so the test sees a renewal.
+    let h = start(
+        LbConfig::from_str(&listener("lb.my-app.local", r#", ttl = "3s""#)).unwrap(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let port = h.listeners[0].1.port();
+
+    // The CA's bundle, as a user would fetch it.
+    let roots_pem = {
+        let resp = Client::builder(TokioExecutor::new())
+            .build_http::<Full<Bytes>>()
+            .request(
+                http::Request::get(format!("http://{cp_addr}/v1/ca/roots"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap()
+    };
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, &roots_pem).unwrap();
+
+    // curl verifies the chain and the name against the bundle.
+    assert_eq!(curl_h2(&bundle, "lb.my-app.local", port).await, "a 2");
+
+    // openssl shows the chain: leaf (SPIFFE id + DNS name) signed by the CA's intermediate.
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-showcerts", "-verify_return_error", "-CAfile"])
+        .arg(&bundle)
+        .args([
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            "lb.my-app.local",
+            "-verify_hostname",
+            "lb.my-app.local",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    let chain_len = text.matches("-----BEGIN CERTIFICATE-----").count();
+    assert!(chain_len >= 2, "leaf and intermediate expected:\n{text}");
+
+    // Rotation: a connection opened on the first certificate keeps working after new handshakes
+    // get a renewed one.
+    let roots = trellis_ca::parse_certs(&roots_pem).unwrap();
+    let (mut old_conn, first_leaf) = tls_to_lb(port, &roots).await;
+    assert_eq!(get_on(&mut old_conn).await, "a");
+    let mut renewed = false;
+    for _ in 0..80 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (mut c, leaf) = tls_to_lb(port, &roots).await;
+        if leaf != first_leaf {
+            assert_eq!(get_on(&mut c).await, "a");
+            renewed = true;
+            break;
+        }
+    }
+    assert!(renewed, "no renewed certificate within 8 s");
+    assert_eq!(get_on(&mut old_conn).await, "a", "open connection survives");
+    h.shutdown().await;
+    cp.shutdown().await;
 }

@@ -33,7 +33,8 @@ mod tests {
         let eps = endpoints(2);
         let _busy: Vec<_> = (0..5).map(|_| eps[0].start()).collect();
         let lr = LeastRequest;
-        let ones = (0..50).filter(|_| lr.pick(&eps, &all) == Some(1)).count();
-        assert!(ones > 40, "{ones}");
+        // Two usable endpoints always give two distinct choices, so the idle one always wins.
+        let ones = (0..200).filter(|_| lr.pick(&eps, &all) == Some(1)).count();
+        assert_eq!(ones, 200);
     }
 }

@@ -57,14 +57,17 @@ pub(crate) fn two_random(
             }
         }
     }
+    // Few usable endpoints: scan (from a random start) for what the draws missed, so two usable
+    // endpoints always yield two distinct choices.
+    let start = rand::random_range(0..n);
+    let mut scan = (0..n)
+        .map(|o| (start + o) % n)
+        .filter(|&i| usable(&endpoints[i]));
     if k == 0 {
-        let start = rand::random_range(0..n);
-        let i = (0..n)
-            .map(|o| (start + o) % n)
-            .find(|&i| usable(&endpoints[i]))?;
-        found[0] = i;
+        found[0] = scan.next()?;
     }
-    Some((found[0], found[0]))
+    let second = scan.find(|&i| i != found[0]).unwrap_or(found[0]);
+    Some((found[0], second))
 }
 
 #[cfg(test)]

@@ -143,8 +143,8 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     #[serde(default = "default_protocol")]
     pub protocol: ListenerProtocol,
-    /// Certificate chain and key (PEM files) for `https`.
-    pub tls: Option<TlsFiles>,
+    /// The certificate for `https`: PEM files, or issued by the built-in CA.
+    pub tls: Option<TlsConfig>,
     pub default_action: ActionConfig,
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleConfig>,
@@ -154,11 +154,104 @@ fn default_protocol() -> ListenerProtocol {
     ListenerProtocol::Http
 }
 
+/// Where an `https` listener's certificate comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsSource {
+    /// `cert` and `key` PEM files, read at start.
+    #[default]
+    Files,
+    /// The built-in CA: a key generated here (it never leaves the process) certified through the
+    /// control plane's sign API with a join token, renewed before expiry (new handshakes get the
+    /// new certificate, open connections are untouched).
+    Ca,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+pub struct TlsConfig {
+    #[serde(default)]
+    pub source: TlsSource,
+    /// `source = "files"`: certificate chain and key (PEM).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// `source = "ca"`: `host:port` of the control plane (sign API).
+    #[serde(default)]
+    pub control_plane: Option<SocketAddr>,
+    /// `source = "ca"`: join token (redacted in `/config`), or a file holding it.
+    #[serde(default, serialize_with = "redact")]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// `source = "ca"`: names clients will verify; the issued certificate must carry each (the CA
+    /// names certificates `<service>.<namespace>` after the token's scope), else start fails.
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    /// `source = "ca"`: trust domain of the CA.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: trellis_core::TrustDomain,
+    /// `source = "ca"`: requested certificate lifetime (the CA's policy default when absent);
+    /// renewal happens at about 2/3 of it.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+}
+
+fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+fn default_trust_domain() -> trellis_core::TrustDomain {
+    "mesh.local"
+        .parse()
+        .unwrap_or_else(|_| unreachable!("constant trust domain is valid"))
+}
+
+impl TlsConfig {
+    /// Field-level checks; `(field, reason)` on error.
+    fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        match self.source {
+            TlsSource::Files => {
+                if self.cert.is_none() || self.key.is_none() {
+                    return Err(("tls", "https listener needs tls.cert and tls.key"));
+                }
+                if self.control_plane.is_some()
+                    || self.token.is_some()
+                    || !self.dns_names.is_empty()
+                {
+                    return Err((
+                        "tls.source",
+                        "control_plane, token and dns_names need source = \"ca\"",
+                    ));
+                }
+            }
+            TlsSource::Ca => {
+                if self.cert.is_some() || self.key.is_some() {
+                    return Err(("tls.source", "cert and key need source = \"files\""));
+                }
+                if self.control_plane.is_none() {
+                    return Err((
+                        "tls.control_plane",
+                        "source = \"ca\" needs the control plane address",
+                    ));
+                }
+                if self.token.is_none() && self.token_file.is_none() {
+                    return Err(("tls.token", "source = \"ca\" needs token or token_file"));
+                }
+                if self.dns_names.is_empty() {
+                    return Err((
+                        "tls.dns_names",
+                        "name at least one DNS name clients will verify",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -517,12 +610,16 @@ impl LbConfig {
             if !names.insert(l.name.as_str()) {
                 return Err(invalid(at_l, "name", "duplicate listener name"));
             }
-            if l.protocol == ListenerProtocol::Https && l.tls.is_none() {
-                return Err(invalid(
-                    at_l,
-                    "tls",
-                    "https listener needs tls.cert and tls.key",
-                ));
+            match &l.tls {
+                None if l.protocol == ListenerProtocol::Https => {
+                    return Err(invalid(
+                        at_l,
+                        "tls",
+                        "https listener needs tls.cert and tls.key, or tls.source = \"ca\"",
+                    ));
+                }
+                Some(t) => t.check().map_err(|(f, e)| invalid(at_l.clone(), f, e))?,
+                None => {}
             }
             let default = compile_action(&l.default_action, &slot_of)
                 .map_err(|(f, e)| invalid(at_l.clone(), format!("default_action.{f}"), e))?;
@@ -942,6 +1039,52 @@ rollback = { window = "1m", max_5xx_rate = 0.05, max_p99 = "500ms" }
             e.contains(r#"deployment "api-rollout""#) && e.contains("`to`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn https_tls_sources_are_checked() {
+        let https = |tls: &str| {
+            EXAMPLE.replace(
+                "name = \"web\"\nlisten = \"127.0.0.1:0\"\n",
+                &format!("name = \"web\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"https\"\n{tls}\n"),
+            )
+        };
+        let ok = https(
+            r#"tls = { source = "ca", control_plane = "127.0.0.1:8500", token = "t", dns_names = ["lb.my-app.local"] }"#,
+        );
+        let c = LbConfig::from_str(&ok).unwrap();
+        c.compile().unwrap();
+        let shown = serde_json::to_string(&c).unwrap();
+        assert!(
+            !shown.contains("\"t\"") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        let cases = [
+            ("", "`tls`"),
+            (r#"tls = { cert = "c.pem" }"#, "`tls`"),
+            (
+                r#"tls = { source = "ca", token = "t", dns_names = ["a"] }"#,
+                "`tls.control_plane`",
+            ),
+            (
+                r#"tls = { source = "ca", control_plane = "127.0.0.1:1", dns_names = ["a"] }"#,
+                "`tls.token`",
+            ),
+            (
+                r#"tls = { source = "ca", control_plane = "127.0.0.1:1", token = "t" }"#,
+                "`tls.dns_names`",
+            ),
+            (
+                r#"tls = { source = "ca", cert = "c", control_plane = "127.0.0.1:1", token = "t", dns_names = ["a"] }"#,
+                "`tls.source`",
+            ),
+        ];
+        for (tls, want) in cases {
+            let e = err(&https(tls));
+            assert!(e.contains(want) && e.contains("listener"), "{tls} → {e}");
+        }
+        let e = err(&https(r#"tls = { source = "vault" }"#));
+        assert!(e.contains("vault") && e.contains("source"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod metrics;
 mod server;
 pub mod shift;
 mod target;
+mod tls;
 pub mod window;
 
 pub use config::{ConfigError, LbConfig};

@@ -9,20 +9,19 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::admin::{self, Admin};
-use super::config::{LbConfig, LimitsConfig, ListenerProtocol, TlsFiles};
+use super::config::{LbConfig, LimitsConfig, ListenerProtocol};
 use super::deploy;
 use super::error::LbError;
 use super::listener::{self, ListenerState, Shared};
 use super::metrics::Metrics;
 use super::target::TargetGroup;
+use super::tls::listener_tls;
 use super::{discovery, health};
 
 /// A running LB.
@@ -34,6 +33,8 @@ pub struct LbHandle {
     stop: CancellationToken,
     tasks: TaskTracker,
     drain: Duration,
+    /// Certificate renewals of CA-backed `https` listeners.
+    renewals: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Applies new configs to a running LB (SIGHUP, tests); cheap to clone.
@@ -65,6 +66,9 @@ impl LbHandle {
         self.stop.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(self.drain, self.tasks.wait()).await;
+        for r in &self.renewals {
+            r.abort();
+        }
     }
 
     /// Wait until `shutdown` (the token given to [`start`]) fires, then drain.
@@ -132,6 +136,7 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
     let mut states = Vec::new();
     let mut bound = Vec::new();
     let mut sockets = Vec::new();
+    let mut renewals = Vec::new();
     for cl in compiled.listeners {
         let addr = cl.config.listen;
         let tcp = TcpListener::bind(addr)
@@ -141,11 +146,13 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
             .local_addr()
             .map_err(|source| LbError::Bind { addr, source })?;
         let tls = match (cl.config.protocol, &cl.config.tls) {
-            (ListenerProtocol::Https, Some(files)) => {
-                Some(tls_acceptor(files).map_err(|reason| LbError::Tls {
+            (ListenerProtocol::Https, Some(t)) => {
+                let lt = listener_tls(t).await.map_err(|reason| LbError::Tls {
                     listener: cl.config.name.clone(),
                     reason,
-                })?)
+                })?;
+                renewals.extend(lt.renewal);
+                Some(lt.acceptor)
             }
             _ => None,
         };
@@ -228,6 +235,7 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
         stop,
         tasks,
         drain,
+        renewals,
     })
 }
 
@@ -322,23 +330,4 @@ where
             let _ = conn.await;
         }
     }
-}
-
-fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| format!("{}: {e}", files.cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", files.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("{}: {e}", files.key.display()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
 }

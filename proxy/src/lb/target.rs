@@ -1,12 +1,12 @@
-//! Target groups: membership (static or from discovery), health state, the pick (round robin or
-//! least outstanding requests, slow start, fail open) and deregistration drain.
-//!
-//! TODO(merge): replace the pick with the sidecar's `Pick` balancers once they land; the health
-//! and drain state here is what they would read.
+//! Target groups: membership (static or from discovery), health state and deregistration drain.
+//! Targets are the sidecar's [`EndpointState`]s and the pick is the sidecar's [`Pick`] balancers
+//! (round robin; least outstanding requests = power-of-two-choices least request); this module
+//! only decides which targets are usable: healthy (or all of them, fail open), not draining, and
+//! admitted by slow start.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -17,70 +17,51 @@ use tokio::time::Instant;
 use super::config::{Algorithm, HealthCheckConfig, Matcher, TargetGroupConfig};
 use super::metrics::GroupMetrics;
 use super::window::Window;
+use crate::balance::{LeastRequest, Pick, RoundRobin};
+use crate::clock::now_ms;
+use crate::endpoint::{EndpointState, OwnedInFlight};
 
+/// One target: its endpoint state (what balancers read) and health-check streaks.
 #[derive(Debug)]
 pub struct Target {
     pub addr: SocketAddr,
-    /// `addr` as a URI authority, built once.
-    pub authority: http::uri::Authority,
-    healthy: AtomicBool,
-    draining: AtomicBool,
-    outstanding: AtomicUsize,
-    /// Nanoseconds after the group's epoch when the target last became healthy.
-    healthy_since: AtomicU64,
+    pub endpoint: Arc<EndpointState>,
     /// Consecutive passes / failures, written by the health checker only.
     pub(crate) passes: AtomicU64,
     pub(crate) failures: AtomicU64,
 }
 
 impl Target {
-    fn new(addr: SocketAddr, since: u64) -> Self {
+    fn new(endpoint: EndpointState) -> Self {
         Self {
-            addr,
-            authority: addr_authority(addr),
-            // Targets start in rotation; a failing one leaves after `unhealthy_threshold` checks.
-            healthy: AtomicBool::new(true),
-            draining: AtomicBool::new(false),
-            outstanding: AtomicUsize::new(0),
-            healthy_since: AtomicU64::new(since),
+            addr: endpoint.addr,
+            endpoint: Arc::new(endpoint),
             passes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         }
     }
 
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Relaxed)
+        self.endpoint.is_healthy()
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Relaxed)
+        self.endpoint.is_draining()
     }
 
     pub fn outstanding(&self) -> usize {
-        self.outstanding.load(Relaxed)
+        self.endpoint.in_flight() as usize
     }
-}
-
-fn addr_authority(addr: SocketAddr) -> http::uri::Authority {
-    // A socket address always renders as a valid authority (`1.2.3.4:80`, `[::1]:80`).
-    http::uri::Authority::try_from(addr.to_string())
-        .unwrap_or_else(|_| http::uri::Authority::from_static("invalid.invalid"))
 }
 
 /// Holds one in-flight request against a target; dropping it (when the response body ends)
 /// releases it.
 #[derive(Debug)]
-pub struct InFlight(Arc<Target>);
+pub struct InFlight(OwnedInFlight);
 
 impl InFlight {
-    pub fn target(&self) -> &Target {
-        &self.0
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Relaxed);
+    pub fn target(&self) -> &EndpointState {
+        self.0.endpoint()
     }
 }
 
@@ -92,6 +73,20 @@ pub struct TargetView {
     pub outstanding: usize,
 }
 
+/// The members, and their endpoints in the same order (the slice balancers pick from).
+#[derive(Debug, Default)]
+struct Members {
+    targets: Vec<Arc<Target>>,
+    endpoints: Vec<Arc<EndpointState>>,
+}
+
+impl Members {
+    fn new(targets: Vec<Arc<Target>>) -> Self {
+        let endpoints = targets.iter().map(|t| Arc::clone(&t.endpoint)).collect();
+        Self { targets, endpoints }
+    }
+}
+
 pub struct TargetGroup {
     pub name: Arc<str>,
     pub config: TargetGroupConfig,
@@ -99,10 +94,9 @@ pub struct TargetGroup {
     pub metrics: GroupMetrics,
     /// Outcomes for deployment rollback checks.
     pub window: Window,
-    epoch: Instant,
-    targets: ArcSwap<Vec<Arc<Target>>>,
+    members: ArcSwap<Members>,
     writer: Mutex<()>,
-    rr: AtomicUsize,
+    balancer: Box<dyn Pick>,
 }
 
 impl TargetGroup {
@@ -112,21 +106,23 @@ impl TargetGroup {
         metrics: GroupMetrics,
         window: Duration,
     ) -> Self {
-        let epoch = Instant::now();
         let targets = config
             .targets
             .iter()
-            .map(|a| Arc::new(Target::new(*a, 0)))
+            .map(|a| Arc::new(Target::new(EndpointState::new(a.to_string(), *a, 1))))
             .collect();
+        let balancer: Box<dyn Pick> = match config.algorithm {
+            Algorithm::RoundRobin => Box::new(RoundRobin::default()),
+            Algorithm::LeastOutstandingRequests => Box::new(LeastRequest),
+        };
         let g = Self {
             name: Arc::from(config.name.as_str()),
             matcher,
             metrics,
-            window: Window::new(window, epoch),
-            epoch,
-            targets: ArcSwap::from_pointee(targets),
+            window: Window::new(window, Instant::now()),
+            members: ArcSwap::from_pointee(Members::new(targets)),
             writer: Mutex::new(()),
-            rr: AtomicUsize::new(0),
+            balancer,
             config,
         };
         g.publish_health();
@@ -137,13 +133,14 @@ impl TargetGroup {
         &self.config.health_check
     }
 
-    pub fn targets(&self) -> Arc<Vec<Arc<Target>>> {
-        self.targets.load_full()
+    pub fn targets(&self) -> Vec<Arc<Target>> {
+        self.members.load().targets.clone()
     }
 
     pub fn view(&self) -> Vec<TargetView> {
-        self.targets
+        self.members
             .load()
+            .targets
             .iter()
             .map(|t| TargetView {
                 addr: t.addr,
@@ -154,18 +151,9 @@ impl TargetGroup {
             .collect()
     }
 
-    fn now_nanos(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_nanos() as u64
-    }
-
     /// Health checker verdict for `t`.
     pub fn set_healthy(&self, t: &Target, healthy: bool) {
-        if t.healthy.swap(healthy, Relaxed) != healthy {
-            if healthy {
-                t.healthy_since.store(self.now_nanos().max(1), Relaxed);
-            }
+        if t.endpoint.set_healthy(healthy) {
             tracing::info!(group = %self.name, target = %t.addr, healthy, "target health changed");
             self.publish_health();
         }
@@ -173,10 +161,11 @@ impl TargetGroup {
 
     fn publish_health(&self) {
         let n = self
-            .targets
+            .members
             .load()
+            .endpoints
             .iter()
-            .filter(|t| t.is_healthy() && !t.is_draining())
+            .filter(|e| e.is_healthy() && !e.is_draining())
             .count();
         self.metrics.healthy_targets.set(n as i64);
     }
@@ -185,58 +174,36 @@ impl TargetGroup {
     /// (then all non-draining ones are used and `fail_open` counted). `rnd` drives slow start.
     /// `avoid` (a target that just refused a connection) is skipped unless it is the only one.
     pub fn pick(&self, rnd: u32, avoid: Option<SocketAddr>) -> Option<InFlight> {
-        let ts = self.targets.load();
-        let others = ts.iter().any(|t| Some(t.addr) != avoid && !t.is_draining());
-        let live = |t: &&Arc<Target>| !(t.is_draining() || others && Some(t.addr) == avoid);
-        let any_healthy = ts.iter().filter(live).any(|t| t.is_healthy());
+        let m = self.members.load();
+        let eps = &m.endpoints;
+        let others = eps
+            .iter()
+            .any(|e| Some(e.addr) != avoid && !e.is_draining());
+        let live = |e: &EndpointState| !(e.is_draining() || others && Some(e.addr) == avoid);
+        let any_healthy = eps.iter().any(|e| live(e) && e.is_healthy());
         if !any_healthy {
             self.metrics.fail_open.inc();
         }
-        let eligible = |t: &&Arc<Target>| live(t) && (!any_healthy || t.is_healthy());
-        let n = ts.iter().filter(eligible).count();
-        if n == 0 {
-            return None;
-        }
-        let start = self.rr.fetch_add(1, Relaxed);
-        let chosen = match self.config.algorithm {
-            Algorithm::RoundRobin => {
-                let now = self.now_nanos();
-                let mut pick = None;
-                for k in 0..n {
-                    let t = ts.iter().filter(eligible).nth((start + k) % n);
-                    if let Some(t) = t {
-                        pick.get_or_insert(t);
-                        if self.ramp_admits(t, now, rnd) {
-                            pick = Some(t);
-                            break;
-                        }
-                    }
-                }
-                pick
-            }
-            Algorithm::LeastOutstandingRequests => ts
-                .iter()
-                .filter(eligible)
-                .cycle()
-                .skip(start % n)
-                .take(n)
-                .min_by_key(|t| t.outstanding()),
-        }?;
-        chosen.outstanding.fetch_add(1, Relaxed);
-        Some(InFlight(Arc::clone(chosen)))
+        let eligible = |e: &EndpointState| live(e) && (!any_healthy || e.is_healthy());
+        let now = now_ms();
+        let i = self
+            .balancer
+            .pick(eps, &|e| eligible(e) && self.ramp_admits(e, now, rnd))
+            .or_else(|| self.balancer.pick(eps, &eligible))?;
+        Some(InFlight(eps.get(i)?.start_owned()))
     }
 
     /// Slow start: a target that became healthy `e` ago takes `e / slow_start` of its share.
-    fn ramp_admits(&self, t: &Target, now: u64, rnd: u32) -> bool {
+    fn ramp_admits(&self, e: &EndpointState, now: u64, rnd: u32) -> bool {
         let Some(ss) = self.config.slow_start else {
             return true;
         };
-        let since = t.healthy_since.load(Relaxed);
+        let since = e.healthy_since_ms();
         if since == 0 {
             return true; // present from the start
         }
         let elapsed = now.saturating_sub(since) as f64;
-        let frac = (elapsed / ss.as_nanos().max(1) as f64).clamp(0.05, 1.0);
+        let frac = (elapsed / (ss.as_millis().max(1) as f64)).clamp(0.05, 1.0);
         f64::from(rnd) / f64::from(u32::MAX) < frac
     }
 
@@ -244,26 +211,29 @@ impl TargetGroup {
     /// missing ones drain: no new requests, removed when idle or after the deregistration delay.
     pub fn set_members(self: &Arc<Self>, addrs: &[SocketAddr]) {
         let _w = self.writer.lock();
-        let cur = self.targets.load_full();
-        let since = self.now_nanos().max(1);
+        let cur = self.members.load_full();
         let mut next: Vec<Arc<Target>> = Vec::with_capacity(addrs.len());
         for a in addrs {
-            match cur.iter().find(|t| t.addr == *a) {
+            match cur.targets.iter().find(|t| t.addr == *a) {
                 Some(t) => {
-                    t.draining.store(false, Relaxed);
+                    t.endpoint.set_draining(false);
                     next.push(Arc::clone(t));
                 }
-                None => next.push(Arc::new(Target::new(*a, since))),
+                None => next.push(Arc::new(Target::new(EndpointState::joining(
+                    a.to_string(),
+                    *a,
+                    1,
+                )))),
             }
         }
-        for t in cur.iter().filter(|t| !addrs.contains(&t.addr)) {
-            if !t.draining.swap(true, Relaxed) {
+        for t in cur.targets.iter().filter(|t| !addrs.contains(&t.addr)) {
+            if !t.endpoint.set_draining(true) {
                 let (g, t2) = (Arc::clone(self), Arc::clone(t));
                 tokio::spawn(async move { g.drain_then_remove(t2).await });
             }
             next.push(Arc::clone(t));
         }
-        self.targets.store(Arc::new(next));
+        self.members.store(Arc::new(Members::new(next)));
         drop(_w);
         self.publish_health();
     }
@@ -277,13 +247,14 @@ impl TargetGroup {
         if !t.is_draining() {
             return; // re-registered meanwhile
         }
-        let cur = self.targets.load_full();
+        let cur = self.members.load_full();
         let next: Vec<_> = cur
+            .targets
             .iter()
             .filter(|x| !Arc::ptr_eq(x, &t))
             .cloned()
             .collect();
-        self.targets.store(Arc::new(next));
+        self.members.store(Arc::new(Members::new(next)));
         tracing::info!(group = %self.name, target = %t.addr, "target deregistered");
     }
 }

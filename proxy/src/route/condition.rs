@@ -3,7 +3,7 @@
 use http::HeaderName;
 use ipnet::IpNet;
 
-use super::pattern::{Case, HostPattern, PathPattern, Wildcard};
+use super::pattern::{Case, HostPattern, PathPattern, RegexPattern, Wildcard};
 use super::request::RequestView;
 
 /// At most this many values per condition (ALB allows five match evaluations per condition).
@@ -14,6 +14,27 @@ pub const MAX_VALUES: usize = 5;
 pub struct QueryMatch {
     pub key: Option<Wildcard>,
     pub value: Wildcard,
+}
+
+/// How one header is compared (App Mesh / Envoy route semantics: case-sensitive values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderMatch {
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Regex(RegexPattern),
+    /// The header is there, whatever its value.
+    Present,
+}
+
+impl HeaderMatch {
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            HeaderMatch::Exact(e) => value == &**e,
+            HeaderMatch::Prefix(p) => value.starts_with(&**p),
+            HeaderMatch::Regex(r) => r.matches(value),
+            HeaderMatch::Present => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +49,18 @@ pub enum Condition {
     HttpRequestMethod(Vec<http::Method>),
     QueryString(Vec<QueryMatch>),
     SourceIp(Vec<IpNet>),
+    /// App Mesh `prefix`: the path starts with this text (case-sensitive).
+    PathPrefix(Box<str>),
+    /// App Mesh `path.exact`.
+    PathExact(Box<str>),
+    /// App Mesh `path.regex`: the whole path matches.
+    PathRegex(RegexPattern),
+    /// App Mesh header match; `invert` negates it (a missing header then matches).
+    Header {
+        name: HeaderName,
+        matcher: HeaderMatch,
+        invert: bool,
+    },
 }
 
 impl Condition {
@@ -50,6 +83,22 @@ impl Condition {
                     .any(|q| q.key.as_ref().is_none_or(|kp| kp.matches(k)) && q.value.matches(v))
             }),
             Condition::SourceIp(nets) => nets.iter().any(|n| n.contains(&req.source_ip)),
+            Condition::PathPrefix(p) => req.path.starts_with(&**p),
+            Condition::PathExact(p) => req.path == &**p,
+            Condition::PathRegex(r) => r.matches(req.path),
+            Condition::Header {
+                name,
+                matcher,
+                invert,
+            } => {
+                let hit = req
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| matcher.matches(v));
+                hit != *invert
+            }
         }
     }
 
@@ -106,6 +155,68 @@ mod tests {
                 *want,
                 "{m:?} vs {query:?}"
             );
+        }
+    }
+
+    /// App Mesh route matches: prefix vs exact vs regex paths, header exact/prefix/regex/present
+    /// and inverted.
+    #[test]
+    fn app_mesh_path_and_header_table() {
+        let mut h = HeaderMap::new();
+        h.insert("x-canary", HeaderValue::from_static("Yes"));
+        h.insert("x-user", HeaderValue::from_static("user-42"));
+        let hdr = |name: &'static str, matcher: HeaderMatch, invert: bool| Condition::Header {
+            name: HeaderName::from_static(name),
+            matcher,
+            invert,
+        };
+        let re = |s: &str| HeaderMatch::Regex(s.parse().unwrap());
+        let table: Vec<(Condition, &str, bool)> = vec![
+            (Condition::PathPrefix("/api".into()), "/api/v1", true),
+            (Condition::PathPrefix("/api".into()), "/api", true),
+            (Condition::PathPrefix("/api".into()), "/apix", true),
+            (Condition::PathPrefix("/api/".into()), "/api", false),
+            (Condition::PathPrefix("/api".into()), "/API", false),
+            (Condition::PathExact("/api".into()), "/api", true),
+            (Condition::PathExact("/api".into()), "/api/", false),
+            (
+                Condition::PathRegex(r"/v\d/.*".parse().unwrap()),
+                "/v2/x",
+                true,
+            ),
+            (
+                Condition::PathRegex(r"/v\d/.*".parse().unwrap()),
+                "/vx/x",
+                false,
+            ),
+            (
+                hdr("x-canary", HeaderMatch::Exact("Yes".into()), false),
+                "/",
+                true,
+            ),
+            (
+                hdr("x-canary", HeaderMatch::Exact("yes".into()), false),
+                "/",
+                false,
+            ),
+            (
+                hdr("x-user", HeaderMatch::Prefix("user-".into()), false),
+                "/",
+                true,
+            ),
+            (hdr("x-user", re(r"user-\d+"), false), "/", true),
+            (hdr("x-user", re(r"user-\d"), false), "/", false),
+            (hdr("x-canary", HeaderMatch::Present, false), "/", true),
+            (hdr("x-missing", HeaderMatch::Present, false), "/", false),
+            (hdr("x-missing", HeaderMatch::Present, true), "/", true),
+            (
+                hdr("x-canary", HeaderMatch::Exact("Yes".into()), true),
+                "/",
+                false,
+            ),
+        ];
+        for (c, p, want) in &table {
+            assert_eq!(c.matches(&view(p, None, &h)), *want, "{c:?} vs {p}");
         }
     }
 

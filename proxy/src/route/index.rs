@@ -170,10 +170,20 @@ impl Hasher for Fnv1a {
     }
 }
 
-/// First segments every matching path must have, when the rule pins them.
+/// First segments every matching path must have, when the rule pins them (any one of its
+/// path conditions is enough: all must match).
 fn pinned_segments(rule: &Rule) -> Option<Vec<&str>> {
     rule.conditions.iter().find_map(|c| match c {
         Condition::PathPattern(ps) => ps.iter().map(|p| p.literal_first_segment()).collect(),
+        Condition::PathExact(p) => {
+            let rest = p.strip_prefix('/')?;
+            Some(vec![rest.split('/').next().unwrap_or("")])
+        }
+        // `/api/` pins `api`; `/api` does not (it also matches `/apix`).
+        Condition::PathPrefix(p) => {
+            let (seg, _) = p.strip_prefix('/')?.split_once('/')?;
+            Some(vec![seg])
+        }
         _ => None,
     })
 }
@@ -242,6 +252,33 @@ mod tests {
         assert_eq!(name(idx.route(&view("/api/users", &h))), "users");
         assert_eq!(name(idx.route(&view("/api/x", &h))), "catch-all-api");
         assert_eq!(name(idx.route(&view("/other", &h))), "method");
+    }
+
+    #[test]
+    fn exact_and_prefix_paths_are_bucketed_without_changing_results() {
+        let idx = RuleIndex::new(
+            vec![
+                rule("exact", 1, vec![Condition::PathExact("/api/users".into())]),
+                rule("prefix-dir", 2, vec![Condition::PathPrefix("/api/".into())]),
+                rule("prefix-open", 3, vec![Condition::PathPrefix("/ap".into())]),
+                rule("root-exact", 4, vec![Condition::PathExact("/".into())]),
+            ],
+            fixed(404),
+        )
+        .unwrap();
+        assert_eq!(idx.general.len(), 1, "only the open prefix is unbucketed");
+        let h = HeaderMap::new();
+        for (path, want) in [
+            ("/api/users", "exact"),
+            ("/api/users/1", "prefix-dir"),
+            ("/api", "prefix-open"),
+            ("/apix", "prefix-open"),
+            ("/", "root-exact"),
+            ("/other", "<default>"),
+        ] {
+            assert_eq!(name(idx.route(&view(path, &h))), want, "{path}");
+            assert_eq!(name(idx.scan(&view(path, &h))), want, "{path}");
+        }
     }
 
     #[test]

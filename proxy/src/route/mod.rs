@@ -13,8 +13,11 @@ pub use action::{
     Action, ActionError, FixedResponse, Forward, GroupPick, MAX_FIXED_BODY, MAX_WEIGHT, Redirect,
     RedirectParts, STICKY_COOKIE, Weight, WeightedGroup, cookie_value,
 };
-pub use condition::{Condition, MAX_VALUES, QueryMatch};
+pub use condition::{Condition, HeaderMatch, MAX_VALUES, QueryMatch};
 pub use index::{IndexError, Matched, RuleIndex};
-pub use pattern::{Case, HostPattern, MAX_PATTERN_LEN, PathPattern, PatternError, Wildcard};
+pub use pattern::{
+    Case, HostPattern, MAX_PATTERN_LEN, MAX_REGEX_LEN, PathPattern, PatternError, RegexPattern,
+    Wildcard,
+};
 pub use request::RequestView;
 pub use rule::{PRIORITY_RANGE, Priority, PriorityError, Rule};

@@ -20,6 +20,10 @@ pub enum PatternError {
     NotAbsolute,
     #[error("character {0:?} is not allowed in this pattern")]
     BadChar(char),
+    #[error("regular expression is longer than {MAX_REGEX_LEN} characters")]
+    RegexTooLong,
+    #[error("bad regular expression: {0}")]
+    Regex(String),
 }
 
 /// Whether a pattern compares letters exactly or ignoring ASCII case.
@@ -174,6 +178,63 @@ impl FromStr for HostPattern {
     }
 }
 
+/// Longest regular expression accepted (App Mesh allows 255; Envoy's default program size caps
+/// the rest).
+pub const MAX_REGEX_LEN: usize = 1024;
+/// Compiled-program ceiling per regex, so one config line cannot take megabytes.
+const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+
+/// A regular expression that must match the whole input (Envoy `safe_regex`, App Mesh `regex`).
+/// RE2 semantics from the `regex` crate: linear time in the input, no backtracking blow-up.
+#[derive(Debug, Clone)]
+pub struct RegexPattern {
+    re: regex::Regex,
+    /// As written, for display and equality.
+    text: Box<str>,
+}
+
+impl RegexPattern {
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whole-input match; no allocation on the match path.
+    pub fn matches(&self, input: &str) -> bool {
+        self.re.is_match(input)
+    }
+}
+
+impl PartialEq for RegexPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+impl Eq for RegexPattern {}
+
+impl FromStr for RegexPattern {
+    type Err = PatternError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err(PatternError::Empty);
+        }
+        if s.len() > MAX_REGEX_LEN {
+            return Err(PatternError::RegexTooLong);
+        }
+        let re = regex::RegexBuilder::new(&format!("^(?:{s})$"))
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map_err(|e| PatternError::Regex(e.to_string()))?;
+        Ok(Self { re, text: s.into() })
+    }
+}
+
+impl fmt::Display for RegexPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
 /// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
@@ -324,6 +385,29 @@ mod tests {
         assert_eq!(path("/a?i/x").literal_first_segment(), None);
         assert_eq!(path("*").literal_first_segment(), None);
         assert_eq!(path("/").literal_first_segment(), Some(""));
+    }
+
+    #[test]
+    fn regex_matches_the_whole_input() {
+        let r: RegexPattern = r"/users/\d+".parse().unwrap();
+        assert!(r.matches("/users/42"));
+        assert!(!r.matches("/users/42/edit"), "anchored at the end");
+        assert!(!r.matches("/v1/users/42"), "anchored at the start");
+        let alt: RegexPattern = "/a|/b".parse().unwrap();
+        assert!(alt.matches("/b") && !alt.matches("/ab"));
+        assert!(matches!(
+            "/(".parse::<RegexPattern>(),
+            Err(PatternError::Regex(_))
+        ));
+        assert_eq!("".parse::<RegexPattern>(), Err(PatternError::Empty));
+        assert_eq!(
+            "a".repeat(2000).parse::<RegexPattern>(),
+            Err(PatternError::RegexTooLong)
+        );
+        assert!(matches!(
+            "(a{1000}){1000}".parse::<RegexPattern>(),
+            Err(PatternError::Regex(_))
+        ));
     }
 
     #[test]

@@ -44,7 +44,12 @@ impl Drop for App {
 }
 
 pub async fn app(name: &'static str, fail_with: Option<u16>) -> App {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    app_at(name, fail_with, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// [`app`] on a given address.
+pub async fn app_at(name: &'static str, fail_with: Option<u16>, at: SocketAddr) -> App {
+    let l = TcpListener::bind(at).await.unwrap();
     let addr = l.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let stop = CancellationToken::new();
