@@ -28,17 +28,6 @@ use crate::{ProxyBody, ProxyError, UpstreamClient};
 pub type LbBody = UnsyncBoxBody<Bytes, hyper::Error>;
 pub type ForwardClient = UpstreamClient;
 
-/// Headers that describe one hop and are not forwarded.
-const HOP_BY_HOP: [header::HeaderName; 7] = [
-    header::CONNECTION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    header::TRAILER,
-];
-
 pub struct ListenerState {
     pub config: ListenerConfig,
     /// Swapped whole on every change; a request keeps the one it started with.
@@ -247,13 +236,13 @@ async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let h = &mut parts.headers;
-    for name in HOP_BY_HOP {
-        h.remove(name);
-    }
+    crate::forward::strip_hop_by_hop(h);
     if !h.contains_key(header::HOST)
-        && let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
+        && let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
         h.insert(header::HOST, v);
     }
@@ -287,7 +276,8 @@ async fn forward(
 
         let t0 = Instant::now();
         let result =
-            tokio::time::timeout(shared.limits.request_timeout, shared.client.send(req)).await;
+            tokio::time::timeout(shared.limits.request_timeout, shared.client.send_to(addr, req))
+                .await;
         let (status, out) = match result {
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
@@ -342,7 +332,7 @@ pin_project_lite::pin_project! {
     /// The upstream body, holding the target's in-flight count until it ends.
     struct GuardedBody {
         #[pin]
-        inner: Incoming,
+        inner: ProxyBody,
         _inflight: InFlight,
     }
 }
