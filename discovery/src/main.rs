@@ -65,6 +65,26 @@ struct Serve {
     /// Account id used in ARNs.
     #[arg(long, default_value = "123456789012")]
     account: String,
+    /// Where the registry lives: `embedded` (redb in --data-dir, one node) or `etcd` (replicas).
+    #[arg(long, value_enum, default_value = "embedded", env = "TRELLIS_STORE")]
+    store: StoreKind,
+    /// etcd client URLs, comma-separated (with --store etcd).
+    #[arg(
+        long,
+        env = "TRELLIS_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this registry in etcd (with --store etcd).
+    #[arg(long, default_value = "/trellis/", env = "TRELLIS_ETCD_PREFIX")]
+    etcd_prefix: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StoreKind {
+    Embedded,
+    Etcd,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +121,12 @@ fn main() -> ExitCode {
     config.trust_domain = s.trust_domain;
     config.registry.region = s.region;
     config.registry.account = s.account;
+    if let StoreKind::Etcd = s.store {
+        config.etcd = Some(trellis_discovery::EtcdConfig::new(
+            s.etcd_endpoints,
+            &s.etcd_prefix,
+        ));
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -1,0 +1,485 @@
+//! The control plane on etcd: real etcd members and `trellis-discovery serve --store etcd` replicas
+//! (separate processes, so they can be SIGKILLed), driven with curl and dig on loopback.
+// Test helpers may unwrap: a failure is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use trellis_test_support::etcd::EtcdCluster;
+use trellis_test_support::tools;
+
+/// One `trellis-discovery serve --store etcd` process, killed on drop.
+struct Replica {
+    child: Child,
+    api: SocketAddr,
+    dns: SocketAddr,
+}
+
+impl Replica {
+    fn start(etcd: &EtcdCluster, prefix: &str) -> Replica {
+        Self::try_start(etcd, prefix).unwrap()
+    }
+
+    /// `Err(stderr)` when the replica exits instead of serving.
+    fn try_start(etcd: &EtcdCluster, prefix: &str) -> Result<Replica, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
+            .args([
+                "serve",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--dns-listen",
+                "127.0.0.1:0",
+                "--store",
+                "etcd",
+                "--etcd-prefix",
+                prefix,
+                "--health-interval",
+                "200ms",
+            ])
+            .arg("--etcd-endpoints")
+            .arg(etcd.endpoints())
+            .arg("--data-dir")
+            .arg(std::env::temp_dir().join(format!("trellis-ha-{}", std::process::id())))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if line.is_empty() {
+            let out = child.wait_with_output().unwrap();
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        // "trellis-discovery: api http://A dns D"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        Ok(Replica {
+            api: words[2].trim_start_matches("http://").parse().unwrap(),
+            dns: words[4].parse().unwrap(),
+            child,
+        })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `None` when etcd, curl or dig is missing (skipped unless CI requires tools).
+fn cluster(members: usize) -> Option<EtcdCluster> {
+    tools::require("curl", "the HA tests call the API with curl")?;
+    tools::require("dig", "the HA tests query DNS with dig")?;
+    EtcdCluster::start(members)
+}
+
+/// One Cloud Map call with curl: (HTTP status, JSON body).
+fn api(addr: SocketAddr, action: &str, body: &Value) -> (u16, Value) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "10",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            "POST",
+        ])
+        .args(["-H", "content-type: application/x-amz-json-1.1"])
+        .arg("-H")
+        .arg(format!(
+            "x-amz-target: Route53AutoNaming_v20170314.{action}"
+        ))
+        .arg("--data-binary")
+        .arg(body.to_string())
+        .arg(format!("http://{addr}/"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "30", "-o", "-", "-w", "\n%{http_code}"])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn ok(addr: SocketAddr, action: &str, body: Value) -> Value {
+    let (s, v) = api(addr, action, &body);
+    assert_eq!(s, 200, "{action} on {addr}: {v}");
+    v
+}
+
+/// A private DNS namespace with an A+SRV service; returns the service id.
+fn setup(addr: SocketAddr, ns: &str) -> String {
+    let op = ok(
+        addr,
+        "CreatePrivateDnsNamespace",
+        json!({"Name": ns, "Vpc": "vpc-1"}),
+    );
+    let got = ok(
+        addr,
+        "GetOperation",
+        json!({"OperationId": op["OperationId"]}),
+    );
+    let ns_id = got["Operation"]["Targets"]["NAMESPACE"].as_str().unwrap();
+    let svc = ok(
+        addr,
+        "CreateService",
+        json!({"Name": "api", "NamespaceId": ns_id, "DnsConfig": {"RoutingPolicy": "MULTIVALUE",
+            "DnsRecords": [{"Type": "A", "TTL": 5}, {"Type": "SRV", "TTL": 5}]}}),
+    );
+    svc["Service"]["Id"].as_str().unwrap().to_owned()
+}
+
+fn register_body(svc: &str, id: &str, ip: &str) -> Value {
+    json!({"ServiceId": svc, "InstanceId": id,
+        "Attributes": {"AWS_INSTANCE_IPV4": ip, "AWS_INSTANCE_PORT": "80"}})
+}
+
+fn discover(addr: SocketAddr, ns: &str) -> Vec<String> {
+    let v = ok(
+        addr,
+        "DiscoverInstances",
+        json!({"NamespaceName": ns, "ServiceName": "api", "HealthStatus": "ALL"}),
+    );
+    let mut ids: Vec<String> = v["Instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["InstanceId"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn dig_a(dns: SocketAddr, name: &str) -> Vec<String> {
+    let out = Command::new("dig")
+        .arg(format!("@{}", dns.ip()))
+        .args([
+            "-p",
+            &dns.port().to_string(),
+            "+short",
+            "+tries=1",
+            "+time=2",
+        ])
+        .arg(name)
+        .arg("A")
+        .output()
+        .unwrap();
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+/// Polls `f` until it returns true or `within` passes.
+fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn stale(addr: SocketAddr) -> bool {
+    get(addr, "/metrics")
+        .1
+        .lines()
+        .any(|l| l == "trellis_discovery_store_stale 1")
+}
+
+#[test]
+fn replicas_share_one_registry() {
+    let Some(etcd) = cluster(1) else { return };
+    let (a, b, c) = (
+        Replica::start(&etcd, "/one/"),
+        Replica::start(&etcd, "/one/"),
+        Replica::start(&etcd, "/one/"),
+    );
+    let svc = setup(a.api, "ha.local");
+    ok(
+        a.api,
+        "RegisterInstance",
+        register_body(&svc, "i-1", "10.0.0.1"),
+    );
+    // Acknowledged on A: answered by B's API and C's DNS at once or within moments.
+    eventually(Duration::from_secs(2), "B discovers i-1", || {
+        discover(b.api, "ha.local") == ["i-1"]
+    });
+    eventually(Duration::from_secs(2), "C answers DNS", || {
+        dig_a(c.dns, "api.ha.local") == ["10.0.0.1"]
+    });
+
+    // A watcher held on B wakes for a write on A.
+    let (s, body) = get(b.api, "/v1/watch/ha.local/api?health=all");
+    assert_eq!(s, 200, "{body}");
+    let rev = serde_json::from_str::<Value>(&body).unwrap()["revision"]
+        .as_u64()
+        .unwrap();
+    let waiter = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = get(
+            b.api,
+            &format!("/v1/watch/ha.local/api?health=all&revision={rev}&wait=20s"),
+        );
+        (r, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    ok(
+        a.api,
+        "RegisterInstance",
+        register_body(&svc, "i-2", "10.0.0.2"),
+    );
+    let ((s, body), took) = waiter.join().unwrap();
+    assert_eq!(s, 200);
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let set: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(set["endpoints"].as_array().unwrap().len(), 2, "{set}");
+    // InstancesRevision comes from etcd: the same on every replica once they caught up.
+    eventually(Duration::from_secs(2), "one revision everywhere", || {
+        let r = |addr| {
+            api(
+                addr,
+                "DiscoverInstancesRevision",
+                &json!({"NamespaceName": "ha.local", "ServiceName": "api"}),
+            )
+            .1["InstancesRevision"]
+                .clone()
+        };
+        r(a.api) == r(b.api) && r(b.api) == r(c.api)
+    });
+
+    // Names are unique across replicas; a service with instances cannot go.
+    let (s, v) = api(
+        c.api,
+        "CreatePrivateDnsNamespace",
+        &json!({"Name": "ha.local", "Vpc": "vpc-1"}),
+    );
+    assert_eq!(
+        (s, v["__type"].as_str()),
+        (400, Some("NamespaceAlreadyExists"))
+    );
+    let (s, v) = api(b.api, "DeleteService", &json!({"Id": svc}));
+    assert_eq!((s, v["__type"].as_str()), (409, Some("ResourceInUse")));
+
+    // CreatorRequestId race: the same request on A and B at once, many times over.
+    for round in 0..10 {
+        let name = format!("race{round}.local");
+        let body =
+            json!({"Name": name, "Vpc": "vpc-1", "CreatorRequestId": format!("req-{round}")});
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let calls: Vec<_> = [a.api, b.api]
+            .into_iter()
+            .map(|addr| {
+                let (body, barrier) = (body.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    api(addr, "CreatePrivateDnsNamespace", &body)
+                })
+            })
+            .collect();
+        let answers: Vec<(u16, Value)> = calls.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(answers[0].0, 200, "{answers:?}");
+        assert_eq!(answers[1].0, 200, "{answers:?}");
+        assert_eq!(
+            answers[0].1["OperationId"], answers[1].1["OperationId"],
+            "one operation, the other gets the duplicate answer"
+        );
+        let list = ok(c.api, "ListNamespaces", json!({}));
+        let same = list["Namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["Name"] == name.as_str())
+            .count();
+        assert_eq!(same, 1, "round {round}: {list}");
+    }
+}
+
+#[test]
+fn incompatible_prefix_is_refused() {
+    let Some(etcd) = cluster(1) else { return };
+    // A prefix holding keys that are not ours: refuse with a clear message.
+    let out = Command::new("curl")
+        .args(["-s", "-X", "POST", "-d"])
+        .arg(r#"{"key":"L290aGVyL3ZlcnNpb24=","value":"c29tZXRoaW5nLWVsc2UvOQ=="}"#)
+        .arg(format!("http://{}/v3/kv/put", etcd.client_addr(0)))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = Replica::try_start(&etcd, "/other/").err().unwrap();
+    assert!(
+        err.contains("incompatible version") && err.contains("something-else/9"),
+        "{err}"
+    );
+    // An empty prefix is initialised; a second replica accepts it.
+    let _first = Replica::start(&etcd, "/fresh/");
+    let _second = Replica::start(&etcd, "/fresh/");
+}
+
+#[test]
+fn quorum_loss_refuses_writes_and_serves_reads_then_converges() {
+    let Some(mut etcd) = cluster(3) else { return };
+    let (a, b) = (Replica::start(&etcd, "/q/"), Replica::start(&etcd, "/q/"));
+    let svc = setup(a.api, "q.local");
+    ok(
+        a.api,
+        "RegisterInstance",
+        register_body(&svc, "i-1", "10.0.0.1"),
+    );
+
+    // One member of three down: everything still works.
+    etcd.kill(2);
+    ok(
+        b.api,
+        "RegisterInstance",
+        register_body(&svc, "i-2", "10.0.0.2"),
+    );
+    eventually(Duration::from_secs(3), "A sees B's write", || {
+        discover(a.api, "q.local") == ["i-1", "i-2"]
+    });
+
+    // Two of three down: writes refused with a retryable error, reads served from the view.
+    etcd.kill(1);
+    let (s, v) = api(
+        a.api,
+        "RegisterInstance",
+        &register_body(&svc, "i-3", "10.0.0.3"),
+    );
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["__type"], "ServiceUnavailableException", "{v}");
+    assert_eq!(discover(b.api, "q.local"), ["i-1", "i-2"]);
+    assert_eq!(dig_a(b.dns, "api.q.local"), ["10.0.0.1", "10.0.0.2"]);
+    eventually(Duration::from_secs(5), "stale gauge on A", || stale(a.api));
+
+    // Quorum back: writes accepted again and both replicas converge without a restart.
+    etcd.restart(1);
+    etcd.restart(2);
+    etcd.wait_ready(0..3);
+    eventually(Duration::from_secs(10), "writes accepted again", || {
+        api(
+            a.api,
+            "RegisterInstance",
+            &register_body(&svc, "i-3", "10.0.0.3"),
+        )
+        .0 == 200
+    });
+    eventually(Duration::from_secs(5), "B converges", || {
+        discover(b.api, "q.local") == ["i-1", "i-2", "i-3"]
+    });
+    eventually(Duration::from_secs(5), "not stale", || {
+        !stale(a.api) && !stale(b.api)
+    });
+}
+
+#[test]
+fn kill_9_replica_during_registration_storm_loses_nothing_acknowledged() {
+    let Some(etcd) = cluster(1) else { return };
+    let (mut a, b) = (Replica::start(&etcd, "/s/"), Replica::start(&etcd, "/s/"));
+    let svc = setup(a.api, "storm.local");
+    let acked = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (acked, stop, svc) = (acked.clone(), stop.clone(), svc.clone());
+            // Clients 0-1 write to A (killed), 2-3 to B (carries on).
+            let addr = if c < 2 { a.api } else { b.api };
+            std::thread::spawn(move || {
+                for n in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    let id = format!("c{c}-{n}");
+                    if api(
+                        addr,
+                        "RegisterInstance",
+                        &register_body(&svc, &id, "10.0.0.1"),
+                    )
+                    .0 == 200
+                    {
+                        acked.lock().push(id);
+                    }
+                }
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(20), "a storm", || {
+        acked.lock().len() >= 60
+    });
+    a.kill(); // SIGKILL
+    let after_kill = acked.lock().len();
+    eventually(Duration::from_secs(10), "B carries on", || {
+        acked.lock().len() >= after_kill + 20
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let acked = acked.lock().clone();
+    let have: std::collections::HashSet<String> = {
+        let v = ok(
+            b.api,
+            "ListInstances",
+            json!({"ServiceId": svc, "MaxResults": 100}),
+        );
+        let mut ids: std::collections::HashSet<String> = v["Instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["Id"].as_str().unwrap().to_owned())
+            .collect();
+        let mut token = v["NextToken"].clone();
+        while let Some(t) = token.as_str().map(str::to_owned) {
+            let v = ok(
+                b.api,
+                "ListInstances",
+                json!({"ServiceId": svc, "MaxResults": 100, "NextToken": t}),
+            );
+            ids.extend(
+                v["Instances"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i["Id"].as_str().unwrap().to_owned()),
+            );
+            token = v["NextToken"].clone();
+        }
+        ids
+    };
+    let lost: Vec<_> = acked.iter().filter(|id| !have.contains(*id)).collect();
+    eprintln!(
+        "acknowledged {} registrations ({} before kill -9 of A), B lists {}",
+        acked.len(),
+        after_kill,
+        have.len()
+    );
+    assert!(lost.is_empty(), "lost acknowledged registrations: {lost:?}");
+}
