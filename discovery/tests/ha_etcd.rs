@@ -483,3 +483,115 @@ fn kill_9_replica_during_registration_storm_loses_nothing_acknowledged() {
     );
     assert!(lost.is_empty(), "lost acknowledged registrations: {lost:?}");
 }
+
+/// An HTTP app on loopback answering every request with `name`.
+fn app(name: &'static str) -> SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
+                    name.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn sidecar_fails_over_between_control_plane_replicas() {
+    let Some(etcd) = cluster(1) else { return };
+    let (mut a, b) = (Replica::start(&etcd, "/sc/"), Replica::start(&etcd, "/sc/"));
+    let op = ok(a.api, "CreateHttpNamespace", json!({"Name": "side.local"}));
+    let got = ok(
+        a.api,
+        "GetOperation",
+        json!({"OperationId": op["OperationId"]}),
+    );
+    let ns_id = got["Operation"]["Targets"]["NAMESPACE"].as_str().unwrap();
+    let svc = ok(
+        a.api,
+        "CreateService",
+        json!({"Name": "api", "NamespaceId": ns_id}),
+    );
+    let svc = svc["Service"]["Id"].as_str().unwrap().to_owned();
+    let register = |via: SocketAddr, id: &str, at: SocketAddr| {
+        ok(
+            via,
+            "RegisterInstance",
+            json!({"ServiceId": svc, "InstanceId": id, "Attributes": {
+                "AWS_INSTANCE_IPV4": at.ip().to_string(), "AWS_INSTANCE_PORT": at.port().to_string()}}),
+        );
+    };
+    register(a.api, "one", app("one"));
+
+    let dir = std::env::temp_dir().join(format!("trellis-ha-sidecar-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[identity]\nnamespace = \"side.local\"\nservice = \"web\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [control_plane]\naddresses = [\"{}\", \"{}\"]\nwatch_wait = \"2s\"\n\n\
+             [outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n",
+            a.api, b.api
+        ),
+    )
+    .unwrap();
+    let proxy = trellis_test_support::bins::binary("trellis-proxy", "trellis-proxy");
+    let mut sidecar = Command::new(proxy)
+        .args(["sidecar", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(sidecar.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addrs: Value = serde_json::from_str(&line).unwrap();
+    let (admin, port) = (
+        addrs["admin"].as_str().unwrap().to_owned(),
+        addrs["upstreams"]["api"].as_str().unwrap().to_owned(),
+    );
+    let admin: SocketAddr = admin.parse().unwrap();
+    let port: SocketAddr = port.parse().unwrap();
+    eventually(Duration::from_secs(5), "sidecar ready", || {
+        get(admin, "/ready").0 == 200
+    });
+    assert_eq!(get(port, "/"), (200, "one".to_owned()));
+
+    // The first replica dies: every request is still served (from the last snapshot, then B).
+    a.kill();
+    let t = Instant::now();
+    let mut served = 0;
+    while t.elapsed() < Duration::from_secs(2) {
+        assert_eq!(get(port, "/"), (200, "one".to_owned()), "request {served}");
+        served += 1;
+    }
+    // The watch resumed on B: a change made there reaches the sidecar.
+    register(b.api, "two", app("two"));
+    eventually(Duration::from_secs(10), "sidecar follows B", || {
+        get(port, "/").1 == "two"
+    });
+    eprintln!("{served} requests served while replica A was down");
+    let _ = sidecar.kill();
+    let _ = sidecar.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -191,7 +191,7 @@ pub async fn start_with(
             cluster.update(static_specs(sc), 1);
         } else if let Some(cp) = &config.control_plane {
             let target = WatchTarget {
-                control_plane: cp.address,
+                control_planes: cp.addresses.clone(),
                 namespace: u
                     .namespace
                     .clone()
