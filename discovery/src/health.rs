@@ -4,7 +4,8 @@
 //!
 //! One task per checked instance on a fixed-rate schedule (`tokio::time::interval`: no drift),
 //! phase-shifted by a random jitter so thousands of checks spread over the interval; a semaphore
-//! bounds the checks in flight. A reconciler starts and stops tasks as instances come and go.
+//! bounds the checks in flight. A reconciler starts and stops tasks as instances come and go, and
+//! (on etcd) as the live replica set changes: each replica runs only the checks it owns.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -131,6 +132,9 @@ fn desired_checks(reg: &Registry) -> HashMap<Key, Check> {
     let mut out = HashMap::new();
     for (sid, e) in &st.services {
         for (iid, i) in &e.instances {
+            if !reg.owns_check(sid, iid) {
+                continue;
+            }
             let a = &i.instance.attributes;
             let key = (sid.clone(), iid.clone());
             if let Some(ttl) = a

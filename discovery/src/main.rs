@@ -79,6 +79,9 @@ struct Serve {
     /// Key prefix of this registry in etcd (with --store etcd).
     #[arg(long, default_value = "/trellis/", env = "TRELLIS_ETCD_PREFIX")]
     etcd_prefix: String,
+    /// Lease TTL of this replica in etcd: its health checks move to the others within about this.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, env = "TRELLIS_ETCD_LEASE_TTL")]
+    etcd_lease_ttl: Duration,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -122,10 +125,9 @@ fn main() -> ExitCode {
     config.registry.region = s.region;
     config.registry.account = s.account;
     if let StoreKind::Etcd = s.store {
-        config.etcd = Some(trellis_discovery::EtcdConfig::new(
-            s.etcd_endpoints,
-            &s.etcd_prefix,
-        ));
+        let mut etcd = trellis_discovery::EtcdConfig::new(s.etcd_endpoints, &s.etcd_prefix);
+        etcd.lease_ttl = s.etcd_lease_ttl;
+        config.etcd = Some(etcd);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -69,13 +69,29 @@ pub enum Change {
     PutService(Service),
     DeleteService(String),
     PutInstance(Instance),
-    DeleteInstance { service_id: String, id: String },
+    DeleteInstance {
+        service_id: String,
+        id: String,
+    },
     PutOperation(Operation),
     PutRequest(String, String),
     PutTags(String, Vec<Tag>),
     DeleteTags(String),
     DeleteOperation(String),
     DeleteRequest(String),
+    /// Replicated stores: a health flip published by the replica that checks the instance.
+    SetHealth {
+        service_id: String,
+        id: String,
+        health: HealthStatus,
+    },
+    /// Replicated stores: a TTL heartbeat received by any replica.
+    Beat {
+        service_id: String,
+        id: String,
+    },
+    /// A record without effect on the view (a health record's deletion goes with its instance).
+    Nothing,
 }
 
 pub struct Registry {
@@ -133,6 +149,18 @@ fn key(change: &Change) -> Write {
         Change::DeleteTags(arn) => Write::Delete(format!("tag/{arn}")),
         Change::DeleteOperation(id) => Write::Delete(format!("op/{id}")),
         Change::DeleteRequest(k) => Write::Delete(format!("req/{k}")),
+        Change::SetHealth {
+            service_id,
+            id,
+            health,
+        } => Write::Put(
+            format!("health/{service_id}/{id}"),
+            health.as_str().as_bytes().to_vec(),
+        ),
+        Change::Beat { service_id, id } => {
+            Write::Put(format!("beat/{service_id}/{id}"), Vec::new())
+        }
+        Change::Nothing => Write::Delete(String::new()),
     }
 }
 
@@ -162,6 +190,7 @@ fn decode(write: Write) -> Result<Change, StoreError> {
                 "op" => Change::DeleteOperation(rest.to_owned()),
                 "req" => Change::DeleteRequest(rest.to_owned()),
                 "tag" => Change::DeleteTags(rest.to_owned()),
+                "health" | "beat" => Change::Nothing,
                 _ => return Err(bad("record kind")),
             });
         }
@@ -179,8 +208,34 @@ fn decode(write: Write) -> Result<Change, StoreError> {
             rest.to_owned(),
             serde_json::from_slice(&v).map_err(|_| bad("tag list"))?,
         ),
+        "health" | "beat" => {
+            let (sid, id) = rest.split_once('/').ok_or_else(|| bad("instance key"))?;
+            let (service_id, id) = (sid.to_owned(), id.to_owned());
+            if kind == "beat" {
+                return Ok(Change::Beat { service_id, id });
+            }
+            let health = match v.as_slice() {
+                b"HEALTHY" => HealthStatus::Healthy,
+                b"UNHEALTHY" => HealthStatus::Unhealthy,
+                _ => HealthStatus::Unknown,
+            };
+            Change::SetHealth {
+                service_id,
+                id,
+                health,
+            }
+        }
         _ => return Err(bad("record kind")),
     })
+}
+
+/// Apply order within one batch: services before their instances, instances before their health.
+fn apply_order(c: &Change) -> u8 {
+    match c {
+        Change::PutInstance(_) => 1,
+        Change::SetHealth { .. } | Change::Beat { .. } => 2,
+        _ => 0,
+    }
 }
 
 fn is_topology(c: &Change) -> bool {
@@ -305,6 +360,30 @@ impl State {
             Change::DeleteRequest(k) => {
                 self.requests.remove(&k);
             }
+            Change::SetHealth {
+                service_id,
+                id,
+                health,
+            } => {
+                let floor = self.floor;
+                if let Some(e) = self.services.get_mut(&service_id)
+                    && let Some(i) = e.instances.get_mut(&id)
+                    && i.health != health
+                {
+                    i.health = health;
+                    bump(e, floor);
+                }
+            }
+            Change::Beat { service_id, id } => {
+                if let Some(i) = self
+                    .services
+                    .get_mut(&service_id)
+                    .and_then(|e| e.instances.get_mut(&id))
+                {
+                    i.last_heartbeat = Some(Instant::now());
+                }
+            }
+            Change::Nothing => {}
         }
     }
 
@@ -375,15 +454,13 @@ impl Registry {
             floor: store.replicated_at().map(|r| r << FLOOR_SHIFT),
             ..State::default()
         };
-        let mut instances = Vec::new();
+        let mut changes = Vec::new();
         for (k, v) in store.load()? {
-            match decode(Write::Put(k, v))? {
-                Change::PutInstance(i) => instances.push(i),
-                c => state.apply(c),
-            }
+            changes.push(decode(Write::Put(k, v))?);
         }
-        for i in instances {
-            state.apply(Change::PutInstance(i));
+        changes.sort_by_key(apply_order);
+        for c in changes {
+            state.apply(c);
         }
         let replicated = store.replicated_at().is_some();
         let registry = Arc::new(Registry {
@@ -400,6 +477,11 @@ impl Registry {
             registry.store.start_feed(Arc::downgrade(&sink));
         }
         Ok(registry)
+    }
+
+    /// Whether this replica runs the health check of an instance (replicas share them out).
+    pub fn owns_check(&self, service_id: &str, instance_id: &str) -> bool {
+        self.store.owns(&format!("{service_id}/{instance_id}"))
     }
 
     /// Whether the view may be behind the replicated store (the `store_stale` gauge).
@@ -476,6 +558,27 @@ impl Registry {
 
     /// Sets an instance's health; returns whether it changed (and so moved the revision).
     pub fn set_health(&self, service_id: &str, instance_id: &str, health: HealthStatus) -> bool {
+        if self.store.replicated_at().is_some() {
+            // Only flips reach etcd; the feed applies them on every replica, this one included.
+            let current = self
+                .state
+                .read()
+                .services
+                .get(service_id)
+                .and_then(|e| e.instances.get(instance_id))
+                .map(|i| i.health);
+            if current.is_none_or(|c| c == health) {
+                return false;
+            }
+            let flip = Change::SetHealth {
+                service_id: service_id.to_owned(),
+                id: instance_id.to_owned(),
+                health,
+            };
+            self.store
+                .publish(key(&flip), &format!("inst/{service_id}/{instance_id}"));
+            return true;
+        }
         let mut st = self.state.write();
         let floor = st.floor;
         let Some(e) = st.services.get_mut(service_id) else {
@@ -517,6 +620,15 @@ impl Registry {
             inst.last_heartbeat = Some(Instant::now());
             sid
         };
+        if self.store.replicated_at().is_some() {
+            // The replica that owns this instance's TTL check may be another one.
+            let beat = Change::Beat {
+                service_id: service_id.clone(),
+                id: instance_id.to_owned(),
+            };
+            self.store
+                .publish(key(&beat), &format!("inst/{service_id}/{instance_id}"));
+        }
         self.set_health(&service_id, instance_id, HealthStatus::Healthy);
         Ok(())
     }
@@ -565,8 +677,7 @@ impl FeedSink for Registry {
                 Err(e) => tracing::warn!(error = %e, "ignoring a record from the store"),
             }
         }
-        // Services before their instances, as on load.
-        changes.sort_by_key(|c| matches!(c, Change::PutInstance(_)));
+        changes.sort_by_key(apply_order);
         let topology = resync || changes.iter().any(is_topology);
         {
             let mut st = self.state.write();

@@ -65,6 +65,14 @@ pub trait Store: Send + Sync + 'static {
     fn stale(&self) -> bool {
         false
     }
+    /// Replicated stores only: whether this replica runs the health check named `item` (checks
+    /// are shared out over the live replicas). A single node runs them all.
+    fn owns(&self, _item: &str) -> bool {
+        true
+    }
+    /// Replicated stores only: write `write` in the background if record `requires` exists (health
+    /// flips and heartbeats: the feed brings them back to every replica, this one included).
+    fn publish(&self, _write: Write, _requires: &str) {}
 }
 
 /// Receives the changes of a replicated store, in revision order.

@@ -18,6 +18,8 @@ struct Replica {
     child: Child,
     api: SocketAddr,
     dns: SocketAddr,
+    log: tempfile::NamedTempFile,
+    _dir: tempfile::TempDir,
 }
 
 impl Replica {
@@ -27,6 +29,14 @@ impl Replica {
 
     /// `Err(stderr)` when the replica exits instead of serving.
     fn try_start(etcd: &EtcdCluster, prefix: &str) -> Result<Replica, String> {
+        Self::spawn(etcd, prefix, &[])
+    }
+
+    fn spawn(etcd: &EtcdCluster, prefix: &str, extra: &[&str]) -> Result<Replica, String> {
+        // Logs go to a file (a pipe nobody reads would fill up and stall the replica).
+        let log = tempfile::NamedTempFile::new().unwrap();
+        // Each replica has its own data directory (its CA); the registry is in etcd.
+        let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
             .args([
                 "serve",
@@ -41,13 +51,14 @@ impl Replica {
                 "--health-interval",
                 "200ms",
             ])
+            .args(extra)
             .arg("--etcd-endpoints")
             .arg(etcd.endpoints())
             .arg("--data-dir")
-            .arg(std::env::temp_dir().join(format!("trellis-ha-{}", std::process::id())))
+            .arg(dir.path())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -55,8 +66,8 @@ impl Replica {
             .read_line(&mut line)
             .unwrap();
         if line.is_empty() {
-            let out = child.wait_with_output().unwrap();
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            let _ = child.wait();
+            return Err(std::fs::read_to_string(log.path()).unwrap_or_default());
         }
         // "trellis-discovery: api http://A dns D"
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -64,7 +75,14 @@ impl Replica {
             api: words[2].trim_start_matches("http://").parse().unwrap(),
             dns: words[4].parse().unwrap(),
             child,
+            log,
+            _dir: dir,
         })
+    }
+
+    /// What the replica logged (warnings and errors), for failure messages.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
     fn kill(&mut self) {
@@ -363,8 +381,8 @@ fn quorum_loss_refuses_writes_and_serves_reads_then_converges() {
         "RegisterInstance",
         register_body(&svc, "i-2", "10.0.0.2"),
     );
-    eventually(Duration::from_secs(3), "A sees B's write", || {
-        discover(a.api, "q.local") == ["i-1", "i-2"]
+    eventually(Duration::from_secs(5), "A and B see B's write", || {
+        discover(a.api, "q.local") == ["i-1", "i-2"] && discover(b.api, "q.local") == ["i-1", "i-2"]
     });
 
     // Two of three down: writes refused with a retryable error, reads served from the view.
@@ -376,7 +394,7 @@ fn quorum_loss_refuses_writes_and_serves_reads_then_converges() {
     );
     assert_eq!(s, 503, "{v}");
     assert_eq!(v["__type"], "ServiceUnavailableException", "{v}");
-    assert_eq!(discover(b.api, "q.local"), ["i-1", "i-2"]);
+    assert_eq!(discover(b.api, "q.local"), ["i-1", "i-2"], "{}", b.log());
     assert_eq!(dig_a(b.dns, "api.q.local"), ["10.0.0.1", "10.0.0.2"]);
     eventually(Duration::from_secs(5), "stale gauge on A", || stale(a.api));
 
@@ -594,4 +612,82 @@ fn sidecar_fails_over_between_control_plane_replicas() {
     let _ = sidecar.kill();
     let _ = sidecar.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn health_checks_move_when_a_replica_dies() {
+    let Some(etcd) = cluster(1) else { return };
+    let fast = ["--etcd-lease-ttl", "2s"];
+    let mut a = Replica::spawn(&etcd, "/hc/", &fast).unwrap();
+    let b = Replica::spawn(&etcd, "/hc/", &fast).unwrap();
+    let op = ok(a.api, "CreateHttpNamespace", json!({"Name": "hc.local"}));
+    let got = ok(
+        a.api,
+        "GetOperation",
+        json!({"OperationId": op["OperationId"]}),
+    );
+    let ns_id = got["Operation"]["Targets"]["NAMESPACE"].as_str().unwrap();
+    let svc = ok(
+        a.api,
+        "CreateService",
+        json!({"Name": "api", "NamespaceId": ns_id,
+            "HealthCheckConfig": {"Type": "TCP", "FailureThreshold": 1}}),
+    );
+    let svc = svc["Service"]["Id"].as_str().unwrap().to_owned();
+    // Eight instances (TCP checks: a listening socket is healthy): both replicas own some.
+    let mut apps: Vec<std::net::TcpListener> = (0..8)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    for (n, l) in apps.iter().enumerate() {
+        let at = l.local_addr().unwrap();
+        ok(
+            b.api,
+            "RegisterInstance",
+            json!({"ServiceId": svc, "InstanceId": format!("i-{n}"), "Attributes": {
+                "AWS_INSTANCE_IPV4": "127.0.0.1", "AWS_INSTANCE_PORT": at.port().to_string()}}),
+        );
+    }
+    let statuses = |addr| {
+        let v = ok(addr, "GetInstancesHealthStatus", json!({"ServiceId": svc}));
+        v["Status"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "all healthy on both replicas",
+        || {
+            let (sa, sb) = (statuses(a.api), statuses(b.api));
+            sa.len() == 8 && sa.iter().all(|s| s == "HEALTHY") && sa == sb
+        },
+    );
+    // Checks are shared out, not repeated: each replica ran some.
+    let checks = |addr| -> f64 {
+        get(addr, "/metrics")
+            .1
+            .lines()
+            .filter(|l| l.starts_with("trellis_discovery_health_checks_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(checks(a.api) > 0.0 && checks(b.api) > 0.0);
+    // A dies; then every instance dies: B alone must notice all of them (A's share moved to B).
+    a.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    apps.clear();
+    eventually(
+        Duration::from_secs(10),
+        "B detects every instance down",
+        || {
+            let s = statuses(b.api);
+            s.len() == 8 && s.iter().all(|s| s == "UNHEALTHY")
+        },
+    );
+    // The custom/TTL paths go through any replica too: a flip written by B is in etcd, so a new
+    // replica started now sees it without checking anything itself.
+    let c = Replica::spawn(&etcd, "/hc/", &fast).unwrap();
+    assert!(statuses(c.api).iter().all(|s| s == "UNHEALTHY"));
 }

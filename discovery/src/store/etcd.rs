@@ -1,8 +1,10 @@
 //! The etcd v3 store: several control-plane replicas share one registry.
 //!
 //! Layout under the prefix (e.g. `/trellis/`): `version` (the schema marker), `data/<record key>`
-//! (the same `kind/id` records as the embedded store) and `meta/topology` (touched by every
-//! namespace or service change, so name uniqueness holds across replicas).
+//! (the same `kind/id` records as the embedded store, plus `health/<svc>/<inst>` flips and
+//! `beat/<svc>/<inst>` TTL heartbeats), `meta/topology` (touched by every namespace or service
+//! change, so name uniqueness holds across replicas) and `replicas/<id>` (one key per live replica,
+//! bound to its lease: health checks are shared out over these by rendezvous hashing).
 //!
 //! Each replica keeps its registry in memory, fed by one etcd watch on `data/` (the Kubernetes API
 //! server's pattern): reads never touch etcd. A write is one transaction that compares the
@@ -46,7 +48,14 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// Key prefix of this registry (several registries can share one etcd); ends with `/`.
     pub prefix: String,
+    /// TTL of this replica's lease: a dead replica's health checks move within about this long.
+    pub lease_ttl: Duration,
 }
+
+/// Default [`EtcdConfig::lease_ttl`].
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+/// How often the live replica set is re-read.
+const MEMBERS_INTERVAL: Duration = Duration::from_millis(500);
 
 impl EtcdConfig {
     pub fn new(endpoints: Vec<String>, prefix: &str) -> Self {
@@ -54,7 +63,11 @@ impl EtcdConfig {
         if !prefix.ends_with('/') {
             prefix.push('/');
         }
-        EtcdConfig { endpoints, prefix }
+        EtcdConfig {
+            endpoints,
+            prefix,
+            lease_ttl: DEFAULT_LEASE_TTL,
+        }
     }
 }
 
@@ -109,6 +122,11 @@ pub struct EtcdStore {
     applied: Arc<Applied>,
     health: Arc<Health>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// This replica's id under `replicas/`.
+    replica: String,
+    lease_ttl: Duration,
+    /// Live replica ids (this one included until etcd says otherwise).
+    live: Arc<parking_lot::RwLock<Vec<String>>>,
 }
 
 #[derive(Clone)]
@@ -116,6 +134,7 @@ struct Keys {
     version: String,
     data: String,
     topology: String,
+    replicas: String,
 }
 
 impl Keys {
@@ -124,6 +143,7 @@ impl Keys {
             version: format!("{prefix}version"),
             data: format!("{prefix}data/"),
             topology: format!("{prefix}meta/topology"),
+            replicas: format!("{prefix}replicas/"),
         }
     }
     fn data(&self, record: &str) -> String {
@@ -212,8 +232,12 @@ impl EtcdStore {
         let health = Arc::new(Health::default());
         health.quorum_ok.store(true, Ordering::Relaxed);
         health.watch_ok.store(true, Ordering::Relaxed);
-        tracing::info!(records = records.len(), revision = loaded_at, endpoints = ?config.endpoints, "etcd store loaded");
+        let replica = uuid::Uuid::new_v4().simple().to_string();
+        tracing::info!(records = records.len(), revision = loaded_at, endpoints = ?config.endpoints, %replica, "etcd store loaded");
         Ok(EtcdStore {
+            live: Arc::new(parking_lot::RwLock::new(vec![replica.clone()])),
+            replica,
+            lease_ttl: config.lease_ttl.max(Duration::from_secs(1)),
             client,
             handle: tokio::runtime::Handle::current(),
             keys,
@@ -296,6 +320,15 @@ impl EtcdStore {
                     ops.push(TxnOp::put(key, v.clone(), None));
                 }
                 Write::Delete(_) => {
+                    // An instance's health and heartbeat records go with it.
+                    if let Some(rest) = record.strip_prefix("inst/") {
+                        for kind in ["health", "beat"] {
+                            ops.push(TxnOp::delete(
+                                self.keys.data(&format!("{kind}/{rest}")),
+                                None,
+                            ));
+                        }
+                    }
                     // A service is deleted only while it has no instances.
                     if let Some(sid) = record.strip_prefix("svc/") {
                         compares.push(
@@ -342,6 +375,11 @@ impl Drop for EtcdStore {
 }
 
 impl Store for EtcdStore {
+    fn stale(&self) -> bool {
+        !(self.health.watch_ok.load(Ordering::Relaxed)
+            && self.health.quorum_ok.load(Ordering::Relaxed))
+    }
+
     fn load(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match self.snapshot.lock().take() {
             Some(s) => Ok(s),
@@ -417,14 +455,42 @@ impl Store for EtcdStore {
             key: self.keys.version.clone(),
             health: self.health.clone(),
         };
+        let membership = Membership {
+            client: self.client.clone(),
+            keys: self.keys.clone(),
+            replica: self.replica.clone(),
+            ttl: self.lease_ttl,
+            live: self.live.clone(),
+        };
         let mut tasks = self.tasks.lock();
         tasks.push(self.handle.spawn(feed.run()));
         tasks.push(self.handle.spawn(probe.run()));
+        tasks.push(self.handle.spawn(membership.clone().announce()));
+        tasks.push(self.handle.spawn(membership.follow()));
     }
 
-    fn stale(&self) -> bool {
-        !(self.health.watch_ok.load(Ordering::Relaxed)
-            && self.health.quorum_ok.load(Ordering::Relaxed))
+    fn owns(&self, item: &str) -> bool {
+        rendezvous(&self.live.read(), item).is_none_or(|owner| owner == self.replica)
+    }
+
+    fn publish(&self, write: Write, requires: &str) {
+        let op = match &write {
+            Write::Put(k, v) => TxnOp::put(self.keys.data(k), v.clone(), None),
+            Write::Delete(k) => TxnOp::delete(self.keys.data(k), None),
+        };
+        let txn = Txn::new()
+            .when([Compare::version(
+                self.keys.data(requires),
+                CompareOp::Greater,
+                0,
+            )])
+            .and_then([op]);
+        let mut kv = self.client.kv_client();
+        self.handle.spawn(async move {
+            if let Err(e) = bounded(kv.txn(txn)).await {
+                tracing::warn!(error = %e, "health update not written to etcd");
+            }
+        });
     }
 }
 
@@ -550,6 +616,101 @@ enum Resume {
     Compacted,
 }
 
+/// The replica that owns `item`: highest hash of (replica, item). Every replica computes the same
+/// answer from the same live set; when a replica leaves, only its items move.
+pub fn rendezvous<'a>(live: &'a [String], item: &str) -> Option<&'a str> {
+    live.iter()
+        .max_by_key(|r| fnv1a(r.as_bytes(), item.as_bytes()))
+        .map(String::as_str)
+}
+
+/// FNV-1a over `a`, a separator and `b`: stable across processes and builds.
+fn fnv1a(a: &[u8], b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in a.iter().chain(&[0xff]).chain(b) {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // FNV's low bits mix poorly for short keys: finish with a murmur-style avalanche.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h
+}
+
+/// This replica's lease-bound key under `replicas/`, and the live set read back.
+#[derive(Clone)]
+struct Membership {
+    client: Client,
+    keys: Keys,
+    replica: String,
+    ttl: Duration,
+    live: Arc<parking_lot::RwLock<Vec<String>>>,
+}
+
+impl Membership {
+    /// Grants a lease, puts `replicas/<id>` on it and keeps it alive; starts over on failure.
+    async fn announce(self) {
+        let key = format!("{}{}", self.keys.replicas, self.replica);
+        loop {
+            if let Err(e) = self.announce_once(&key).await {
+                tracing::warn!(error = %e, "replica lease lost; announcing again");
+            }
+            tokio::time::sleep(REWATCH_DELAY).await;
+        }
+    }
+
+    async fn announce_once(&self, key: &str) -> Result<(), StoreError> {
+        let mut lease = self.client.lease_client();
+        let granted = bounded(lease.grant(self.ttl.as_secs() as i64, None)).await?;
+        let id = granted.id();
+        let mut kv = self.client.kv_client();
+        bounded(kv.put(key, "", Some(etcd_client::PutOptions::new().with_lease(id)))).await?;
+        let (mut keeper, mut responses) = bounded(lease.keep_alive(id)).await?;
+        loop {
+            tokio::time::sleep(self.ttl / 3).await;
+            bounded(keeper.keep_alive()).await?;
+            match bounded(responses.message()).await? {
+                Some(r) if r.ttl() > 0 => {}
+                _ => return Err(unavailable("lease expired")),
+            }
+        }
+    }
+
+    /// Re-reads the live set; keeps the last one while etcd cannot answer.
+    async fn follow(self) {
+        let mut kv = self.client.kv_client();
+        loop {
+            let read = bounded(kv.get(
+                self.keys.replicas.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ))
+            .await;
+            if let Ok(r) = read {
+                let mut live: Vec<String> = r
+                    .kvs()
+                    .iter()
+                    .filter_map(|kv| {
+                        let id = kv.key().strip_prefix(self.keys.replicas.as_bytes())?;
+                        Some(String::from_utf8_lossy(id).into_owned())
+                    })
+                    .collect();
+                if !live.contains(&self.replica) {
+                    // Not announced yet (or the lease is being renewed): still check our share.
+                    live.push(self.replica.clone());
+                }
+                live.sort();
+                let mut current = self.live.write();
+                if *current != live {
+                    tracing::info!(replicas = live.len(), "live control-plane replicas changed");
+                    *current = live;
+                }
+            }
+            tokio::time::sleep(MEMBERS_INTERVAL).await;
+        }
+    }
+}
+
 /// Linearizable reads of the version key: fail while there is no quorum.
 struct Probe {
     client: Client,
@@ -573,5 +734,30 @@ impl Probe {
             }
             tokio::time::sleep(PROBE_INTERVAL).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_moves_only_the_dead_replicas_checks() {
+        let three: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let two: Vec<String> = ["a", "c"].iter().map(|s| s.to_string()).collect();
+        let items: Vec<String> = (0..300).map(|i| format!("srv-x/i-{i}")).collect();
+        let mut per = std::collections::HashMap::new();
+        for item in &items {
+            let before = rendezvous(&three, item).unwrap();
+            *per.entry(before).or_insert(0) += 1;
+            let after = rendezvous(&two, item).unwrap();
+            if before != "b" {
+                assert_eq!(before, after, "{item} moved although its owner lives");
+            }
+            assert_ne!(after, "b");
+        }
+        // Spread: each replica owns a fair share.
+        assert!(per.values().all(|n| *n > 60), "{per:?}");
+        assert_eq!(rendezvous(&[], "x"), None);
     }
 }
