@@ -19,6 +19,21 @@ struct Cli {
 enum Command {
     /// Serve the Cloud Map API, the watch API, DNS and health checks.
     Serve(Serve),
+    /// Copy the registry between stores (into an empty one): embedded → etcd, or back for backups.
+    Migrate(Migrate),
+}
+
+#[derive(Parser)]
+struct Migrate {
+    /// `embedded:DIR` or `etcd:URL[,URL...]`.
+    #[arg(long)]
+    from: trellis_discovery::StoreSpec,
+    /// `embedded:DIR` or `etcd:URL[,URL...]` (must be empty).
+    #[arg(long)]
+    to: trellis_discovery::StoreSpec,
+    /// Key prefix of the registry in etcd.
+    #[arg(long, default_value = "/trellis/", env = "TRELLIS_ETCD_PREFIX")]
+    etcd_prefix: String,
 }
 
 #[derive(Parser)]
@@ -97,7 +112,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let Command::Serve(s) = Cli::parse().command;
+    let s = match Cli::parse().command {
+        Command::Serve(s) => s,
+        Command::Migrate(m) => return migrate(m),
+    };
     let credentials = match (s.access_key_id, s.secret_access_key) {
         (Some(access_key_id), Some(secret_access_key)) => Some(Credentials {
             access_key_id,
@@ -152,6 +170,26 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("trellis-discovery: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn migrate(m: Migrate) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trellis-discovery: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(trellis_discovery::migrate(&m.from, &m.to, &m.etcd_prefix)) {
+        Ok(n) => {
+            println!("trellis-discovery: migrated {n} records");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trellis-discovery: migrate: {e}");
             ExitCode::FAILURE
         }
     }

@@ -167,7 +167,9 @@ impl Store for RedbStore {
 }
 
 mod etcd;
-pub use etcd::{EtcdConfig, EtcdStore, RESYNC, SCHEMA};
+mod migrate;
+pub use etcd::{DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, RESYNC, SCHEMA};
+pub use migrate::{StoreSpec, StoreSpecError, migrate};
 
 /// A volatile store for unit tests and `--data-dir ''`-less embedding.
 #[derive(Default)]

@@ -691,3 +691,97 @@ fn health_checks_move_when_a_replica_dies() {
     let c = Replica::spawn(&etcd, "/hc/", &fast).unwrap();
     assert!(statuses(c.api).iter().all(|s| s == "UNHEALTHY"));
 }
+
+/// A single embedded-store node (the default), killed on drop.
+fn embedded(dir: &std::path::Path) -> Replica {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
+        .args([
+            "serve",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--dns-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    Replica {
+        api: words[2].trim_start_matches("http://").parse().unwrap(),
+        dns: words[4].parse().unwrap(),
+        child,
+        log: tempfile::NamedTempFile::new().unwrap(),
+        _dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn migrate(from: &str, to: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
+        .args([
+            "migrate",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--etcd-prefix",
+            "/mig/",
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn migrate_embedded_to_etcd_and_back() {
+    let Some(etcd) = cluster(1) else { return };
+    let one = tempfile::tempdir().unwrap();
+    {
+        let node = embedded(one.path());
+        let svc = setup(node.api, "grow.local");
+        for n in 0..3 {
+            ok(
+                node.api,
+                "RegisterInstance",
+                register_body(&svc, &format!("i-{n}"), &format!("10.0.0.{n}")),
+            );
+        }
+    }
+    // The node is stopped (killed); its store moves to etcd.
+    let (done, out) = migrate(
+        &format!("embedded:{}", one.path().display()),
+        &format!("etcd:{}", etcd.endpoints()),
+    );
+    assert!(done, "{out}");
+    let replica = Replica::start(&etcd, "/mig/");
+    assert_eq!(discover(replica.api, "grow.local"), ["i-0", "i-1", "i-2"]);
+    assert_eq!(
+        dig_a(replica.dns, "api.grow.local"),
+        ["10.0.0.0", "10.0.0.1", "10.0.0.2"]
+    );
+    // A second migration into the now non-empty prefix is refused.
+    let (done, out) = migrate(
+        &format!("embedded:{}", one.path().display()),
+        &format!("etcd:{}", etcd.endpoints()),
+    );
+    assert!(!done && out.contains("already holds a registry"), "{out}");
+    // And back, for a backup: the embedded node serves the same registry.
+    let backup = tempfile::tempdir().unwrap();
+    let (done, out) = migrate(
+        &format!("etcd:{}", etcd.endpoints()),
+        &format!("embedded:{}", backup.path().display()),
+    );
+    assert!(done, "{out}");
+    let restored = embedded(backup.path());
+    assert_eq!(discover(restored.api, "grow.local"), ["i-0", "i-1", "i-2"]);
+}
