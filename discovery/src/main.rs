@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the Cloud Map API, the watch API, DNS and health checks.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Copy the registry between stores (into an empty one): embedded → etcd, or back for backups.
     Migrate(Migrate),
 }
@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         )
         .init();
     let s = match Cli::parse().command {
-        Command::Serve(s) => s,
+        Command::Serve(s) => *s,
         Command::Migrate(m) => return migrate(m),
     };
     let credentials = match (s.access_key_id, s.secret_access_key) {
