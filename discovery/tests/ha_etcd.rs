@@ -785,3 +785,27 @@ fn migrate_embedded_to_etcd_and_back() {
     let restored = embedded(backup.path());
     assert_eq!(discover(restored.api, "grow.local"), ["i-0", "i-1", "i-2"]);
 }
+
+#[test]
+fn ha_compose_file_is_valid() {
+    let Some(dc) = tools::require("docker-compose", "compose file validation") else {
+        return;
+    };
+    let file = tools::workspace_root().join("compose/ha/docker-compose.yml");
+    let out = Command::new(dc)
+        .arg("-f")
+        .arg(&file)
+        .args(["config", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every sidecar lists both replicas.
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains(
+        r#"TRELLIS_CONTROL_PLANE__ADDRESSES: '["172.29.0.11:9400", "172.29.0.12:9400"]'"#
+    ));
+}
