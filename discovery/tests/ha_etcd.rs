@@ -33,10 +33,18 @@ impl Replica {
     }
 
     fn spawn(etcd: &EtcdCluster, prefix: &str, extra: &[&str]) -> Result<Replica, String> {
+        // Each replica has its own data directory (its CA); the registry is in etcd.
+        Self::spawn_in(etcd, prefix, extra, tempfile::tempdir().unwrap())
+    }
+
+    fn spawn_in(
+        etcd: &EtcdCluster,
+        prefix: &str,
+        extra: &[&str],
+        dir: tempfile::TempDir,
+    ) -> Result<Replica, String> {
         // Logs go to a file (a pipe nobody reads would fill up and stall the replica).
         let log = tempfile::NamedTempFile::new().unwrap();
-        // Each replica has its own data directory (its CA); the registry is in etcd.
-        let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
             .args([
                 "serve",
@@ -808,4 +816,123 @@ fn ha_compose_file_is_valid() {
     assert!(text.contains(
         r#"TRELLIS_CONTROL_PLANE__ADDRESSES: '["172.29.0.11:9400", "172.29.0.12:9400"]'"#
     ));
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn replicas_sign_with_their_own_intermediate_under_one_root() {
+    let Some(etcd) = cluster(1) else { return };
+    let Some(openssl) = tools::require("openssl", "leaf verification with openssl verify") else {
+        return;
+    };
+    let ca = trellis_test_support::bins::binary("trellis-ca", "trellis-ca");
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    run(Command::new(&ca)
+        .args(["init", "--trust-domain", "mesh.local", "--dir"])
+        .arg(&root));
+    let mut chains = Vec::new();
+    for name in ["a", "b"] {
+        // The replica's CA: its own intermediate key, signed by the shared (offline) root.
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("ca");
+        run(Command::new(&ca)
+            .args([
+                "init",
+                "--external-root",
+                "--trust-domain",
+                "mesh.local",
+                "--dir",
+            ])
+            .arg(&dir));
+        let cert = work.path().join(format!("{name}.crt"));
+        run(Command::new(&ca)
+            .arg("sign-intermediate")
+            .arg("--dir")
+            .arg(&root)
+            .arg(dir.join("intermediate.csr"))
+            .arg("--out")
+            .arg(&cert));
+        run(Command::new(&ca)
+            .args(["install-intermediate", "--dir"])
+            .arg(&dir)
+            .arg(&cert)
+            .arg("--root")
+            .arg(root.join("root.crt")));
+        let token = work.path().join(format!("{name}.token"));
+        run(Command::new(&ca)
+            .args([
+                "token",
+                "create",
+                "--namespace",
+                "ha.local",
+                "--service",
+                "api",
+                "--dir",
+            ])
+            .arg(&dir)
+            .arg("--out")
+            .arg(&token));
+        let replica = Replica::spawn_in(&etcd, "/ca/", &[], data).unwrap();
+        // A workload key and CSR, signed by this replica over its API.
+        let (key, csr) = (
+            work.path().join(format!("{name}.key")),
+            work.path().join(format!("{name}.csr")),
+        );
+        run(Command::new(&openssl)
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-subj", "/CN=api"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr));
+        let chain = run(Command::new("curl")
+            .args(["-sf", "-X", "POST", "-H"])
+            .arg(format!(
+                "authorization: Bearer {}",
+                std::fs::read_to_string(&token).unwrap().trim()
+            ))
+            .arg("--data-binary")
+            .arg(format!("@{}", csr.display()))
+            .arg(format!("http://{}/v1/ca/sign", replica.api)));
+        let path = work.path().join(format!("{name}-chain.pem"));
+        std::fs::write(&path, &chain).unwrap();
+        chains.push((chain, path));
+    }
+    // Different intermediates, one trust bundle: both leaves verify against the shared root.
+    let intermediate = |chain: &str| {
+        chain
+            .split("-----END CERTIFICATE-----")
+            .nth(1)
+            .unwrap()
+            .to_owned()
+    };
+    assert_ne!(intermediate(&chains[0].0), intermediate(&chains[1].0));
+    for (_, path) in &chains {
+        let out = run(Command::new(&openssl)
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(root.join("root.crt"))
+            .arg("-untrusted")
+            .arg(path)
+            .arg(path));
+        assert!(out.contains(": OK"), "{out}");
+    }
 }
