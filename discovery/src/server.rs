@@ -92,7 +92,7 @@ impl Server {
     /// Opens the store, binds every listener and starts serving. Bound addresses are on the result.
     /// The CA issuance API is mounted when a data directory is set.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
-        let mounts = crate::ca_mount::mounts(&config)?;
+        let mounts = crate::ca_mount::mounts(&config).await?;
         Self::start_with(config, mounts).await
     }
 

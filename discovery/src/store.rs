@@ -166,8 +166,10 @@ impl Store for RedbStore {
     }
 }
 
+mod crl_share;
 mod etcd;
 mod migrate;
+pub use crl_share::{CrlShare, PUBLISH_INTERVAL as CRL_PUBLISH_INTERVAL};
 pub use etcd::{DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, RESYNC, SCHEMA};
 pub use migrate::{StoreSpec, StoreSpecError, migrate};
 

@@ -842,6 +842,8 @@ fn replicas_sign_with_their_own_intermediate_under_one_root() {
         .args(["init", "--trust-domain", "mesh.local", "--dir"])
         .arg(&root));
     let mut chains = Vec::new();
+    let mut replicas = Vec::new();
+    let mut serials = Vec::new();
     for name in ["a", "b"] {
         // The replica's CA: its own intermediate key, signed by the shared (offline) root.
         let data = tempfile::tempdir().unwrap();
@@ -883,6 +885,12 @@ fn replicas_sign_with_their_own_intermediate_under_one_root() {
             .arg(&dir)
             .arg("--out")
             .arg(&token));
+        let admin = work.path().join(format!("{name}-admin.token"));
+        run(Command::new(&ca)
+            .args(["token", "create", "--admin", "--dir"])
+            .arg(&dir)
+            .arg("--out")
+            .arg(&admin));
         let replica = Replica::spawn_in(&etcd, "/ca/", &[], data).unwrap();
         // A workload key and CSR, signed by this replica over its API.
         let (key, csr) = (
@@ -903,7 +911,10 @@ fn replicas_sign_with_their_own_intermediate_under_one_root() {
             .arg(&key)
             .arg("-out")
             .arg(&csr));
+        let headers = work.path().join(format!("{name}.headers"));
         let chain = run(Command::new("curl")
+            .arg("-D")
+            .arg(&headers)
             .args(["-sf", "-X", "POST", "-H"])
             .arg(format!(
                 "authorization: Bearer {}",
@@ -915,6 +926,16 @@ fn replicas_sign_with_their_own_intermediate_under_one_root() {
         let path = work.path().join(format!("{name}-chain.pem"));
         std::fs::write(&path, &chain).unwrap();
         chains.push((chain, path));
+        let serial = std::fs::read_to_string(&headers)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("x-trellis-serial: ")
+                    .map(|s| s.trim().to_owned())
+            })
+            .unwrap();
+        serials.push((serial, admin));
+        replicas.push(replica);
     }
     // Different intermediates, one trust bundle: both leaves verify against the shared root.
     let intermediate = |chain: &str| {
@@ -935,4 +956,50 @@ fn replicas_sign_with_their_own_intermediate_under_one_root() {
             .arg(path));
         assert!(out.contains(": OK"), "{out}");
     }
+
+    // A revocation on A appears in B's CRL (B answers every replica's CRL).
+    let (serial, token) = &serials[0];
+    let revoke = run(Command::new("curl")
+        .args(["-sf", "-X", "POST", "-H"])
+        .arg(format!(
+            "authorization: Bearer {}",
+            std::fs::read_to_string(token).unwrap().trim()
+        ))
+        .arg("--data-binary")
+        .arg(format!(r#"{{"serial":"{serial}"}}"#))
+        .arg(format!("http://{}/v1/ca/revoke", replicas[0].api)));
+    let crl = work.path().join("crl-from-b.pem");
+    eventually(Duration::from_secs(10), "A's revocation in B's CRL", || {
+        let (s, pem) = get(replicas[1].api, "/v1/ca/crl");
+        std::fs::write(&crl, &pem).unwrap();
+        s == 200 && pem.matches("BEGIN X509 CRL").count() == 2 && {
+            let out = Command::new(&openssl)
+                .arg("verify")
+                .arg("-crl_check")
+                .arg("-CAfile")
+                .arg(root.join("root.crt"))
+                .arg("-CRLfile")
+                .arg(&crl)
+                .arg("-untrusted")
+                .arg(&chains[0].1)
+                .arg(&chains[0].1)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("revoked")
+                || String::from_utf8_lossy(&out.stderr).contains("revoked")
+        }
+    });
+    let _ = revoke;
+    // B's own leaf is still good under B's CRL from the same file.
+    let out = run(Command::new(&openssl)
+        .arg("verify")
+        .arg("-crl_check")
+        .arg("-CAfile")
+        .arg(root.join("root.crt"))
+        .arg("-CRLfile")
+        .arg(&crl)
+        .arg("-untrusted")
+        .arg(&chains[1].1)
+        .arg(&chains[1].1));
+    assert!(out.contains(": OK"), "{out}");
 }
