@@ -548,12 +548,18 @@ impl Registry {
                 st.apply(c);
             }
         }
+        self.applied(topology);
+        Ok(())
+    }
+
+    /// After changes were applied: the SOA serial (and DNS answer cache) moves; the health checker
+    /// reconciles when instances or services came or went.
+    fn applied(&self, topology: bool) {
         self.serial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if topology {
             self.topology.notify_one();
         }
-        Ok(())
     }
 
     /// Sets an instance's health; returns whether it changed (and so moved the revision).
@@ -689,11 +695,7 @@ impl FeedSink for Registry {
                 st.apply(c);
             }
         }
-        self.serial
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if topology {
-            self.topology.notify_one();
-        }
+        self.applied(topology);
     }
 }
 

@@ -183,6 +183,26 @@ fn setup(addr: SocketAddr, ns: &str) -> String {
     svc["Service"]["Id"].as_str().unwrap().to_owned()
 }
 
+/// An HTTP namespace with service `api` (plus `extra` CreateService fields); returns its id.
+fn http_service(addr: SocketAddr, ns: &str, extra: Value) -> String {
+    let op = ok(addr, "CreateHttpNamespace", json!({"Name": ns}));
+    let got = ok(
+        addr,
+        "GetOperation",
+        json!({"OperationId": op["OperationId"]}),
+    );
+    let mut req = json!({"Name": "api", "NamespaceId": got["Operation"]["Targets"]["NAMESPACE"]});
+    if let Value::Object(m) = extra {
+        for (k, v) in m {
+            req[k] = v;
+        }
+    }
+    ok(addr, "CreateService", req)["Service"]["Id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 fn register_body(svc: &str, id: &str, ip: &str) -> Value {
     json!({"ServiceId": svc, "InstanceId": id,
         "Attributes": {"AWS_INSTANCE_IPV4": ip, "AWS_INSTANCE_PORT": "80"}})
@@ -542,19 +562,7 @@ fn app(name: &'static str) -> SocketAddr {
 fn sidecar_fails_over_between_control_plane_replicas() {
     let Some(etcd) = cluster(1) else { return };
     let (mut a, b) = (Replica::start(&etcd, "/sc/"), Replica::start(&etcd, "/sc/"));
-    let op = ok(a.api, "CreateHttpNamespace", json!({"Name": "side.local"}));
-    let got = ok(
-        a.api,
-        "GetOperation",
-        json!({"OperationId": op["OperationId"]}),
-    );
-    let ns_id = got["Operation"]["Targets"]["NAMESPACE"].as_str().unwrap();
-    let svc = ok(
-        a.api,
-        "CreateService",
-        json!({"Name": "api", "NamespaceId": ns_id}),
-    );
-    let svc = svc["Service"]["Id"].as_str().unwrap().to_owned();
+    let svc = http_service(a.api, "side.local", json!({}));
     let register = |via: SocketAddr, id: &str, at: SocketAddr| {
         ok(
             via,
@@ -628,20 +636,11 @@ fn health_checks_move_when_a_replica_dies() {
     let fast = ["--etcd-lease-ttl", "2s"];
     let mut a = Replica::spawn(&etcd, "/hc/", &fast).unwrap();
     let b = Replica::spawn(&etcd, "/hc/", &fast).unwrap();
-    let op = ok(a.api, "CreateHttpNamespace", json!({"Name": "hc.local"}));
-    let got = ok(
+    let svc = http_service(
         a.api,
-        "GetOperation",
-        json!({"OperationId": op["OperationId"]}),
+        "hc.local",
+        json!({"HealthCheckConfig": {"Type": "TCP", "FailureThreshold": 1}}),
     );
-    let ns_id = got["Operation"]["Targets"]["NAMESPACE"].as_str().unwrap();
-    let svc = ok(
-        a.api,
-        "CreateService",
-        json!({"Name": "api", "NamespaceId": ns_id,
-            "HealthCheckConfig": {"Type": "TCP", "FailureThreshold": 1}}),
-    );
-    let svc = svc["Service"]["Id"].as_str().unwrap().to_owned();
     // Eight instances (TCP checks: a listening socket is healthy): both replicas own some.
     let mut apps: Vec<std::net::TcpListener> = (0..8)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
