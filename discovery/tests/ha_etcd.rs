@@ -45,34 +45,28 @@ impl Replica {
     ) -> Result<Replica, String> {
         // Logs go to a file (a pipe nobody reads would fill up and stall the replica).
         let log = tempfile::NamedTempFile::new().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
-            .args([
-                "serve",
-                "--api-listen",
-                "127.0.0.1:0",
-                "--dns-listen",
-                "127.0.0.1:0",
-                "--store",
-                "etcd",
-                "--etcd-prefix",
-                prefix,
-                "--health-interval",
-                "200ms",
-            ])
-            .args(extra)
-            .arg("--etcd-endpoints")
-            .arg(etcd.endpoints())
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"));
+        cmd.args([
+            "serve",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--store",
+            "etcd",
+            "--etcd-prefix",
+            prefix,
+            "--health-interval",
+            "200ms",
+        ])
+        .args(extra)
+        .arg("--etcd-endpoints")
+        .arg(etcd.endpoints())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stderr(log.reopen().unwrap());
+        let (mut child, line) = spawn_reading_first_line(&mut cmd);
         if line.is_empty() {
             let _ = child.wait();
             return Err(std::fs::read_to_string(log.path()).unwrap_or_default());
@@ -103,6 +97,16 @@ impl Drop for Replica {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Spawns `cmd` and reads the first line it prints (the bound addresses; empty if it exited).
+fn spawn_reading_first_line(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
 }
 
 /// `None` when etcd, curl or dig is missing (skipped unless CI requires tools).
@@ -587,18 +591,13 @@ fn sidecar_fails_over_between_control_plane_replicas() {
     )
     .unwrap();
     let proxy = trellis_test_support::bins::binary("trellis-proxy", "trellis-proxy");
-    let mut sidecar = Command::new(proxy)
-        .args(["sidecar", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(sidecar.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (mut sidecar, line) = spawn_reading_first_line(
+        Command::new(proxy)
+            .args(["sidecar", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "error")
+            .stderr(Stdio::null()),
+    );
     let addrs: Value = serde_json::from_str(&line).unwrap();
     let (admin, port) = (
         addrs["admin"].as_str().unwrap().to_owned(),
@@ -701,25 +700,19 @@ fn health_checks_move_when_a_replica_dies() {
 
 /// A single embedded-store node (the default), killed on drop.
 fn embedded(dir: &std::path::Path) -> Replica {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
-        .args([
-            "serve",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--dns-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"));
+    cmd.args([
+        "serve",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--data-dir")
+    .arg(dir)
+    .env("RUST_LOG", "error")
+    .stderr(Stdio::null());
+    let (child, line) = spawn_reading_first_line(&mut cmd);
     let words: Vec<&str> = line.split_whitespace().collect();
     Replica {
         api: words[2].trim_start_matches("http://").parse().unwrap(),
