@@ -46,8 +46,8 @@ pub use {
     server::{Server, ServerConfig, ServerError, run},
     sigv4::Credentials,
     store::{
-        DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, FeedSink, MemoryStore, RedbStore, SCHEMA,
-        STORE_FILE, Store, StoreError, StoreSpec, StoreSpecError, Write, migrate,
+        DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, EtcdTls, FeedSink, MemoryStore, RedbStore,
+        SCHEMA, STORE_FILE, Store, StoreError, StoreSpec, StoreSpecError, Write, migrate,
     },
 };
 

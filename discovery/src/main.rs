@@ -97,6 +97,15 @@ struct Serve {
     /// Lease TTL of this replica in etcd: its health checks move to the others within about this.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, env = "TRELLIS_ETCD_LEASE_TTL")]
     etcd_lease_ttl: Duration,
+    /// CA certificate (PEM) of the etcd members, for `https://` endpoints.
+    #[arg(long, env = "TRELLIS_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd members that require one (with --etcd-key).
+    #[arg(long, env = "TRELLIS_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for --etcd-cert.
+    #[arg(long, env = "TRELLIS_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -145,6 +154,10 @@ fn main() -> ExitCode {
     if let StoreKind::Etcd = s.store {
         let mut etcd = trellis_discovery::EtcdConfig::new(s.etcd_endpoints, &s.etcd_prefix);
         etcd.lease_ttl = s.etcd_lease_ttl;
+        etcd.tls = s.etcd_ca.map(|ca| trellis_discovery::EtcdTls {
+            ca,
+            client: s.etcd_cert.zip(s.etcd_key),
+        });
         config.etcd = Some(etcd);
     }
     let runtime = match tokio::runtime::Runtime::new() {

@@ -170,7 +170,7 @@ mod crl_share;
 mod etcd;
 mod migrate;
 pub use crl_share::{CrlShare, PUBLISH_INTERVAL as CRL_PUBLISH_INTERVAL};
-pub use etcd::{DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, RESYNC, SCHEMA};
+pub use etcd::{DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, EtcdTls, RESYNC, SCHEMA};
 pub use migrate::{StoreSpec, StoreSpecError, migrate};
 
 /// A volatile store for unit tests and `--data-dir ''`-less embedding.

@@ -995,3 +995,85 @@ fn replicas_sign_with_their_own_intermediate_under_one_root() {
         .arg(&chains[1].1));
     assert!(out.contains(": OK"), "{out}");
 }
+
+#[test]
+fn etcd_over_tls_with_a_client_certificate() {
+    let Some(openssl) = tools::require("openssl", "certificates for etcd TLS") else {
+        return;
+    };
+    if tools::require("curl", "the HA tests call the API with curl").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(Command::new(&openssl)
+        .args(["req", "-x509", "-days", "1", "-subj", "/CN=test etcd CA"])
+        .args(ec)
+        .arg("-keyout")
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.crt")));
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(p(&format!("{name}.ext")), ext).unwrap();
+        run(Command::new(&openssl)
+            .args(["req", "-new", "-subj", &format!("/CN={name}")])
+            .args(ec)
+            .arg("-keyout")
+            .arg(p(&format!("{name}.key")))
+            .arg("-out")
+            .arg(p(&format!("{name}.csr"))));
+        run(Command::new(&openssl)
+            .args(["x509", "-req", "-days", "1", "-CAcreateserial", "-in"])
+            .arg(p(&format!("{name}.csr")))
+            .arg("-CA")
+            .arg(p("ca.crt"))
+            .arg("-CAkey")
+            .arg(p("ca.key"))
+            .arg("-extfile")
+            .arg(p(&format!("{name}.ext")))
+            .arg("-out")
+            .arg(p(&format!("{name}.crt"))));
+    }
+    let tls = trellis_test_support::etcd::Tls {
+        ca: p("ca.crt"),
+        cert: p("server.crt"),
+        key: p("server.key"),
+        client_cert: p("client.crt"),
+        client_key: p("client.key"),
+    };
+    let Some(etcd) = EtcdCluster::start_with(1, Some(tls)) else {
+        return;
+    };
+    let ca = p("ca.crt").display().to_string();
+    let (cert, key) = (
+        p("client.crt").display().to_string(),
+        p("client.key").display().to_string(),
+    );
+    // Without a client certificate the member refuses us: the replica does not start.
+    assert!(Replica::spawn(&etcd, "/tls/", &["--etcd-ca", &ca]).is_err());
+    let with_cert = ["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key];
+    let a = Replica::spawn(&etcd, "/tls/", &with_cert).unwrap();
+    let b = Replica::spawn(&etcd, "/tls/", &with_cert).unwrap();
+    let svc = setup(a.api, "tls.local");
+    ok(
+        a.api,
+        "RegisterInstance",
+        register_body(&svc, "i-1", "10.0.0.1"),
+    );
+    eventually(Duration::from_secs(3), "B discovers over TLS", || {
+        discover(b.api, "tls.local") == ["i-1"]
+    });
+}

@@ -23,6 +23,20 @@ pub struct EtcdCluster {
     dir: PathBuf,
     token: String,
     members: Vec<Member>,
+    tls: Option<Tls>,
+}
+
+/// Client-facing TLS of the members (peers stay plain on loopback): PEM files.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// The CA that signed `cert` and the clients' certificates (clients must present one).
+    pub ca: PathBuf,
+    /// Server certificate with an IP SAN 127.0.0.1, and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// A client certificate and key signed by `ca` (used for the health probe).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 /// Distinct free loopback ports: all bound at once, then released for etcd to take.
@@ -37,6 +51,11 @@ impl EtcdCluster {
     /// Starts `n` members and waits until the cluster has a leader. `None` (after printing why)
     /// when etcd is not installed and CI does not require it.
     pub fn start(n: usize) -> Option<EtcdCluster> {
+        Self::start_with(n, None)
+    }
+
+    /// As [`EtcdCluster::start`], serving clients over TLS with client certificates required.
+    pub fn start_with(n: usize, tls: Option<Tls>) -> Option<EtcdCluster> {
         let binary = crate::tools::require("etcd", "HA tests run real etcd members")?;
         let ports = free_ports(2 * n).ok()?;
         let unique = format!(
@@ -59,6 +78,7 @@ impl EtcdCluster {
             dir,
             token: unique,
             members,
+            tls,
         };
         for i in 0..n {
             cluster.start_member(i);
@@ -69,9 +89,10 @@ impl EtcdCluster {
 
     /// Client URLs, comma-separated (the `--etcd-endpoints` value).
     pub fn endpoints(&self) -> String {
+        let scheme = self.scheme();
         self.members
             .iter()
-            .map(|m| format!("http://{}", m.client))
+            .map(|m| format!("{scheme}://{}", m.client))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -97,7 +118,7 @@ impl EtcdCluster {
     pub fn wait_ready(&self, which: impl IntoIterator<Item = usize>) {
         for i in which {
             let deadline = Instant::now() + READY_TIMEOUT;
-            while !healthy(self.members[i].client) {
+            while !healthy(self.members[i].client, self.tls.as_ref()) {
                 assert!(
                     Instant::now() < deadline,
                     "etcd member {i} not healthy within {READY_TIMEOUT:?}; logs in {}",
@@ -114,6 +135,7 @@ impl EtcdCluster {
             .iter()
             .map(|m| format!("{}=http://{}", m.name, m.peer))
             .collect();
+        let scheme = self.scheme();
         let m = &self.members[i];
         let log = std::fs::File::create(self.dir.join(format!("{}.log", m.name))).ok();
         let mut cmd = Command::new(&self.binary);
@@ -122,9 +144,9 @@ impl EtcdCluster {
             .arg("--data-dir")
             .arg(self.dir.join(&m.name))
             .arg("--listen-client-urls")
-            .arg(format!("http://{}", m.client))
+            .arg(format!("{scheme}://{}", m.client))
             .arg("--advertise-client-urls")
-            .arg(format!("http://{}", m.client))
+            .arg(format!("{scheme}://{}", m.client))
             .arg("--listen-peer-urls")
             .arg(format!("http://{}", m.peer))
             .arg("--initial-advertise-peer-urls")
@@ -140,6 +162,15 @@ impl EtcdCluster {
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
         match log {
             Some(f) => cmd.stderr(f),
             None => cmd.stderr(Stdio::null()),
@@ -147,6 +178,12 @@ impl EtcdCluster {
         let child = cmd.spawn();
         assert!(child.is_ok(), "cannot start {}", self.binary.display());
         self.members[i].child = child.ok();
+    }
+}
+
+impl EtcdCluster {
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 }
 
@@ -160,7 +197,20 @@ impl Drop for EtcdCluster {
 }
 
 /// `GET /health` says `"health":"true"` (a member with a leader).
-fn healthy(addr: SocketAddr) -> bool {
+fn healthy(addr: SocketAddr, tls: Option<&Tls>) -> bool {
+    if let Some(tls) = tls {
+        // Over TLS with a client certificate: curl does the handshake.
+        return Command::new("curl")
+            .args(["-s", "-m", "2", "--cacert"])
+            .arg(&tls.ca)
+            .arg("--cert")
+            .arg(&tls.client_cert)
+            .arg("--key")
+            .arg(&tls.client_key)
+            .arg(format!("https://{addr}/health"))
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\""));
+    }
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Client, GetOptions};
 
 use super::{EtcdConfig, StoreError};
 
@@ -25,9 +25,7 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 impl CrlShare {
     pub async fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(TIMEOUT)
-            .with_require_leader(true);
+        let options = super::etcd::connect_options(config)?;
         let client =
             tokio::time::timeout(TIMEOUT, Client::connect(&config.endpoints, Some(options)))
                 .await

@@ -50,6 +50,42 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// TTL of this replica's lease: a dead replica's health checks move within about this long.
     pub lease_ttl: Duration,
+    /// `https://` endpoints: how to trust the members (and who we are to them).
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd (rustls with ring, through tonic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// PEM of the CA that signed the members' certificates.
+    pub ca: std::path::PathBuf,
+    /// Client certificate and key (PEM), for members run with `--client-cert-auth`.
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// Client options shared by the store and the CRL share: fail fast without a leader, TLS if set.
+pub(super) fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StoreError> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(TXN_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true)
+        // Requests to a member that lost its leader fail fast instead of hanging.
+        .with_require_leader(true);
+    if let Some(tls) = &config.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| StoreError::Io {
+                path: p.to_path_buf(),
+                reason: e.to_string(),
+            })
+        };
+        let mut t = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?));
+        if let Some((cert, key)) = &tls.client {
+            t = t.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(t);
+    }
+    Ok(options)
 }
 
 /// Default [`EtcdConfig::lease_ttl`].
@@ -67,6 +103,7 @@ impl EtcdConfig {
             endpoints,
             prefix,
             lease_ttl: DEFAULT_LEASE_TTL,
+            tls: None,
         }
     }
 }
@@ -173,12 +210,7 @@ impl EtcdStore {
         if config.endpoints.is_empty() {
             return Err(unavailable("no endpoints given"));
         }
-        let options = ConnectOptions::new()
-            .with_connect_timeout(TXN_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true)
-            // Requests to a member that lost its leader fail fast instead of hanging.
-            .with_require_leader(true);
+        let options = connect_options(config)?;
         let client = bounded(Client::connect(&config.endpoints, Some(options))).await?;
         let keys = Keys::new(&config.prefix);
         let mut kv = client.kv_client();
