@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openssl dnsutils curl iproute2 iptables procps iputils-ping util-linux docker-compose prometheus)
+APT_PACKAGES=(openssl dnsutils curl iproute2 iptables procps iputils-ping util-linux docker-compose prometheus
+  protobuf-compiler libprotobuf-dev etcd-server etcd-client)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

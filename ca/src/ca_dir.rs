@@ -186,6 +186,21 @@ impl CaDir {
         self.open()
     }
 
+    /// Signs the intermediate CSR of another CA directory (a control-plane replica that ran
+    /// `init --external-root`) with this directory's root: one root, an intermediate per replica,
+    /// so a leaf from any replica verifies against the same trust bundle. Returns the certificate
+    /// PEM for `install-intermediate`. Needs `root.key` here (keep this directory offline).
+    pub fn sign_intermediate(&self, csr_pem: &str) -> Result<String, CaError> {
+        let config = self.config()?;
+        let root_key = self.load_key(ROOT_KEY)?;
+        let root = self.load_cert(ROOT_CERT)?;
+        let issuer = rcgen::Issuer::from_ca_cert_der(&root, root_key)?;
+        let csr = crate::csr::VerifiedCsr::parse(csr_pem.as_bytes())?;
+        let cert = intermediate_params(&config.trust_domain, OffsetDateTime::now_utc())
+            .signed_by(&csr.spki, &issuer)?;
+        Ok(to_pem("CERTIFICATE", cert.der()))
+    }
+
     fn write_config(&self, c: &CaConfig) -> Result<(), CaError> {
         let json = serde_json::to_vec_pretty(c).map_err(|e| CaError::Internal(e.to_string()))?;
         journal::write_new(&self.file(CONFIG), &json, 0o644)

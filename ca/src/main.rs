@@ -53,6 +53,18 @@ enum Cmd {
         #[arg(long)]
         root: Option<PathBuf>,
     },
+    /// Sign a control-plane replica's intermediate CSR (its `init --external-root`) with this CA's
+    /// root: every replica then signs with its own intermediate under the one shared root.
+    SignIntermediate {
+        /// The CA directory holding the root key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The replica's `intermediate.csr`.
+        csr: PathBuf,
+        /// Where to write the intermediate certificate (PEM); refuses to overwrite.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Issue a certificate for a locally generated key: writes PREFIX.crt (chain) and PREFIX.key.
     Issue {
         #[arg(long)]
@@ -183,6 +195,23 @@ fn run(cli: Cli) -> Result<(), String> {
                 ca.init(trust_domain, policy).map_err(s)?;
                 println!("created CA in {}", dir.display());
             }
+        }
+        Cmd::SignIntermediate { dir, csr, out } => {
+            let pem = CaDir::new(&dir)
+                .sign_intermediate(&read(&csr)?)
+                .map_err(s)?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, pem.as_bytes()))
+                .map_err(|e| format!("{}: {e}", out.display()))?;
+            println!(
+                "wrote {}: install it with `trellis-ca install-intermediate --dir REPLICA_CA {} --root {}`",
+                out.display(),
+                out.display(),
+                dir.join("root.crt").display()
+            );
         }
         Cmd::InstallIntermediate { dir, cert, root } => {
             let cert_pem = read(&cert)?;

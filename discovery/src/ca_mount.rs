@@ -12,11 +12,12 @@ use trellis_ca::{CaDir, Policy};
 
 use crate::http::Mount;
 use crate::server::{ServerConfig, ServerError};
+use crate::store::CrlShare;
 
 /// Sub-directory of the data directory holding the CA.
 pub const CA_DIR: &str = "ca";
 
-struct CaMount(CaApi);
+struct CaMount(CaApi, Option<CrlShare>);
 
 impl Mount for CaMount {
     fn matches(&self, parts: &http::request::Parts) -> bool {
@@ -26,19 +27,70 @@ impl Mount for CaMount {
         &self,
         req: Request<Bytes>,
     ) -> Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send + '_>> {
+        if let Some(share) = &self.1
+            && req.method() == http::Method::GET
+            && req.uri().path() == "/v1/ca/crl"
+        {
+            // Replicas on etcd: every replica's CRL (one per intermediate), this one's if etcd is away.
+            return Box::pin(async move {
+                let pem = match share.all().await {
+                    Ok(all) if !all.is_empty() => all,
+                    _ => self.0.authority().crl_pem().to_string(),
+                };
+                let mut r = Response::new(Full::new(Bytes::from(pem)));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/x-pem-file"),
+                );
+                r
+            });
+        }
         Box::pin(self.0.handle(req))
     }
     fn metrics(&self) -> Option<Vec<u8>> {
         Some(self.0.authority().metrics().render().into_bytes())
     }
     fn spawn_maintenance(&self) -> Option<tokio::task::JoinHandle<()>> {
-        Some(self.0.spawn_maintenance())
+        let own = self.0.spawn_maintenance();
+        let Some(share) = self.1.clone() else {
+            return Some(own);
+        };
+        let authority = self.0.authority().clone();
+        Some(tokio::spawn(async move {
+            // Aborting this task (shutdown) aborts the CA's own maintenance with it.
+            let own = AbortOnDrop(own);
+            // Publish this replica's CRL whenever it changes (revocations, periodic re-signing).
+            let mut published = String::new();
+            loop {
+                let crl = authority.crl_pem();
+                if *crl != published
+                    && share
+                        .publish(authority.intermediate_pem(), &crl)
+                        .await
+                        .is_ok()
+                {
+                    published = crl.to_string();
+                }
+                if own.0.is_finished() {
+                    return;
+                }
+                tokio::time::sleep(crate::store::CRL_PUBLISH_INTERVAL).await;
+            }
+        }))
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
 /// The CA mount: none without a data directory (in-memory tests), else the CA opened (or
-/// created on first start) in `<data-dir>/ca`.
-pub fn mounts(config: &ServerConfig) -> Result<Vec<Box<dyn Mount>>, ServerError> {
+/// created on first start) in `<data-dir>/ca`. On etcd, CRLs are shared across replicas.
+pub async fn mounts(config: &ServerConfig) -> Result<Vec<Box<dyn Mount>>, ServerError> {
     let Some(data) = &config.data_dir else {
         return Ok(Vec::new());
     };
@@ -54,7 +106,11 @@ pub fn mounts(config: &ServerConfig) -> Result<Vec<Box<dyn Mount>>, ServerError>
     };
     let tokens = dir.tokens().map_err(err)?;
     let api = CaApi::new(authority, tokens, &config.registry.region);
-    Ok(vec![Box::new(CaMount(api))])
+    let share = match &config.etcd {
+        Some(etcd) => Some(CrlShare::connect(etcd).await?),
+        None => None,
+    };
+    Ok(vec![Box::new(CaMount(api, share))])
 }
 
 /// The CA's config file name: its presence means "initialised".

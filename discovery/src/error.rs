@@ -45,6 +45,12 @@ pub enum ApiError {
     /// The store failed to make a write durable: nothing was acknowledged.
     #[error("{0}")]
     Internal(String),
+    /// The replicated store has no quorum: nothing was written; retry later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Another replica changed what this write depends on; the dispatcher re-runs the action.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl ApiError {
@@ -73,6 +79,12 @@ impl ApiError {
             InvalidSignature(_) => ("InvalidSignatureException", StatusCode::FORBIDDEN),
             PayloadTooLarge(_) => ("InvalidInput", StatusCode::PAYLOAD_TOO_LARGE),
             Internal(_) => ("InternalFailure", StatusCode::INTERNAL_SERVER_ERROR),
+            // botocore retries both: 503 is a transient status, ThrottlingException a throttle code.
+            Unavailable(_) => (
+                "ServiceUnavailableException",
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            Conflict(_) => ("ThrottlingException", StatusCode::BAD_REQUEST),
         }
     }
 
@@ -90,6 +102,15 @@ impl ApiError {
 #[cfg(feature = "server")]
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::Internal(format!("store write failed: {e}"))
+        use crate::store::StoreError;
+        match e {
+            StoreError::Unavailable(m) => {
+                ApiError::Unavailable(format!("write refused, nothing was written: {m}"))
+            }
+            StoreError::Conflict => {
+                ApiError::Conflict("concurrent change on another replica; retry".into())
+            }
+            e => ApiError::Internal(format!("store write failed: {e}")),
+        }
     }
 }

@@ -5,8 +5,9 @@
 //! One task per checked instance on a fixed-rate schedule (`tokio::time::interval`: no drift),
 //! phase-shifted by a random jitter so thousands of checks spread over the interval; a semaphore
 //! bounds the checks in flight. A reconciler starts and stops tasks as instances come and go, and
-//! restarts a task when its service's check settings change (`health_settings.rs`: per-service
-//! interval, timeout, thresholds and status matcher from tags, over the server-wide defaults).
+//! (on etcd) as the live replica set changes: each replica runs only the checks it owns. A task
+//! restarts when its service's check settings change (`health_settings.rs`: per-service interval,
+//! timeout, thresholds and status matcher from tags, over the server-wide defaults).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -133,6 +134,9 @@ fn desired_checks(reg: &Registry, defaults: &HealthConfig) -> HashMap<Key, Check
     let mut out = HashMap::new();
     for (sid, e) in &st.services {
         for (iid, i) in &e.instances {
+            if !reg.owns_check(sid, iid) {
+                continue;
+            }
             let a = &i.instance.attributes;
             let key = (sid.clone(), iid.clone());
             if let Some(ttl) = a

@@ -2,8 +2,9 @@
 //!
 //! What it does: a Cloud Map-compatible registry (AWS JSON 1.1 API, SigV4), a long-poll watch API
 //! for sidecars (`GET /v1/watch/<namespace>/<service>`), an authoritative DNS server over the DNS
-//! namespaces (hickory-server), active/custom/TTL health checks, and an embedded crash-safe store.
-//! What it does not do: proxy traffic (that is `trellis-proxy`) or replicate state across nodes.
+//! namespaces (hickory-server), active/custom/TTL health checks, and an embedded crash-safe store or
+//! etcd (several replicas serving one registry, each from an in-memory view fed by an etcd watch).
+//! What it does not do: proxy traffic (that is `trellis-proxy`) or run a consensus of its own.
 //!
 //! Without the default `server` feature only the client-side types build (the wire error table).
 
@@ -46,7 +47,10 @@ pub use {
     registry::{Registry, RegistryConfig},
     server::{Server, ServerConfig, ServerError, run},
     sigv4::Credentials,
-    store::{MemoryStore, RedbStore, STORE_FILE, Store, StoreError, Write},
+    store::{
+        DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, EtcdTls, FeedSink, MemoryStore, RedbStore,
+        SCHEMA, STORE_FILE, Store, StoreError, StoreSpec, StoreSpecError, Write, migrate,
+    },
 };
 
 /// The watch API path for a service (what the sidecar polls).

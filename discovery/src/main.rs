@@ -18,7 +18,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the Cloud Map API, the watch API, DNS and health checks.
-    Serve(Serve),
+    Serve(Box<Serve>),
+    /// Copy the registry between stores (into an empty one): embedded → etcd, or back for backups.
+    Migrate(Migrate),
+}
+
+#[derive(Parser)]
+struct Migrate {
+    /// `embedded:DIR` or `etcd:URL[,URL...]`.
+    #[arg(long)]
+    from: trellis_discovery::StoreSpec,
+    /// `embedded:DIR` or `etcd:URL[,URL...]` (must be empty).
+    #[arg(long)]
+    to: trellis_discovery::StoreSpec,
+    /// Key prefix of the registry in etcd.
+    #[arg(long, default_value = "/trellis/", env = "TRELLIS_ETCD_PREFIX")]
+    etcd_prefix: String,
 }
 
 #[derive(Parser)]
@@ -65,6 +80,38 @@ struct Serve {
     /// Account id used in ARNs.
     #[arg(long, default_value = "123456789012")]
     account: String,
+    /// Where the registry lives: `embedded` (redb in --data-dir, one node) or `etcd` (replicas).
+    #[arg(long, value_enum, default_value = "embedded", env = "TRELLIS_STORE")]
+    store: StoreKind,
+    /// etcd client URLs, comma-separated (with --store etcd).
+    #[arg(
+        long,
+        env = "TRELLIS_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this registry in etcd (with --store etcd).
+    #[arg(long, default_value = "/trellis/", env = "TRELLIS_ETCD_PREFIX")]
+    etcd_prefix: String,
+    /// Lease TTL of this replica in etcd: its health checks move to the others within about this.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, env = "TRELLIS_ETCD_LEASE_TTL")]
+    etcd_lease_ttl: Duration,
+    /// CA certificate (PEM) of the etcd members, for `https://` endpoints.
+    #[arg(long, env = "TRELLIS_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd members that require one (with --etcd-key).
+    #[arg(long, env = "TRELLIS_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for --etcd-cert.
+    #[arg(long, env = "TRELLIS_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StoreKind {
+    Embedded,
+    Etcd,
 }
 
 fn main() -> ExitCode {
@@ -74,7 +121,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let Command::Serve(s) = Cli::parse().command;
+    let s = match Cli::parse().command {
+        Command::Serve(s) => *s,
+        Command::Migrate(m) => return migrate(m),
+    };
     let credentials = match (s.access_key_id, s.secret_access_key) {
         (Some(access_key_id), Some(secret_access_key)) => Some(Credentials {
             access_key_id,
@@ -101,6 +151,15 @@ fn main() -> ExitCode {
     config.trust_domain = s.trust_domain;
     config.registry.region = s.region;
     config.registry.account = s.account;
+    if let StoreKind::Etcd = s.store {
+        let mut etcd = trellis_discovery::EtcdConfig::new(s.etcd_endpoints, &s.etcd_prefix);
+        etcd.lease_ttl = s.etcd_lease_ttl;
+        etcd.tls = s.etcd_ca.map(|ca| trellis_discovery::EtcdTls {
+            ca,
+            client: s.etcd_cert.zip(s.etcd_key),
+        });
+        config.etcd = Some(etcd);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -124,6 +183,26 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("trellis-discovery: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn migrate(m: Migrate) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trellis-discovery: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(trellis_discovery::migrate(&m.from, &m.to, &m.etcd_prefix)) {
+        Ok(n) => {
+            println!("trellis-discovery: migrated {n} records");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trellis-discovery: migrate: {e}");
             ExitCode::FAILURE
         }
     }

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub health_checks: IntCounterVec,
     pub instances: IntGaugeVec,
     pub watchers: prometheus::IntGauge,
+    pub store_stale: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -77,8 +78,14 @@ impl Metrics {
             "Watch API long-polls currently waiting.",
         )
         .unwrap_or_else(|_| unreachable_metric());
+        let store_stale = prometheus::IntGauge::new(
+            "trellis_discovery_store_stale",
+            "1 while the replicated store has no quorum (reads served from the last view).",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         for c in [
-            Box::new(api_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_stale.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(api_requests.clone()),
             Box::new(api_latency.clone()),
             Box::new(dns_queries.clone()),
             Box::new(dns_fail_open.clone()),
@@ -98,6 +105,7 @@ impl Metrics {
             health_checks,
             instances,
             watchers,
+            store_stale,
         })
     }
 
@@ -116,6 +124,7 @@ impl Metrics {
         self.instances.with_label_values(&["HEALTHY"]).set(h);
         self.instances.with_label_values(&["UNHEALTHY"]).set(u);
         self.instances.with_label_values(&["UNKNOWN"]).set(k);
+        self.store_stale.set(i64::from(reg.store_stale()));
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf

@@ -3,6 +3,8 @@
 //!
 //! Writers are serialized by one lock; a write is persisted (fsync) before it becomes visible, so
 //! every acknowledged change survives a crash. Readers (DNS, watch) take a short read lock.
+//! Over a replicated store (etcd) the registry is a view: every change, this replica's own
+//! included, arrives through the store's feed, and revisions derive from the store's revision.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use trellis_core::{Endpoint, EndpointSet, HealthStatus};
 
 use crate::error::ApiError;
 use crate::model::{Instance, Namespace, Operation, Service, Tag, attr};
-use crate::store::{Store, StoreError, Write};
+use crate::store::{FeedSink, RESYNC, Store, StoreError, Write};
 
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -54,6 +56,9 @@ pub struct State {
     pub tags: HashMap<String, Vec<Tag>>,
     ns_by_name: HashMap<String, String>,
     svc_by_name: HashMap<(String, String), String>,
+    /// Replicated stores: revisions move to at least this (the store revision, shifted so local
+    /// health flips fit below the next one). `None`: revisions follow the wall clock.
+    floor: Option<u64>,
 }
 
 /// One durable change of the registry.
@@ -64,11 +69,29 @@ pub enum Change {
     PutService(Service),
     DeleteService(String),
     PutInstance(Instance),
-    DeleteInstance { service_id: String, id: String },
+    DeleteInstance {
+        service_id: String,
+        id: String,
+    },
     PutOperation(Operation),
     PutRequest(String, String),
     PutTags(String, Vec<Tag>),
     DeleteTags(String),
+    DeleteOperation(String),
+    DeleteRequest(String),
+    /// Replicated stores: a health flip published by the replica that checks the instance.
+    SetHealth {
+        service_id: String,
+        id: String,
+        health: HealthStatus,
+    },
+    /// Replicated stores: a TTL heartbeat received by any replica.
+    Beat {
+        service_id: String,
+        id: String,
+    },
+    /// A record without effect on the view (a health record's deletion goes with its instance).
+    Nothing,
 }
 
 pub struct Registry {
@@ -79,7 +102,12 @@ pub struct Registry {
     /// Woken when instances or services come and go (the health checker reconciles).
     pub topology: Notify,
     serial: std::sync::atomic::AtomicU32,
+    /// Replicated stores: the view revision the current writer validated against.
+    seen: std::sync::atomic::AtomicU64,
 }
+
+/// Bits of a service revision below the replicated store's revision (room for local flips).
+const FLOOR_SHIFT: u32 = 16;
 
 /// Wall-clock seconds as Cloud Map's JSON timestamps.
 pub fn now_epoch() -> f64 {
@@ -119,7 +147,105 @@ fn key(change: &Change) -> Write {
         Change::PutRequest(k, v) => Write::Put(format!("req/{k}"), v.clone().into_bytes()),
         Change::PutTags(arn, t) => Write::Put(format!("tag/{arn}"), json(t)),
         Change::DeleteTags(arn) => Write::Delete(format!("tag/{arn}")),
+        Change::DeleteOperation(id) => Write::Delete(format!("op/{id}")),
+        Change::DeleteRequest(k) => Write::Delete(format!("req/{k}")),
+        Change::SetHealth {
+            service_id,
+            id,
+            health,
+        } => Write::Put(
+            format!("health/{service_id}/{id}"),
+            health.as_str().as_bytes().to_vec(),
+        ),
+        Change::Beat { service_id, id } => {
+            Write::Put(format!("beat/{service_id}/{id}"), Vec::new())
+        }
+        Change::Nothing => Write::Delete(String::new()),
     }
+}
+
+/// The change a stored record (or its deletion) stands for: the inverse of [`key`].
+fn decode(write: Write) -> Result<Change, StoreError> {
+    let k = match &write {
+        Write::Put(k, _) | Write::Delete(k) => k.clone(),
+    };
+    let bad = |what: &str| StoreError::Io {
+        path: "registry".into(),
+        reason: format!("record {k:?} is not a valid {what}"),
+    };
+    let (kind, rest) = k.split_once('/').unwrap_or((k.as_str(), ""));
+    let v = match write {
+        Write::Put(_, v) => v,
+        Write::Delete(_) => {
+            return Ok(match kind {
+                "ns" => Change::DeleteNamespace(rest.to_owned()),
+                "svc" => Change::DeleteService(rest.to_owned()),
+                "inst" => {
+                    let (sid, id) = rest.split_once('/').ok_or_else(|| bad("instance key"))?;
+                    Change::DeleteInstance {
+                        service_id: sid.to_owned(),
+                        id: id.to_owned(),
+                    }
+                }
+                "op" => Change::DeleteOperation(rest.to_owned()),
+                "req" => Change::DeleteRequest(rest.to_owned()),
+                "tag" => Change::DeleteTags(rest.to_owned()),
+                "health" | "beat" => Change::Nothing,
+                _ => return Err(bad("record kind")),
+            });
+        }
+    };
+    Ok(match kind {
+        "ns" => Change::PutNamespace(serde_json::from_slice(&v).map_err(|_| bad("namespace"))?),
+        "svc" => Change::PutService(serde_json::from_slice(&v).map_err(|_| bad("service"))?),
+        "inst" => Change::PutInstance(serde_json::from_slice(&v).map_err(|_| bad("instance"))?),
+        "op" => Change::PutOperation(serde_json::from_slice(&v).map_err(|_| bad("operation"))?),
+        "req" => Change::PutRequest(
+            rest.to_owned(),
+            String::from_utf8(v).map_err(|_| bad("request id"))?,
+        ),
+        "tag" => Change::PutTags(
+            rest.to_owned(),
+            serde_json::from_slice(&v).map_err(|_| bad("tag list"))?,
+        ),
+        "health" | "beat" => {
+            let (sid, id) = rest.split_once('/').ok_or_else(|| bad("instance key"))?;
+            let (service_id, id) = (sid.to_owned(), id.to_owned());
+            if kind == "beat" {
+                return Ok(Change::Beat { service_id, id });
+            }
+            let health = match v.as_slice() {
+                b"HEALTHY" => HealthStatus::Healthy,
+                b"UNHEALTHY" => HealthStatus::Unhealthy,
+                _ => HealthStatus::Unknown,
+            };
+            Change::SetHealth {
+                service_id,
+                id,
+                health,
+            }
+        }
+        _ => return Err(bad("record kind")),
+    })
+}
+
+/// Apply order within one batch: services before their instances, instances before their health.
+fn apply_order(c: &Change) -> u8 {
+    match c {
+        Change::PutInstance(_) => 1,
+        Change::SetHealth { .. } | Change::Beat { .. } => 2,
+        _ => 0,
+    }
+}
+
+fn is_topology(c: &Change) -> bool {
+    matches!(
+        c,
+        Change::PutInstance(_)
+            | Change::DeleteInstance { .. }
+            | Change::PutService(_)
+            | Change::DeleteService(_)
+    )
 }
 
 impl State {
@@ -165,7 +291,10 @@ impl State {
                         e.service = s;
                     }
                     None => {
-                        let revision = next_revision(s.revision);
+                        let revision = match self.floor {
+                            Some(f) => f.max(s.revision),
+                            None => next_revision(s.revision),
+                        };
                         let (changes, _) = watch::channel(revision);
                         self.services.insert(
                             s.id.clone(),
@@ -203,14 +332,14 @@ impl State {
                             );
                         }
                     }
-                    bump(e);
+                    bump(e, self.floor);
                 }
             }
             Change::DeleteInstance { service_id, id } => {
                 if let Some(e) = self.services.get_mut(&service_id)
                     && e.instances.remove(&id).is_some()
                 {
-                    bump(e);
+                    bump(e, self.floor);
                 }
             }
             Change::PutOperation(o) => {
@@ -225,12 +354,87 @@ impl State {
             Change::DeleteTags(arn) => {
                 self.tags.remove(&arn);
             }
+            Change::DeleteOperation(id) => {
+                self.operations.remove(&id);
+            }
+            Change::DeleteRequest(k) => {
+                self.requests.remove(&k);
+            }
+            Change::SetHealth {
+                service_id,
+                id,
+                health,
+            } => {
+                let floor = self.floor;
+                if let Some(e) = self.services.get_mut(&service_id)
+                    && let Some(i) = e.instances.get_mut(&id)
+                    && i.health != health
+                {
+                    i.health = health;
+                    bump(e, floor);
+                }
+            }
+            Change::Beat { service_id, id } => {
+                if let Some(i) = self
+                    .services
+                    .get_mut(&service_id)
+                    .and_then(|e| e.instances.get_mut(&id))
+                {
+                    i.last_heartbeat = Some(Instant::now());
+                }
+            }
+            Change::Nothing => {}
+        }
+    }
+
+    /// Drops every record whose key is not in `keep` (a replicated store's full re-read).
+    fn retain_keys(&mut self, keep: &std::collections::HashSet<String>) {
+        let mut gone = Vec::new();
+        for id in self.namespaces.keys() {
+            if !keep.contains(&format!("ns/{id}")) {
+                gone.push(Change::DeleteNamespace(id.clone()));
+            }
+        }
+        for (sid, e) in &self.services {
+            if !keep.contains(&format!("svc/{sid}")) {
+                gone.push(Change::DeleteService(sid.clone()));
+                continue;
+            }
+            for id in e.instances.keys() {
+                if !keep.contains(&format!("inst/{sid}/{id}")) {
+                    gone.push(Change::DeleteInstance {
+                        service_id: sid.clone(),
+                        id: id.clone(),
+                    });
+                }
+            }
+        }
+        for id in self.operations.keys() {
+            if !keep.contains(&format!("op/{id}")) {
+                gone.push(Change::DeleteOperation(id.clone()));
+            }
+        }
+        for k in self.requests.keys() {
+            if !keep.contains(&format!("req/{k}")) {
+                gone.push(Change::DeleteRequest(k.clone()));
+            }
+        }
+        for arn in self.tags.keys() {
+            if !keep.contains(&format!("tag/{arn}")) {
+                gone.push(Change::DeleteTags(arn.clone()));
+            }
+        }
+        for c in gone {
+            self.apply(c);
         }
     }
 }
 
-fn bump(e: &mut ServiceEntry) {
-    e.revision = next_revision(e.revision);
+fn bump(e: &mut ServiceEntry, floor: Option<u64>) {
+    e.revision = match floor {
+        Some(f) => (e.revision + 1).max(f),
+        None => next_revision(e.revision),
+    };
     e.service.revision = e.revision;
     e.changes.send_replace(e.revision);
 }
@@ -246,52 +450,43 @@ fn initial_health(service: &Service, _instance: &Instance) -> HealthStatus {
 impl Registry {
     /// Loads every record from the store.
     pub fn open(store: Box<dyn Store>, cfg: RegistryConfig) -> Result<Arc<Self>, StoreError> {
-        let mut state = State::default();
-        let mut instances = Vec::new();
+        let mut state = State {
+            floor: store.replicated_at().map(|r| r << FLOOR_SHIFT),
+            ..State::default()
+        };
+        let mut changes = Vec::new();
         for (k, v) in store.load()? {
-            let bad = |what: &str| StoreError::Io {
-                path: "registry".into(),
-                reason: format!("record {k:?} is not a valid {what}"),
-            };
-            let (kind, _) = k.split_once('/').unwrap_or((k.as_str(), ""));
-            match kind {
-                "ns" => state.apply(Change::PutNamespace(
-                    serde_json::from_slice(&v).map_err(|_| bad("namespace"))?,
-                )),
-                "svc" => state.apply(Change::PutService(
-                    serde_json::from_slice(&v).map_err(|_| bad("service"))?,
-                )),
-                "inst" => instances
-                    .push(serde_json::from_slice::<Instance>(&v).map_err(|_| bad("instance"))?),
-                "op" => state.apply(Change::PutOperation(
-                    serde_json::from_slice(&v).map_err(|_| bad("operation"))?,
-                )),
-                "req" => state.apply(Change::PutRequest(
-                    k.strip_prefix("req/")
-                        .ok_or_else(|| bad("request key"))?
-                        .to_owned(),
-                    String::from_utf8(v).map_err(|_| bad("request id"))?,
-                )),
-                "tag" => state.apply(Change::PutTags(
-                    k.strip_prefix("tag/")
-                        .ok_or_else(|| bad("tag key"))?
-                        .to_owned(),
-                    serde_json::from_slice(&v).map_err(|_| bad("tag list"))?,
-                )),
-                _ => return Err(bad("record kind")),
-            }
+            changes.push(decode(Write::Put(k, v))?);
         }
-        for i in instances {
-            state.apply(Change::PutInstance(i));
+        changes.sort_by_key(apply_order);
+        for c in changes {
+            state.apply(c);
         }
-        Ok(Arc::new(Registry {
+        let replicated = store.replicated_at().is_some();
+        let registry = Arc::new(Registry {
             cfg,
             store,
             writer: Mutex::new(()),
             state: RwLock::new(state),
             topology: Notify::new(),
             serial: std::sync::atomic::AtomicU32::new((now_millis() / 1000) as u32),
-        }))
+            seen: std::sync::atomic::AtomicU64::new(0),
+        });
+        if replicated {
+            let sink: Arc<dyn FeedSink> = registry.clone();
+            registry.store.start_feed(Arc::downgrade(&sink));
+        }
+        Ok(registry)
+    }
+
+    /// Whether this replica runs the health check of an instance (replicas share them out).
+    pub fn owns_check(&self, service_id: &str, instance_id: &str) -> bool {
+        self.store.owns(&format!("{service_id}/{instance_id}"))
+    }
+
+    /// Whether the view may be behind the replicated store (the `store_stale` gauge).
+    pub fn store_stale(&self) -> bool {
+        self.store.stale()
     }
 
     pub fn config(&self) -> &RegistryConfig {
@@ -300,7 +495,12 @@ impl Registry {
 
     /// Serializes writers: hold it from validation to commit.
     pub fn writer(&self) -> MutexGuard<'_, ()> {
-        self.writer.lock()
+        let guard = self.writer.lock();
+        self.seen.store(
+            self.store.view_revision(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        guard
     }
 
     pub fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -314,6 +514,12 @@ impl Registry {
 
     /// Persists the changes (fsync), then applies them. Call with [`Registry::writer`] held.
     pub fn commit(&self, mut changes: Vec<Change>) -> Result<(), ApiError> {
+        if self.store.replicated_at().is_some() {
+            // The feed applies it (and every other replica's writes); revisions come from the store.
+            let writes: Vec<Write> = changes.iter().map(key).collect();
+            let seen = self.seen.load(std::sync::atomic::Ordering::Relaxed);
+            return Ok(self.store.commit_checked(&writes, seen)?);
+        }
         // Instance changes move their service's revision: persist it in the same batch.
         {
             let st = self.state.read();
@@ -335,32 +541,52 @@ impl Registry {
         }
         let writes: Vec<Write> = changes.iter().map(key).collect();
         self.store.commit(&writes)?;
-        let topology = changes.iter().any(|c| {
-            matches!(
-                c,
-                Change::PutInstance(_)
-                    | Change::DeleteInstance { .. }
-                    | Change::PutService(_)
-                    | Change::DeleteService(_)
-            )
-        });
+        let topology = changes.iter().any(is_topology);
         {
             let mut st = self.state.write();
             for c in changes {
                 st.apply(c);
             }
         }
+        self.applied(topology);
+        Ok(())
+    }
+
+    /// After changes were applied: the SOA serial (and DNS answer cache) moves; the health checker
+    /// reconciles when instances or services came or went.
+    fn applied(&self, topology: bool) {
         self.serial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if topology {
             self.topology.notify_one();
         }
-        Ok(())
     }
 
     /// Sets an instance's health; returns whether it changed (and so moved the revision).
     pub fn set_health(&self, service_id: &str, instance_id: &str, health: HealthStatus) -> bool {
+        if self.store.replicated_at().is_some() {
+            // Only flips reach etcd; the feed applies them on every replica, this one included.
+            let current = self
+                .state
+                .read()
+                .services
+                .get(service_id)
+                .and_then(|e| e.instances.get(instance_id))
+                .map(|i| i.health);
+            if current.is_none_or(|c| c == health) {
+                return false;
+            }
+            let flip = Change::SetHealth {
+                service_id: service_id.to_owned(),
+                id: instance_id.to_owned(),
+                health,
+            };
+            self.store
+                .publish(key(&flip), &format!("inst/{service_id}/{instance_id}"));
+            return true;
+        }
         let mut st = self.state.write();
+        let floor = st.floor;
         let Some(e) = st.services.get_mut(service_id) else {
             return false;
         };
@@ -371,7 +597,7 @@ impl Registry {
             return false;
         }
         i.health = health;
-        bump(e);
+        bump(e, floor);
         drop(st);
         self.serial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -400,6 +626,15 @@ impl Registry {
             inst.last_heartbeat = Some(Instant::now());
             sid
         };
+        if self.store.replicated_at().is_some() {
+            // The replica that owns this instance's TTL check may be another one.
+            let beat = Change::Beat {
+                service_id: service_id.clone(),
+                id: instance_id.to_owned(),
+            };
+            self.store
+                .publish(key(&beat), &format!("inst/{service_id}/{instance_id}"));
+        }
         self.set_health(&service_id, instance_id, HealthStatus::Healthy);
         Ok(())
     }
@@ -428,6 +663,39 @@ impl Registry {
             },
             rx,
         ))
+    }
+}
+
+impl FeedSink for Registry {
+    fn apply_feed(&self, revision: u64, events: Vec<Write>) {
+        let resync = matches!(events.first(), Some(Write::Delete(k)) if k == RESYNC);
+        let mut changes = Vec::with_capacity(events.len());
+        let mut keep = std::collections::HashSet::new();
+        for w in events {
+            if resync && let Write::Put(k, _) = &w {
+                keep.insert(k.clone());
+            }
+            if matches!(&w, Write::Delete(k) if k == RESYNC) {
+                continue;
+            }
+            match decode(w) {
+                Ok(c) => changes.push(c),
+                Err(e) => tracing::warn!(error = %e, "ignoring a record from the store"),
+            }
+        }
+        changes.sort_by_key(apply_order);
+        let topology = resync || changes.iter().any(is_topology);
+        {
+            let mut st = self.state.write();
+            st.floor = Some(revision << FLOOR_SHIFT);
+            if resync {
+                st.retain_keys(&keep);
+            }
+            for c in changes {
+                st.apply(c);
+            }
+        }
+        self.applied(topology);
     }
 }
 

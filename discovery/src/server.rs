@@ -15,7 +15,7 @@ use crate::http::{Auth, Front, Mount};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig};
 use crate::sigv4::Credentials;
-use crate::store::{MemoryStore, RedbStore, Store, StoreError};
+use crate::store::{EtcdConfig, EtcdStore, MemoryStore, RedbStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub registry: RegistryConfig,
     /// Trust domain of the CA created on first start (`<data-dir>/ca`).
     pub trust_domain: trellis_core::TrustDomain,
+    /// Keep the registry in etcd (several replicas) instead of `<data-dir>` (one node).
+    pub etcd: Option<EtcdConfig>,
 }
 
 impl ServerConfig {
@@ -62,6 +64,7 @@ impl ServerConfig {
             health: HealthConfig::default(),
             registry: RegistryConfig::default(),
             trust_domain: default_trust_domain(),
+            etcd: None,
         }
     }
 }
@@ -89,7 +92,7 @@ impl Server {
     /// Opens the store, binds every listener and starts serving. Bound addresses are on the result.
     /// The CA issuance API is mounted when a data directory is set.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
-        let mounts = crate::ca_mount::mounts(&config)?;
+        let mounts = crate::ca_mount::mounts(&config).await?;
         Self::start_with(config, mounts).await
     }
 
@@ -98,9 +101,10 @@ impl Server {
         config: ServerConfig,
         mounts: Vec<Box<dyn Mount>>,
     ) -> Result<Server, ServerError> {
-        let store: Box<dyn Store> = match &config.data_dir {
-            Some(dir) => Box::new(RedbStore::open(dir)?),
-            None => Box::new(MemoryStore::default()),
+        let store: Box<dyn Store> = match (&config.etcd, &config.data_dir) {
+            (Some(etcd), _) => Box::new(EtcdStore::connect(etcd).await?),
+            (None, Some(dir)) => Box::new(RedbStore::open(dir)?),
+            (None, None) => Box::new(MemoryStore::default()),
         };
         let registry = Registry::open(store, config.registry.clone())?;
         let metrics = Metrics::new();

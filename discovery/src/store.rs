@@ -1,10 +1,12 @@
-//! Durable storage of the registry behind a small trait: an embedded redb file by default, so a
-//! replicated backend (etcd) can follow. Every `commit` is durable (fsync) before it returns.
+//! Durable storage of the registry behind a small trait: an embedded redb file by default, or etcd
+//! for several replicas ([`EtcdStore`]). Every `commit` is durable (fsync, or a quorum) before it
+//! returns.
 
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 use redb::{Database, ReadableTable, TableDefinition};
+use std::sync::Weak;
 
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 /// File name of the embedded store inside the data directory.
@@ -19,6 +21,15 @@ pub enum StoreError {
     Open { path: PathBuf, reason: String },
     #[error("store {path}: {reason}")]
     Io { path: PathBuf, reason: String },
+    /// A replicated store cannot reach a quorum: nothing was written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Another replica changed what this write was validated against: re-validate and retry.
+    #[error("concurrent change; retry")]
+    Conflict,
+    /// The replicated store holds data this version does not understand.
+    #[error("{0}")]
+    Incompatible(String),
 }
 
 /// One write of a batch: keys are `kind/id` strings, values JSON records.
@@ -33,6 +44,41 @@ pub trait Store: Send + Sync + 'static {
     fn load(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Apply a batch atomically and durably.
     fn commit(&self, batch: &[Write]) -> Result<(), StoreError>;
+
+    /// Replicated stores only: the store revision `load` was read at. `None` means this process is
+    /// the only writer, so the registry applies its own commits.
+    fn replicated_at(&self) -> Option<u64> {
+        None
+    }
+    /// Replicated stores only: the revision of the last change fed to the registry.
+    fn view_revision(&self) -> u64 {
+        0
+    }
+    /// Replicated stores only: commit `batch` if nothing it depends on changed after revision
+    /// `seen` (else [`StoreError::Conflict`]), then return once the feed has applied it.
+    fn commit_checked(&self, batch: &[Write], _seen: u64) -> Result<(), StoreError> {
+        self.commit(batch)
+    }
+    /// Replicated stores only: start feeding every change after `load` (from any replica) to `sink`.
+    fn start_feed(&self, _sink: Weak<dyn FeedSink>) {}
+    /// Whether the view may be behind the store (quorum lost, watch broken).
+    fn stale(&self) -> bool {
+        false
+    }
+    /// Replicated stores only: whether this replica runs the health check named `item` (checks
+    /// are shared out over the live replicas). A single node runs them all.
+    fn owns(&self, _item: &str) -> bool {
+        true
+    }
+    /// Replicated stores only: write `write` in the background if record `requires` exists (health
+    /// flips and heartbeats: the feed brings them back to every replica, this one included).
+    fn publish(&self, _write: Write, _requires: &str) {}
+}
+
+/// Receives the changes of a replicated store, in revision order.
+pub trait FeedSink: Send + Sync {
+    /// `events` all committed at store revision `revision`.
+    fn apply_feed(&self, revision: u64, events: Vec<Write>);
 }
 
 /// The embedded, crash-safe store (redb: copy-on-write B-trees, fsync on commit).
@@ -119,6 +165,13 @@ impl Store for RedbStore {
         txn.commit().map_err(|e| self.io(e))
     }
 }
+
+mod crl_share;
+mod etcd;
+mod migrate;
+pub use crl_share::{CrlShare, PUBLISH_INTERVAL as CRL_PUBLISH_INTERVAL};
+pub use etcd::{DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, EtcdTls, RESYNC, SCHEMA};
+pub use migrate::{StoreSpec, StoreSpecError, migrate};
 
 /// A volatile store for unit tests and `--data-dir ''`-less embedding.
 #[derive(Default)]

@@ -51,28 +51,72 @@ pub struct IdentityConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ControlPlaneFile")]
 pub struct ControlPlaneConfig {
-    /// `host:port` of the control plane's HTTP API (watch + sign).
+    /// `host:port` of the control plane's HTTP API (watch + sign): the first of `addresses`.
     pub address: SocketAddr,
+    /// Every control-plane replica, in order of preference (`address` and/or `addresses` in the
+    /// file). Watches move to the next on error and resume from the last revision.
+    pub addresses: Vec<SocketAddr>,
     /// Join token for the first certificate; redacted in `/config`.
-    #[serde(default, serialize_with = "redact")]
+    #[serde(serialize_with = "redact")]
     pub token: Option<String>,
     /// File holding the join token (e.g. written by `trellis-ca token create --out`), read at
     /// start when `token` is not set.
-    #[serde(default)]
     pub token_file: Option<std::path::PathBuf>,
     /// This instance's id in discovery (Cloud Map `InstanceId`). When set, SIGTERM deregisters it
     /// (`DeregisterInstance`) before the listeners stop accepting, so peers stop picking it.
-    #[serde(default)]
     pub instance_id: Option<String>,
     /// The Cloud Map `ServiceId` of `identity.service`; looked up by namespace + service name
     /// (`ListNamespaces` + `ListServices`) when not set.
-    #[serde(default)]
     pub service_id: Option<String>,
     /// How long one watch request is held by the server.
-    #[serde(default = "default_watch_wait", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub watch_wait: Duration,
+}
+
+/// `[control_plane]` as written: `address` (one replica) and/or `addresses` (several).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlPlaneFile {
+    #[serde(default)]
+    address: Option<SocketAddr>,
+    #[serde(default)]
+    addresses: Vec<SocketAddr>,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    token_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    instance_id: Option<String>,
+    #[serde(default)]
+    service_id: Option<String>,
+    #[serde(default = "default_watch_wait", with = "humantime_serde")]
+    watch_wait: Duration,
+}
+
+impl TryFrom<ControlPlaneFile> for ControlPlaneConfig {
+    type Error = String;
+    fn try_from(f: ControlPlaneFile) -> Result<Self, String> {
+        let mut addresses: Vec<SocketAddr> = f.address.into_iter().collect();
+        for a in f.addresses {
+            if !addresses.contains(&a) {
+                addresses.push(a);
+            }
+        }
+        let Some(&address) = addresses.first() else {
+            return Err("control_plane needs `address` or `addresses`".into());
+        };
+        Ok(ControlPlaneConfig {
+            address,
+            addresses,
+            token: f.token,
+            token_file: f.token_file,
+            instance_id: f.instance_id,
+            service_id: f.service_id,
+            watch_wait: f.watch_wait,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -657,6 +701,29 @@ upstreams = [{ service = "api", local_port = 9191, danger_plaintext = true }]
 service = "api"
 endpoints = [{ address = "127.0.0.1:8081" }]
 "#;
+
+    #[test]
+    fn control_plane_takes_one_address_or_several() {
+        let one = Config::from_toml(&format!(
+            "{MINIMAL}\n[control_plane]\naddress = \"127.0.0.1:9400\"\n"
+        ))
+        .unwrap();
+        let cp = one.control_plane.unwrap();
+        assert_eq!(cp.addresses, vec![cp.address]);
+        let several = Config::from_toml(&format!(
+            "{MINIMAL}\n[control_plane]\naddresses = [\"127.0.0.1:9400\", \"127.0.0.2:9400\"]\n"
+        ))
+        .unwrap();
+        let cp = several.control_plane.unwrap();
+        assert_eq!(cp.address, "127.0.0.1:9400".parse().unwrap());
+        assert_eq!(cp.addresses.len(), 2);
+        let none = Config::from_toml(&format!("{MINIMAL}\n[control_plane]\ntoken = \"t\"\n"));
+        assert!(none.unwrap_err().to_string().contains("addresses"));
+        let unknown = Config::from_toml(&format!(
+            "{MINIMAL}\n[control_plane]\naddress = \"127.0.0.1:9400\"\nadress = \"x\"\n"
+        ));
+        assert!(unknown.unwrap_err().to_string().contains("adress"));
+    }
 
     #[test]
     fn minimal_file_loads_with_defaults() {

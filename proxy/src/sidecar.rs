@@ -524,7 +524,7 @@ fn feed(cluster: &Arc<Cluster>, u: &UpstreamConfig, config: &Config, stop: &Canc
         update_static(cluster, sc, 1);
     } else if let Some(cp) = &config.control_plane {
         let target = WatchTarget {
-            control_plane: cp.address,
+            control_planes: cp.addresses.clone(),
             namespace: u
                 .namespace
                 .clone()

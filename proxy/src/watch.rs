@@ -1,7 +1,8 @@
 //! Following one service's endpoints through the discovery watch API:
 //! `GET /v1/watch/<namespace>/<service>?revision=N&wait=30s` → `trellis_core::EndpointSet`,
 //! answered when the revision moves (long poll). On errors the last snapshot stays in use and the
-//! watcher retries with backoff.
+//! watcher moves to the next control-plane replica, resuming from the last revision it saw
+//! (replicas on one etcd share revisions); after a full round of failures it backs off.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +27,8 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 /// Where and what to watch.
 #[derive(Debug, Clone)]
 pub struct WatchTarget {
-    pub control_plane: SocketAddr,
+    /// Control-plane replicas, in order of preference (at least one).
+    pub control_planes: Vec<SocketAddr>,
     pub namespace: NamespaceName,
     pub service: ServiceName,
     pub wait: Duration,
@@ -54,8 +56,17 @@ pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationT
     // No revision on the first poll: the server answers at once, so readiness does not wait.
     let mut revision: Option<u64> = None;
     let mut backoff = BACKOFF_MIN;
+    let mut current = 0;
+    // Consecutive failures; every replica tried once → back off before the next round.
+    let mut failures = 0;
     loop {
-        let once = poll_once(&client, &target, revision);
+        let Some(&cp) = target
+            .control_planes
+            .get(current % target.control_planes.len().max(1))
+        else {
+            return;
+        };
+        let once = poll_once(&client, cp, &target, revision);
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             r = tokio::time::timeout(target.wait + Duration::from_secs(5), once) => r,
@@ -63,12 +74,16 @@ pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationT
         match result {
             Ok(Ok(Some(set))) => {
                 backoff = BACKOFF_MIN;
+                failures = 0;
                 if Some(set.revision) != revision || !cluster.is_loaded() {
                     revision = Some(set.revision);
                     apply(&cluster, &set);
                 }
             }
-            Ok(Ok(None)) => backoff = BACKOFF_MIN,
+            Ok(Ok(None)) => {
+                backoff = BACKOFF_MIN;
+                failures = 0;
+            }
             Ok(Err(WatchError::NotFound)) => {
                 // Unknown service: an empty set (so readiness is not blocked), then ask again later.
                 if !cluster.is_loaded() {
@@ -78,13 +93,23 @@ pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationT
                 sleep_or_stop(BACKOFF_MAX.min(target.wait), &stop).await;
             }
             Ok(Err(e)) => {
-                tracing::warn!(service = %target.service, error = %e, "watch failed; keeping last endpoints");
-                sleep_or_stop(backoff, &stop).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                tracing::warn!(service = %target.service, control_plane = %cp, error = %e, "watch failed; keeping last endpoints, trying the next replica");
+                current += 1;
+                failures += 1;
+                if failures >= target.control_planes.len() {
+                    failures = 0;
+                    sleep_or_stop(backoff, &stop).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
             }
             Err(_) => {
-                tracing::warn!(service = %target.service, "watch timed out; keeping last endpoints");
-                sleep_or_stop(backoff, &stop).await;
+                tracing::warn!(service = %target.service, control_plane = %cp, "watch timed out; keeping last endpoints, trying the next replica");
+                current += 1;
+                failures += 1;
+                if failures >= target.control_planes.len() {
+                    failures = 0;
+                    sleep_or_stop(backoff, &stop).await;
+                }
             }
         }
     }
@@ -100,11 +125,12 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) {
 /// One long poll: `Some(set)` on 200, `None` when the server answered "no change" (304/204).
 async fn poll_once(
     client: &Client<HttpConnector, Empty<Bytes>>,
+    cp: SocketAddr,
     t: &WatchTarget,
     revision: Option<u64>,
 ) -> Result<Option<EndpointSet>, WatchError> {
     let wait = t.wait.as_secs().max(1);
-    let (cp, ns, svc) = (t.control_plane, &t.namespace, &t.service);
+    let (ns, svc) = (&t.namespace, &t.service);
     let uri: Uri = match revision {
         Some(r) => format!("http://{cp}/v1/watch/{ns}/{svc}?revision={r}&wait={wait}s"),
         None => format!("http://{cp}/v1/watch/{ns}/{svc}?wait={wait}s"),

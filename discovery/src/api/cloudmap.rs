@@ -15,8 +15,22 @@ use crate::registry::{Change, Registry, ServiceEntry, State, now_epoch};
 
 const MAX_ATTRIBUTES: usize = 30;
 
+/// Attempts of one action that lost a race with another replica (each re-validates on a view that
+/// includes the winner's write).
+const CONFLICT_ATTEMPTS: usize = 16;
+
 /// Runs one action (`X-Amz-Target` suffix) with its JSON body.
 pub fn handle_action(reg: &Registry, action: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let mut attempt = 1;
+    loop {
+        match dispatch(reg, action, body) {
+            Err(ApiError::Conflict(_)) if attempt < CONFLICT_ATTEMPTS => attempt += 1,
+            r => return r,
+        }
+    }
+}
+
+fn dispatch(reg: &Registry, action: &str, body: &[u8]) -> Result<Value, ApiError> {
     match action {
         "CreateHttpNamespace" => create_namespace(reg, NamespaceType::Http, parse(body)?),
         "CreatePrivateDnsNamespace" => {
