@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::dns::{Answer, DnsHandler, truncate};
 
 /// Largest UDP payload we accept or send (EDNS clients may ask for more; we cap).
-const MAX_UDP: usize = 4096;
+pub(crate) const MAX_UDP: usize = 4096;
 
 /// Most cached answers; the cache is dropped whenever the registry changes.
 const CACHE_MAX: usize = 16_384;
@@ -30,14 +30,14 @@ struct Cached {
 /// serial. A hit costs a hash lookup and a copy: the id and the question (with the client's
 /// letter case) are patched in.
 #[derive(Default)]
-struct Cache {
+pub(crate) struct Cache {
     serial: u32,
     map: HashMap<Box<[u8]>, Cached>,
     key: Vec<u8>,
 }
 
 impl Cache {
-    fn hit(&mut self, handler: &DnsHandler, d: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn hit(&mut self, handler: &DnsHandler, d: &[u8]) -> Option<Vec<u8>> {
         let serial = handler.serial();
         if serial != self.serial {
             self.map.clear();
@@ -55,7 +55,12 @@ impl Cache {
         Some(out)
     }
 
-    fn insert(&mut self, bytes: &[u8], counter: prometheus::IntCounter, fail_open: bool) {
+    pub(crate) fn insert(
+        &mut self,
+        bytes: &[u8],
+        counter: prometheus::IntCounter,
+        fail_open: bool,
+    ) {
         // `key` still holds the shape of the request that missed (empty: not cacheable).
         if self.key.is_empty() {
             return;
@@ -167,6 +172,16 @@ pub async fn serve(
 
 type Cacheable = Option<(prometheus::IntCounter, bool)>;
 
+/// What to do with one datagram.
+pub(crate) enum Reply {
+    /// Send these bytes now (and cache them when the counter is given).
+    Now(Vec<u8>, Cacheable),
+    /// A name outside our zones: resolve off the receive loop.
+    Foreign(Message),
+    /// Not a query: stay silent.
+    Nothing,
+}
+
 /// The reply to one datagram, or `None` when there is nothing to send now (not a query, or handed
 /// to a forwarding task).
 fn reply(
@@ -175,31 +190,11 @@ fn reply(
     sock: &Arc<UdpSocket>,
     src: SocketAddr,
 ) -> Option<(Vec<u8>, Cacheable)> {
-    let req = match Message::from_vec(datagram) {
-        Ok(m) => m,
-        Err(_) => return formerr(datagram).map(|r| (r, None)),
-    };
-    if req.message_type() != MessageType::Query {
-        return None;
-    }
-    let [query] = req.queries() else {
-        return error(&req, ResponseCode::FormErr).map(|r| (r, None));
-    };
-    if req.op_code() != OpCode::Query {
-        return error(&req, ResponseCode::NotImp).map(|r| (r, None));
-    }
-    match handler.local(query) {
-        Some(answer) => {
-            let counter = handler.counter(query.query_type(), &answer);
-            counter.inc();
-            if answer.fail_open {
-                handler.fail_open_counter().inc();
-            }
-            let cacheable = (!answer.random).then_some((counter, answer.fail_open));
-            encode(&req, answer, false).map(|r| (r, cacheable))
-        }
-        None => {
-            let (handler, sock, req) = (handler.clone(), sock.clone(), req.clone());
+    match decide(handler, datagram) {
+        Reply::Now(bytes, cacheable) => Some((bytes, cacheable)),
+        Reply::Nothing => None,
+        Reply::Foreign(req) => {
+            let (handler, sock) = (handler.clone(), sock.clone());
             tokio::spawn(async move {
                 let Some(query) = req.queries().first() else {
                     return;
@@ -212,6 +207,36 @@ fn reply(
             });
             None
         }
+    }
+}
+
+/// Everything the receive loop decides without waiting: parse, local answer, errors.
+pub(crate) fn decide(handler: &DnsHandler, datagram: &[u8]) -> Reply {
+    let req = match Message::from_vec(datagram) {
+        Ok(m) => m,
+        Err(_) => return formerr(datagram).map_or(Reply::Nothing, |r| Reply::Now(r, None)),
+    };
+    if req.message_type() != MessageType::Query {
+        return Reply::Nothing;
+    }
+    let now = |r: Option<Vec<u8>>| r.map_or(Reply::Nothing, |r| Reply::Now(r, None));
+    let [query] = req.queries() else {
+        return now(error(&req, ResponseCode::FormErr));
+    };
+    if req.op_code() != OpCode::Query {
+        return now(error(&req, ResponseCode::NotImp));
+    }
+    match handler.local(query) {
+        Some(answer) => {
+            let counter = handler.counter(query.query_type(), &answer);
+            counter.inc();
+            if answer.fail_open {
+                handler.fail_open_counter().inc();
+            }
+            let cacheable = (!answer.random).then_some((counter, answer.fail_open));
+            encode(&req, answer, false).map_or(Reply::Nothing, |r| Reply::Now(r, cacheable))
+        }
+        None => Reply::Foreign(req),
     }
 }
 
@@ -231,7 +256,7 @@ fn response_to(req: &Message) -> Message {
     m
 }
 
-fn encode(req: &Message, mut answer: Answer, ra: bool) -> Option<Vec<u8>> {
+pub(crate) fn encode(req: &Message, mut answer: Answer, ra: bool) -> Option<Vec<u8>> {
     let limit = req
         .extensions()
         .as_ref()

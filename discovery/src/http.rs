@@ -290,7 +290,7 @@ impl Front {
     }
 }
 
-const KNOWN_ACTIONS: &[&str] = &[
+pub(crate) const KNOWN_ACTIONS: &[&str] = &[
     "CreateHttpNamespace",
     "CreatePrivateDnsNamespace",
     "CreatePublicDnsNamespace",

@@ -18,6 +18,9 @@ mod dns;
 #[cfg(feature = "server")]
 mod dns_udp;
 #[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod fuzz;
+#[cfg(feature = "server")]
 mod health;
 #[cfg(feature = "server")]
 mod http;

@@ -23,6 +23,8 @@ mod endpoint;
 mod env;
 mod error;
 mod forward;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod intercept;
 pub mod lb;
 mod listener;
