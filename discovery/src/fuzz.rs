@@ -7,7 +7,7 @@ use hickory_proto::op::Message;
 use serde_json::{Value, json};
 
 use crate::dns::DnsHandler;
-use crate::dns_udp::{self, Cache, MAX_UDP, Reply};
+use crate::dns_udp::{self, Cache, Reply, udp_limit};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig};
@@ -127,20 +127,10 @@ fn dns_handler() -> &'static DnsHandler {
     })
 }
 
-/// The size a query allows for its UDP answer: the EDNS payload (at least 512, at most our
-/// cap), else 512.
-pub fn udp_limit(query: &Message) -> usize {
-    query
-        .extensions()
-        .as_ref()
-        .map(|e| usize::from(e.max_payload().max(512)).min(MAX_UDP))
-        .unwrap_or(512)
-}
-
 /// One UDP datagram through the server's receive-loop logic (names outside the zones answered
 /// as without a forwarder: REFUSED). Properties: the answer fits the query's UDP size; a name
-/// we do not serve is answered with at most twice the query's bytes; a cached answer equals the
-/// fresh one. Returns the answer.
+/// we do not serve, or a negative answer, is at most twice the query's bytes; a cached answer
+/// equals the fresh one. Returns the answer.
 pub fn dns_query(data: &[u8]) -> Option<Vec<u8>> {
     let handler = dns_handler();
     let mut cache = Cache::default();
@@ -162,7 +152,7 @@ pub fn dns_query(data: &[u8]) -> Option<Vec<u8>> {
                 rcode: Some(hickory_proto::op::ResponseCode::Refused),
                 ..Default::default()
             };
-            let bytes = dns_udp::encode(&req, refused, false)?;
+            let bytes = dns_udp::encode(&req, refused, false, data.len(), udp_limit(&req))?;
             assert!(
                 bytes.len() <= 2 * data.len(),
                 "REFUSED answer of {} bytes to a {}-byte query",

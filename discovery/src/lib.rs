@@ -16,6 +16,8 @@ mod ca_mount;
 #[cfg(feature = "server")]
 mod dns;
 #[cfg(feature = "server")]
+mod dns_tcp;
+#[cfg(feature = "server")]
 mod dns_udp;
 #[cfg(feature = "server")]
 #[doc(hidden)]
@@ -36,6 +38,8 @@ pub mod server;
 mod sigv4;
 #[cfg(feature = "server")]
 mod store;
+#[cfg(feature = "server")]
+mod throttle;
 
 pub use error::ApiError;
 pub use trellis_core::{Endpoint, EndpointSet, HealthStatus};
@@ -48,6 +52,7 @@ pub use {
     server::{Server, ServerConfig, ServerError, run},
     sigv4::Credentials,
     store::{MemoryStore, RedbStore, STORE_FILE, Store, StoreError, Write},
+    throttle::RateLimit,
 };
 
 /// The watch API path for a service (what the sidecar polls).

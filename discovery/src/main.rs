@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use trellis_discovery::{Credentials, HealthConfig, ServerConfig};
+use trellis_discovery::{Credentials, HealthConfig, RateLimit, ServerConfig};
 
 #[derive(Parser)]
 #[command(name = "trellis-discovery", version, about = "Trellis control plane")]
@@ -65,6 +65,19 @@ struct Serve {
     /// Account id used in ARNs.
     #[arg(long, default_value = "123456789012")]
     account: String,
+    /// AWS API calls per second per client address (burst: twice that); 0 turns the limit off.
+    #[arg(long, default_value_t = 200, env = "TRELLIS_API_RATE_LIMIT")]
+    api_rate_limit: u32,
+    /// DNS responses per second per client subnet (/24, /56), burst twice that; 0 (default): off.
+    #[arg(long, default_value_t = 0, env = "TRELLIS_DNS_RATE_LIMIT")]
+    dns_rate_limit: u32,
+}
+
+fn rate(per_second: u32) -> Option<RateLimit> {
+    (per_second > 0).then(|| RateLimit {
+        per_second: f64::from(per_second),
+        burst: per_second.saturating_mul(2),
+    })
 }
 
 fn main() -> ExitCode {
@@ -101,6 +114,8 @@ fn main() -> ExitCode {
     config.trust_domain = s.trust_domain;
     config.registry.region = s.region;
     config.registry.account = s.account;
+    config.api_rate_limit = rate(s.api_rate_limit);
+    config.dns_rate_limit = rate(s.dns_rate_limit);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
