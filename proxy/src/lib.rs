@@ -30,6 +30,7 @@ pub mod lb;
 mod listener;
 mod metrics;
 mod outlier;
+pub mod overload;
 mod relay;
 mod retry;
 pub mod route;
