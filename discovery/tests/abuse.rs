@@ -14,6 +14,7 @@ use hickory_proto::rr::{Name, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use trellis_discovery::{Credentials, RateLimit, Server, ServerConfig};
+use trellis_test_support::memory::rss_kib;
 use trellis_test_support::tools;
 
 fn loopback() -> SocketAddr {
@@ -67,14 +68,6 @@ async fn call(from: IpAddr, addr: SocketAddr, action: &str, body: &str) -> (u16,
 
 fn json(b: &[u8]) -> serde_json::Value {
     serde_json::from_slice(b).unwrap_or(serde_json::Value::Null)
-}
-
-fn rss_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

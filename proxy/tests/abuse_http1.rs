@@ -14,20 +14,13 @@ use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use trellis_test_support::memory::rss_kib;
 
 fn config(app: SocketAddr, limits: &str) -> String {
     format!(
         "{}\n[limits]\n{limits}\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n\n[[clusters]]\nservice = \"api\"\nendpoints = [{{ address = \"{app}\" }}]\n",
         base()
     )
-}
-
-fn rss_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
 }
 
 /// Sends raw bytes, half-closes, returns everything the proxy answered (within 5 s).

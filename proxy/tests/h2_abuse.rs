@@ -14,6 +14,7 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
+use trellis_test_support::memory::rss_kib;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;
@@ -234,14 +235,6 @@ async fn streams_beyond_the_concurrency_limit_are_refused() {
 
 const CONTINUATION: u8 = 0x9;
 const PING: u8 = 0x6;
-
-fn rss_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
 
 /// Writes `frames` (already encoded) `times` times or until the server stops reading/closes;
 /// meanwhile reads frames and returns the GOAWAY code if one came within 10 s.

@@ -2,6 +2,7 @@
 //!
 //! - [`tools`]: find real clients (`aws`, `python3` with boto3, `dig`, `openssl`) and decide whether a
 //!   missing one skips the test (developer machine) or fails it (CI sets `TRELLIS_REQUIRE_TOOLS`).
+//! - [`memory`]: the test process's resident memory.
 //! - [`corpus`]: replay the committed fuzz corpora on stable `cargo test`.
 //! - [`bins`]: paths of the workspace's binaries (built on demand) for tests that run them as processes.
 //! - [`netns`]: a lab of hosts in network namespaces the test creates, joined by a bridge that lives in
@@ -9,5 +10,6 @@
 
 pub mod bins;
 pub mod corpus;
+pub mod memory;
 pub mod netns;
 pub mod tools;
