@@ -229,3 +229,69 @@ async fn slow_reader_does_not_make_the_proxy_buffer() {
     stop.cancel();
     sc.wait().await;
 }
+
+/// The internal LB: connections over `[limits] max_connections` are closed at accept, smuggling
+/// shapes get 400 without reaching a target, and a normal client is served again afterwards.
+#[tokio::test]
+async fn lb_refuses_connections_over_its_cap_and_smuggling() {
+    let _serial = SERIAL.lock().await;
+    let a = app("a", None).await;
+    let toml = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[limits]
+header_read_timeout = "1s"
+max_connections = 16
+
+[[target_group]]
+name = "app"
+targets = ["{}"]
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+protocol = "http"
+default_action = {{ type = "forward", target_groups = [{{ name = "app", weight = 1 }}] }}
+"#,
+        a.addr
+    );
+    let cfg = trellis_proxy::lb::LbConfig::from_str(&toml).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let h = trellis_proxy::lb::start(cfg, stop.clone()).await.unwrap();
+    let port = h.listeners[0].1;
+    // Wait for the target's first health check.
+    let mut ok = false;
+    for _ in 0..100 {
+        if get(&h1_client(), &format!("http://{port}/")).await.0 == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "LB never served");
+    let before = a.hits.load(Ordering::SeqCst);
+    for req in [
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 30\r\n\r\nhello",
+        "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+    ] {
+        assert!(raw(port, req.as_bytes()).await.starts_with("HTTP/1.1 400"));
+    }
+    assert_eq!(a.hits.load(Ordering::SeqCst), before);
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(TcpStream::connect(port).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        raw(port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .is_empty()
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    served(port).await;
+    stop.cancel();
+    h.shutdown().await;
+}
