@@ -45,18 +45,20 @@ impl Choices<'_> {
     }
 }
 
-/// The wildcard semantics, written the slow obvious way (`*` any bytes, `?` one byte).
-fn reference_glob(p: &[u8], s: &[u8], case: Case) -> bool {
-    let eq = |a: u8, b: u8| match case {
+/// The wildcard semantics, written the slow obvious way: `*` any characters, `?` exactly one
+/// character (not byte: ALB counts characters).
+fn reference_glob(p: &str, s: &str, case: Case) -> bool {
+    let (p, s): (Vec<char>, Vec<char>) = (p.chars().collect(), s.chars().collect());
+    let eq = |a: char, b: char| match case {
         Case::Sensitive => a == b,
         Case::Insensitive => a.eq_ignore_ascii_case(&b),
     };
     // Dynamic programming over (pattern prefix, input prefix).
     let mut row = vec![false; s.len() + 1];
     row[0] = true;
-    for &pc in p {
+    for &pc in &p {
         let mut next = vec![false; s.len() + 1];
-        if pc == b'*' {
+        if pc == '*' {
             let mut any = false;
             for j in 0..=s.len() {
                 any |= row[j];
@@ -64,7 +66,7 @@ fn reference_glob(p: &[u8], s: &[u8], case: Case) -> bool {
             }
         } else {
             for j in 1..=s.len() {
-                next[j] = row[j - 1] && (pc == b'?' || eq(pc, s[j - 1]));
+                next[j] = row[j - 1] && (pc == '?' || eq(pc, s[j - 1]));
             }
         }
         row = next;
@@ -89,7 +91,7 @@ pub fn route_match(data: &[u8]) {
         if let Ok(w) = Wildcard::new(pattern, case) {
             assert_eq!(
                 w.matches(subject),
-                reference_glob(w.as_str().as_bytes(), subject.as_bytes(), case),
+                reference_glob(w.as_str(), subject, case),
                 "pattern {pattern:?} on {subject:?} ({case:?})"
             );
         }
@@ -211,8 +213,8 @@ thread_local! {
 }
 
 /// HTTP protocol detection and parsing: the input is what a client sends on a fresh connection
-/// to a sidecar/LB listener (auto-detect HTTP/1.1 or the HTTP/2 preface). Properties: the server
-/// finishes within a bounded time, and anything it answers is an HTTP/1.1 status line or HTTP/2
+/// to a sidecar/LB listener (auto-detect HTTP/1.x or the HTTP/2 preface). Properties: the server
+/// finishes within a bounded time, and anything it answers is an HTTP/1.x status line or HTTP/2
 /// frames (starting with a SETTINGS frame). Returns the bytes the server wrote.
 pub fn http_detect(data: &[u8]) -> Vec<u8> {
     RUNTIME.with(|cell| {
@@ -261,7 +263,8 @@ async fn detect(data: &[u8]) -> Vec<u8> {
     conn.abort();
     assert!(finished.is_ok(), "connection did not finish");
     if !out.is_empty() {
-        let h1 = out.starts_with(b"HTTP/1.1 ");
+        // HTTP/1.x status line (an HTTP/1.0 request gets an HTTP/1.0 answer).
+        let h1 = out.starts_with(b"HTTP/1.1 ") || out.starts_with(b"HTTP/1.0 ");
         // An HTTP/2 server speaks first with a SETTINGS frame (type 4).
         let h2 = out.len() >= 9 && out[3] == 4;
         assert!(
