@@ -56,12 +56,17 @@ struct Churn {
     registered: std::sync::atomic::AtomicU64,
     deregistered: std::sync::atomic::AtomicU64,
     dead_registered: std::sync::atomic::AtomicU64,
+    /// Dead instances seen UNHEALTHY before they were removed.
+    health_flips: std::sync::atomic::AtomicU64,
     weight_shifts: std::sync::atomic::AtomicU64,
     restarts: std::sync::atomic::AtomicU64,
 }
 
-fn bump(c: &std::sync::atomic::AtomicU64, ok: bool) {
-    if ok {
+fn bump<E: std::fmt::Display>(c: &std::sync::atomic::AtomicU64, r: Result<(), E>) {
+    if let Err(e) = &r {
+        eprintln!("soak: churn step failed: {e}");
+    }
+    if r.is_ok() {
         c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
@@ -151,33 +156,54 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 n += 1;
                 let extra = format!("soak-extra-{}", n / 2);
                 if n.is_multiple_of(2) {
-                    let ok = cloudmap
-                        .register(&api_id, &extra, api_inbound, &[])
-                        .await
-                        .is_ok();
-                    bump(&counts.registered, ok);
+                    let r = cloudmap.register(&api_id, &extra, api_inbound, &[]).await;
+                    bump(&counts.registered, r);
                 } else if n > 1 {
                     let prev = format!("soak-extra-{}", (n - 1) / 2);
-                    let _ = cloudmap
+                    let r = cloudmap
                         .call(
                             "DeregisterInstance",
                             json!({"ServiceId": api_id, "InstanceId": prev}),
                         )
-                        .await;
+                        .await
+                        .map(|_| ());
+                    bump(&counts.deregistered, r);
                 }
                 if n.is_multiple_of(7) {
                     let dead = SocketAddr::from(([127, 0, 0, 1], 1));
-                    let _ = cloudmap
+                    let r = cloudmap
                         .register(&api_id, &format!("soak-dead-{n}"), dead, &[])
                         .await;
+                    bump(&counts.dead_registered, r);
                 }
                 if n % 7 == 5 && n > 7 {
-                    let _ = cloudmap
+                    // Before removing it: did its health check flip it to UNHEALTHY?
+                    let dead = format!("soak-dead-{}", n - 5);
+                    let status = cloudmap
+                        .call(
+                            "GetInstancesHealthStatus",
+                            json!({"ServiceId": api_id, "Instances": [dead]}),
+                        )
+                        .await;
+                    let flipped = status
+                        .as_ref()
+                        .is_ok_and(|v| v["Status"][&dead] == "UNHEALTHY");
+                    bump(
+                        &counts.health_flips,
+                        if flipped {
+                            Ok(())
+                        } else {
+                            Err(format!("{dead} not UNHEALTHY: {status:?}"))
+                        },
+                    );
+                    let r = cloudmap
                         .call(
                             "DeregisterInstance",
                             json!({"ServiceId": api_id, "InstanceId": format!("soak-dead-{}", n - 5)}),
                         )
-                        .await;
+                        .await
+                        .map(|_| ());
+                    bump(&counts.deregistered, r);
                 }
                 if n.is_multiple_of(15) {
                     let w = if (n / 15).is_multiple_of(2) {
@@ -191,8 +217,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     if let Ok(req) = http::Request::put(uri)
                         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
                     {
-                        let ok = client.request(req).await.is_ok_and(|r| r.status() == 200);
-                        bump(&counts.weight_shifts, ok);
+                        let r = match client.request(req).await {
+                            Ok(r) if r.status() == 200 => Ok(()),
+                            Ok(r) => Err(format!("weights: HTTP {}", r.status())),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        bump(&counts.weight_shifts, r);
                     }
                 }
             }
@@ -209,7 +239,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let t = Instant::now();
             mesh.restart_control_plane().await?;
             restarts += 1;
-            bump(&counts.restarts, true);
+            bump(&counts.restarts, Ok::<(), String>(()));
             event = format!(
                 "control plane restart {restarts} ({:.1}s)",
                 t.elapsed().as_secs_f64()
@@ -315,8 +345,8 @@ fn write_report(args: &Args, s: &[Sample], churn: &Churn) -> std::io::Result<()>
          process's.\n\n\
          - requests sent: **{sent}**, failed: **{failed}** ({:.3}%)\n\
          - after warm-up ({warm} s): RSS {rss_lo:.1}-{rss_hi:.1} MiB ({:+.1}%), open fds {fd_lo}-{fd_hi}\n\
-         - churn that succeeded: {} registrations, {} deregistrations, {} dead instances, {} LB weight \
-         shifts, {} control plane restarts\n\n\
+         - churn that succeeded: {} registrations, {} deregistrations, {} dead instances (of which {} seen \
+         UNHEALTHY before removal), {} LB weight shifts, {} control plane restarts\n\n\
          | t (s) | sent | failed | p50 ms | p99 ms | RSS MiB | fds | event |\n|---|---|---|---|---|---|---|---|\n",
         args.seconds,
         args.concurrency,
@@ -325,6 +355,7 @@ fn write_report(args: &Args, s: &[Sample], churn: &Churn) -> std::io::Result<()>
         n(&churn.registered),
         n(&churn.deregistered),
         n(&churn.dead_registered),
+        n(&churn.health_flips),
         n(&churn.weight_shifts),
         n(&churn.restarts),
     );
