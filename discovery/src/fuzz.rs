@@ -177,6 +177,19 @@ pub fn dns_query(data: &[u8]) -> Option<Vec<u8>> {
 /// holds `data` ends in a clear error or a registry that loads and reopens to the same records.
 /// A non-empty file never opens as a silently empty registry unless it is a valid empty store.
 pub fn store_bytes(data: &[u8]) {
+    // redb asserts on some damaged files and `RedbStore::open` contains that panic by design; a
+    // fuzzer's panic hook would still abort on it. Silence the hook for this call only: a panic
+    // that escapes is re-raised below, so the fuzzer still sees real failures.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(|| store_bytes_inner(data));
+    std::panic::set_hook(hook);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn store_bytes_inner(data: &[u8]) {
     let dir = TempDir(std::env::temp_dir().join(format!("trellis-fuzz-{}", uuid::Uuid::new_v4())));
     if std::fs::create_dir_all(dir.path())
         .and_then(|()| std::fs::write(dir.path().join(STORE_FILE), data))
