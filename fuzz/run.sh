@@ -21,7 +21,7 @@ run_one() {
     local start=$SECONDS
     # -rss_limit_mb bounds a leak; -timeout flags a hang (10 s for one input).
     nice -n 19 cargo +nightly fuzz run -O "$t" "corpus-new/$t" "corpus/$t" -- \
-        -max_total_time="$secs" -jobs=1 -workers=1 -rss_limit_mb=2048 -timeout=10 \
+        -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 \
         -max_len=8192 -print_final_stats=1 >"logs/$t.log" 2>&1 || echo "$t: FAILED (see fuzz/logs/$t.log)"
     local ran=$((SECONDS - start))
     # Keep only inputs that add coverage over the committed corpus.
