@@ -17,6 +17,8 @@ mod commit;
 mod csr;
 mod ephemeral;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod identity;
 mod journal;
 mod metrics;

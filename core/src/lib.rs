@@ -7,6 +7,8 @@
 //! Strings from the edge become these types once; inner code never re-checks them.
 
 mod endpoint;
+#[doc(hidden)]
+pub mod fuzz;
 mod health;
 mod name;
 pub mod sigv4;

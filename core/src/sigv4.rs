@@ -2,11 +2,17 @@
 //! on the control plane, AWS Private CA on the CA). Each API maps [`SigV4Error`] to its own wire error
 //! and looks secrets up its own way (a configured key pair, or a CA credential).
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use hmac::{Hmac, Mac};
 use http::request::Parts;
 use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// How far `X-Amz-Date` may be from the verifier's clock, either way (AWS: 5 minutes). Beyond it a
+/// captured request cannot be replayed.
+pub const MAX_SKEW: Duration = Duration::from_secs(300);
 
 /// Why a request's signature was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -22,6 +28,12 @@ pub enum SigV4Error {
     UnknownKey,
     #[error("the request signature does not match")]
     BadSignature,
+    /// Valid signature, but `X-Amz-Date` is more than [`MAX_SKEW`] from the server's clock (or
+    /// does not agree with the credential scope's date).
+    #[error(
+        "Signature expired: X-Amz-Date is more than 5 minutes from the server's time (replay window)"
+    )]
+    Expired,
 }
 
 /// The parsed `Authorization: AWS4-HMAC-SHA256 Credential=…, SignedHeaders=…, Signature=…` header.
@@ -63,11 +75,22 @@ fn parse_authorization(v: &str) -> Option<Authorization<'_>> {
 }
 
 /// Verifies the request's signature. `secret_for` maps the access key id to its secret (None:
-/// unknown key). Returns the access key id that signed the request.
+/// unknown key). Returns the access key id that signed the request. A request signed more than
+/// [`MAX_SKEW`] away from now is [`SigV4Error::Expired`].
 pub fn verify<'p>(
     parts: &'p Parts,
     body: &[u8],
     secret_for: impl FnOnce(&str) -> Option<String>,
+) -> Result<&'p str, SigV4Error> {
+    verify_at(parts, body, secret_for, SystemTime::now())
+}
+
+/// [`verify`] against an explicit clock.
+pub fn verify_at<'p>(
+    parts: &'p Parts,
+    body: &[u8],
+    secret_for: impl FnOnce(&str) -> Option<String>,
+    now: SystemTime,
 ) -> Result<&'p str, SigV4Error> {
     let header = parts
         .headers
@@ -136,7 +159,42 @@ pub fn verify<'p>(
     if !constant_time_eq(expected.as_bytes(), auth.signature.as_bytes()) {
         return Err(SigV4Error::BadSignature);
     }
+    let signed_at = amz_date_secs(amz_date).ok_or(SigV4Error::Malformed)?;
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if !amz_date.starts_with(auth.date) || signed_at.abs_diff(now) > MAX_SKEW.as_secs() {
+        return Err(SigV4Error::Expired);
+    }
     Ok(auth.access_key)
+}
+
+/// Seconds since the epoch of an `X-Amz-Date` (`YYYYMMDDTHHMMSSZ`, UTC).
+pub fn amz_date_secs(v: &str) -> Option<i64> {
+    let b = v.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let s = v.get(r)?;
+        s.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    let (y, m, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (hh, mm, ss) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
@@ -204,6 +262,56 @@ mod tests {
     }
 
     const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+
+    /// When the vector was signed: 2015-08-30T12:36:00Z.
+    fn signed_at() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_440_938_160)
+    }
+
+    fn verify<'p>(
+        parts: &'p Parts,
+        body: &[u8],
+        secret_for: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<&'p str, SigV4Error> {
+        verify_at(parts, body, secret_for, signed_at())
+    }
+
+    #[test]
+    fn amz_dates_parse() {
+        assert_eq!(amz_date_secs("20150830T123600Z"), Some(1_440_938_160));
+        assert_eq!(amz_date_secs("19700101T000000Z"), Some(0));
+        assert_eq!(amz_date_secs("20240229T235959Z"), Some(1_709_251_199));
+        for bad in [
+            "",
+            "20150830T123600",
+            "2015-08-30T12:36Z",
+            "20151330T123600Z",
+            "2015083XT123600Z",
+        ] {
+            assert_eq!(amz_date_secs(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn replay_window_is_five_minutes() {
+        let parts = vanilla();
+        let ok = |at: SystemTime| verify_at(&parts, b"", |_| Some(SECRET.into()), at);
+        assert!(ok(signed_at() + Duration::from_secs(299)).is_ok());
+        assert!(ok(signed_at() - Duration::from_secs(299)).is_ok());
+        assert_eq!(
+            ok(signed_at() + Duration::from_secs(301)),
+            Err(SigV4Error::Expired)
+        );
+        assert_eq!(
+            ok(signed_at() - Duration::from_secs(301)),
+            Err(SigV4Error::Expired)
+        );
+        // Today's clock: the 2015 vector is a replay.
+        assert_eq!(
+            super::verify(&parts, b"", |_| Some(SECRET.into())),
+            Err(SigV4Error::Expired)
+        );
+    }
 
     #[test]
     fn aws_test_vector() {

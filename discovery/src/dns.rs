@@ -121,6 +121,20 @@ impl DnsHandler {
             .with_label_values(&[qtype_label(qtype), rcode_label(rcode)])
     }
 
+    pub(crate) fn count_tcp_refused(&self) {
+        self.metrics
+            .dns_limited
+            .with_label_values(&["tcp_connections"])
+            .inc();
+    }
+
+    pub(crate) fn count_rate_limited(&self) {
+        self.metrics
+            .dns_limited
+            .with_label_values(&["rate_limit"])
+            .inc();
+    }
+
     pub(crate) fn fail_open_counter(&self) -> &prometheus::IntCounter {
         &self.metrics.dns_fail_open
     }

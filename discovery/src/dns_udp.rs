@@ -13,9 +13,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::dns::{Answer, DnsHandler, truncate};
+use crate::throttle::{Throttle, subnet};
 
 /// Largest UDP payload we accept or send (EDNS clients may ask for more; we cap).
-const MAX_UDP: usize = 4096;
+pub(crate) const MAX_UDP: usize = 4096;
 
 /// Most cached answers; the cache is dropped whenever the registry changes.
 const CACHE_MAX: usize = 16_384;
@@ -30,14 +31,14 @@ struct Cached {
 /// serial. A hit costs a hash lookup and a copy: the id and the question (with the client's
 /// letter case) are patched in.
 #[derive(Default)]
-struct Cache {
+pub(crate) struct Cache {
     serial: u32,
     map: HashMap<Box<[u8]>, Cached>,
     key: Vec<u8>,
 }
 
 impl Cache {
-    fn hit(&mut self, handler: &DnsHandler, d: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn hit(&mut self, handler: &DnsHandler, d: &[u8]) -> Option<Vec<u8>> {
         let serial = handler.serial();
         if serial != self.serial {
             self.map.clear();
@@ -55,7 +56,12 @@ impl Cache {
         Some(out)
     }
 
-    fn insert(&mut self, bytes: &[u8], counter: prometheus::IntCounter, fail_open: bool) {
+    pub(crate) fn insert(
+        &mut self,
+        bytes: &[u8],
+        counter: prometheus::IntCounter,
+        fail_open: bool,
+    ) {
         // `key` still holds the shape of the request that missed (empty: not cacheable).
         if self.key.is_empty() {
             return;
@@ -132,9 +138,13 @@ fn shape(d: &[u8], key: &mut Vec<u8>) -> Option<usize> {
     Some(qend)
 }
 
+/// Serves UDP until `stop`. With `rrl`, each client subnet gets that many responses per second;
+/// beyond it a query gets a bare truncated reply (no records, TC set: a real resolver retries
+/// over TCP, a spoofed victim receives nothing larger than the query).
 pub async fn serve(
     sock: Arc<UdpSocket>,
     handler: Arc<DnsHandler>,
+    rrl: Option<Throttle>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; MAX_UDP];
@@ -151,6 +161,15 @@ pub async fn serve(
             _ = stop.changed() => return,
         };
         let datagram = &buf[..n];
+        if let Some(rrl) = &rrl
+            && !rrl.admit(subnet(src.ip()))
+        {
+            handler.count_rate_limited();
+            if let Some(tc) = slip(datagram) {
+                let _ = sock.send_to(&tc, src).await;
+            }
+            continue;
+        }
         if let Some(out) = cache.hit(&handler, datagram) {
             let _ = sock.send_to(&out, src).await;
             continue;
@@ -167,6 +186,16 @@ pub async fn serve(
 
 type Cacheable = Option<(prometheus::IntCounter, bool)>;
 
+/// What to do with one datagram.
+pub(crate) enum Reply {
+    /// Send these bytes now (and cache them when the counter is given).
+    Now(Vec<u8>, Cacheable),
+    /// A name outside our zones: resolve off the receive loop.
+    Foreign(Message),
+    /// Not a query: stay silent.
+    Nothing,
+}
+
 /// The reply to one datagram, or `None` when there is nothing to send now (not a query, or handed
 /// to a forwarding task).
 fn reply(
@@ -175,18 +204,46 @@ fn reply(
     sock: &Arc<UdpSocket>,
     src: SocketAddr,
 ) -> Option<(Vec<u8>, Cacheable)> {
+    match decide(handler, datagram) {
+        Reply::Now(bytes, cacheable) => Some((bytes, cacheable)),
+        Reply::Nothing => None,
+        Reply::Foreign(req) => {
+            let (handler, sock, query_len) = (handler.clone(), sock.clone(), datagram.len());
+            tokio::spawn(async move {
+                let Some(query) = req.queries().first() else {
+                    return;
+                };
+                let (answer, ra) = handler.foreign(query, req.recursion_desired()).await;
+                handler.count(query.query_type(), &answer);
+                if let Some(bytes) = encode(&req, answer, ra, query_len, udp_limit(&req)) {
+                    let _ = sock.send_to(&bytes, src).await;
+                }
+            });
+            None
+        }
+    }
+}
+
+/// Everything the receive loop decides without waiting: parse, local answer, errors.
+pub(crate) fn decide(handler: &DnsHandler, datagram: &[u8]) -> Reply {
+    decide_within(handler, datagram, None)
+}
+
+/// [`decide`] with an explicit answer size limit (`None`: the query's UDP size).
+pub(crate) fn decide_within(handler: &DnsHandler, datagram: &[u8], limit: Option<usize>) -> Reply {
     let req = match Message::from_vec(datagram) {
         Ok(m) => m,
-        Err(_) => return formerr(datagram).map(|r| (r, None)),
+        Err(_) => return formerr(datagram).map_or(Reply::Nothing, |r| Reply::Now(r, None)),
     };
     if req.message_type() != MessageType::Query {
-        return None;
+        return Reply::Nothing;
     }
+    let now = |r: Option<Vec<u8>>| r.map_or(Reply::Nothing, |r| Reply::Now(r, None));
     let [query] = req.queries() else {
-        return error(&req, ResponseCode::FormErr).map(|r| (r, None));
+        return now(error(&req, ResponseCode::FormErr));
     };
     if req.op_code() != OpCode::Query {
-        return error(&req, ResponseCode::NotImp).map(|r| (r, None));
+        return now(error(&req, ResponseCode::NotImp));
     }
     match handler.local(query) {
         Some(answer) => {
@@ -196,22 +253,11 @@ fn reply(
                 handler.fail_open_counter().inc();
             }
             let cacheable = (!answer.random).then_some((counter, answer.fail_open));
-            encode(&req, answer, false).map(|r| (r, cacheable))
+            let limit = limit.unwrap_or_else(|| udp_limit(&req));
+            encode(&req, answer, false, datagram.len(), limit)
+                .map_or(Reply::Nothing, |r| Reply::Now(r, cacheable))
         }
-        None => {
-            let (handler, sock, req) = (handler.clone(), sock.clone(), req.clone());
-            tokio::spawn(async move {
-                let Some(query) = req.queries().first() else {
-                    return;
-                };
-                let (answer, ra) = handler.foreign(query, req.recursion_desired()).await;
-                handler.count(query.query_type(), &answer);
-                if let Some(bytes) = encode(&req, answer, ra) {
-                    let _ = sock.send_to(&bytes, src).await;
-                }
-            });
-            None
-        }
+        None => Reply::Foreign(req),
     }
 }
 
@@ -231,12 +277,26 @@ fn response_to(req: &Message) -> Message {
     m
 }
 
-fn encode(req: &Message, mut answer: Answer, ra: bool) -> Option<Vec<u8>> {
-    let limit = req
-        .extensions()
+/// The size a query allows for its UDP answer: its EDNS payload size (at least 512, at most our
+/// cap), else 512 (RFC 1035).
+pub(crate) fn udp_limit(req: &Message) -> usize {
+    req.extensions()
         .as_ref()
         .map(|e| usize::from(e.max_payload().max(512)).min(MAX_UDP))
-        .unwrap_or(512);
+        .unwrap_or(512)
+}
+
+/// Encodes an answer in at most `limit` bytes (else truncated with TC). A negative answer (no
+/// records) keeps its SOA only while the reply stays within twice the query's `query_len`: an
+/// unknown name must not amplify (clients that send EDNS cookies, like real resolvers, still get
+/// it; over TCP it is always there).
+pub(crate) fn encode(
+    req: &Message,
+    mut answer: Answer,
+    ra: bool,
+    query_len: usize,
+    limit: usize,
+) -> Option<Vec<u8>> {
     let truncated = req
         .queries()
         .first()
@@ -246,9 +306,27 @@ fn encode(req: &Message, mut answer: Answer, ra: bool) -> Option<Vec<u8>> {
         .set_recursion_available(ra)
         .set_truncated(truncated)
         .set_response_code(answer.rcode.unwrap_or(ResponseCode::NoError));
+    let negative = answer.answers.is_empty();
     m.add_answers(answer.answers);
     m.add_name_servers(answer.authority);
     m.add_additionals(answer.additionals);
+    let bytes = m.to_vec().ok()?;
+    if negative && limit <= MAX_UDP && bytes.len() > 2 * query_len {
+        m.take_name_servers();
+        m.take_additionals();
+        return m.to_vec().ok();
+    }
+    Some(bytes)
+}
+
+/// The reply to a rate-limited query: its header and question, TC set, nothing else.
+fn slip(datagram: &[u8]) -> Option<Vec<u8>> {
+    let req = Message::from_vec(datagram).ok()?;
+    if req.message_type() != MessageType::Query || req.queries().len() != 1 {
+        return None;
+    }
+    let mut m = response_to(&req);
+    m.set_truncated(true);
     m.to_vec().ok()
 }
 

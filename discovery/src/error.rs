@@ -42,6 +42,9 @@ pub enum ApiError {
     InvalidSignature(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The client exceeded its request rate; AWS SDKs back off and retry this code.
+    #[error("{0}")]
+    Throttling(String),
     /// The store failed to make a write durable: nothing was acknowledged.
     #[error("{0}")]
     Internal(String),
@@ -78,6 +81,8 @@ impl ApiError {
             UnrecognizedClient(_) => ("UnrecognizedClientException", StatusCode::FORBIDDEN),
             InvalidSignature(_) => ("InvalidSignatureException", StatusCode::FORBIDDEN),
             PayloadTooLarge(_) => ("InvalidInput", StatusCode::PAYLOAD_TOO_LARGE),
+            // botocore's retry rules (legacy and standard) treat this code as throttling.
+            Throttling(_) => ("ThrottlingException", StatusCode::BAD_REQUEST),
             Internal(_) => ("InternalFailure", StatusCode::INTERNAL_SERVER_ERROR),
             // botocore retries both: 503 is a transient status, ThrottlingException a throttle code.
             Unavailable(_) => (

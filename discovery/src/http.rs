@@ -1,8 +1,9 @@
 //! The HTTP front of the control plane: the Cloud Map API (`POST /`), the watch API, TTL
 //! heartbeats, `/metrics` and the CA. Limits: 1 MiB bodies, header read timeout, bounded
-//! connections.
+//! connections, and a per-client request rate on the AWS APIs (`ThrottlingException`).
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,13 +19,19 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::sigv4::{self, Credentials};
+use crate::throttle::{RateLimit, Throttle};
 
 /// Largest request body accepted (AWS JSON and CSRs are far smaller).
 pub const MAX_BODY: usize = 1 << 20;
 /// Time a client has to send a request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Concurrent connections; further accepts wait.
+/// Concurrent connections; further accepts wait (in the kernel's bounded backlog).
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Default per-client rate of AWS API calls (Cloud Map and AWS Private CA), by client address.
+pub const DEFAULT_CLIENT_RATE: RateLimit = RateLimit {
+    per_second: 200.0,
+    burst: 400,
+};
 /// Watch long-poll bounds.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -62,6 +69,8 @@ pub struct Front {
     pub metrics: Arc<Metrics>,
     pub auth: Auth,
     pub mounts: Vec<Box<dyn Mount>>,
+    /// Per-client limit on AWS API calls; `None`: unlimited.
+    pub throttle: Option<Throttle>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -90,8 +99,24 @@ fn native_error(status: StatusCode, error: &str, message: &str) -> Resp {
 }
 
 impl Front {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Resp {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: IpAddr) -> Resp {
         let (parts, body) = req.into_parts();
+        if let (Some(t), Some(target)) = (&self.throttle, parts.headers.get("x-amz-target"))
+            && !t.admit(peer)
+        {
+            let label = target
+                .to_str()
+                .ok()
+                .and_then(|t| t.strip_prefix(TARGET_PREFIX))
+                .filter(|a| KNOWN_ACTIONS.contains(a))
+                .unwrap_or("unknown");
+            let e = ApiError::Throttling("Rate exceeded".into());
+            self.metrics
+                .api_requests
+                .with_label_values(&[label, e.code()])
+                .inc();
+            return api_error(&e);
+        }
         if parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -290,7 +315,7 @@ impl Front {
     }
 }
 
-const KNOWN_ACTIONS: &[&str] = &[
+pub(crate) const KNOWN_ACTIONS: &[&str] = &[
     "CreateHttpNamespace",
     "CreatePrivateDnsNamespace",
     "CreatePublicDnsNamespace",
@@ -332,7 +357,7 @@ pub async fn serve(listener: TcpListener, front: Arc<Front>, mut shutdown: watch
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
         };
-        let (stream, _) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -347,7 +372,7 @@ pub async fn serve(listener: TcpListener, front: Arc<Front>, mut shutdown: watch
             let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
                 let front = front.clone();
-                async move { Ok::<_, Infallible>(front.handle(req).await) }
+                async move { Ok::<_, Infallible>(front.handle(req, peer.ip()).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -17,7 +17,12 @@ mod ca_mount;
 #[cfg(feature = "server")]
 mod dns;
 #[cfg(feature = "server")]
+mod dns_tcp;
+#[cfg(feature = "server")]
 mod dns_udp;
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod fuzz;
 #[cfg(feature = "server")]
 mod health;
 #[cfg(feature = "server")]
@@ -36,6 +41,8 @@ pub mod server;
 mod sigv4;
 #[cfg(feature = "server")]
 mod store;
+#[cfg(feature = "server")]
+mod throttle;
 
 pub use error::ApiError;
 pub use trellis_core::{Endpoint, EndpointSet, HealthStatus};
@@ -51,6 +58,7 @@ pub use {
         DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, EtcdTls, FeedSink, MemoryStore, RedbStore,
         SCHEMA, STORE_FILE, Store, StoreError, StoreSpec, StoreSpecError, Write, migrate,
     },
+    throttle::RateLimit,
 };
 
 /// The watch API path for a service (what the sidecar polls).

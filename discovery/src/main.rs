@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use trellis_discovery::{Credentials, HealthConfig, ServerConfig};
+use trellis_discovery::{Credentials, HealthConfig, RateLimit, ServerConfig};
 
 #[derive(Parser)]
 #[command(name = "trellis-discovery", version, about = "Trellis control plane")]
@@ -106,12 +106,25 @@ struct Serve {
     /// Client key (PEM) for --etcd-cert.
     #[arg(long, env = "TRELLIS_ETCD_KEY", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// AWS API calls per second per client address (burst: twice that); 0 turns the limit off.
+    #[arg(long, default_value_t = 200, env = "TRELLIS_API_RATE_LIMIT")]
+    api_rate_limit: u32,
+    /// DNS responses per second per client subnet (/24, /56), burst twice that; 0 (default): off.
+    #[arg(long, default_value_t = 0, env = "TRELLIS_DNS_RATE_LIMIT")]
+    dns_rate_limit: u32,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum StoreKind {
     Embedded,
     Etcd,
+}
+
+fn rate(per_second: u32) -> Option<RateLimit> {
+    (per_second > 0).then(|| RateLimit {
+        per_second: f64::from(per_second),
+        burst: per_second.saturating_mul(2),
+    })
 }
 
 fn main() -> ExitCode {
@@ -160,6 +173,8 @@ fn main() -> ExitCode {
         });
         config.etcd = Some(etcd);
     }
+    config.api_rate_limit = rate(s.api_rate_limit);
+    config.dns_rate_limit = rate(s.dns_rate_limit);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub api_latency: HistogramVec,
     pub dns_queries: IntCounterVec,
     pub dns_fail_open: IntCounter,
+    /// Work refused by a DNS limit (`tcp_connections`, `rate_limit`).
+    pub dns_limited: IntCounterVec,
     pub health_checks: IntCounterVec,
     pub instances: IntGaugeVec,
     pub watchers: prometheus::IntGauge,
@@ -57,6 +59,14 @@ impl Metrics {
             "DNS answers given with every instance because none was healthy.",
         )
         .unwrap_or_else(|_| unreachable_metric());
+        let dns_limited = IntCounterVec::new(
+            Opts::new(
+                "trellis_discovery_dns_limited_total",
+                "DNS work refused by a limit: TCP connections over the cap, responses over the rate.",
+            ),
+            &["limit"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         let health_checks = IntCounterVec::new(
             Opts::new(
                 "trellis_discovery_health_checks_total",
@@ -89,6 +99,7 @@ impl Metrics {
             Box::new(api_latency.clone()),
             Box::new(dns_queries.clone()),
             Box::new(dns_fail_open.clone()),
+            Box::new(dns_limited.clone()),
             Box::new(health_checks.clone()),
             Box::new(instances.clone()),
             Box::new(watchers.clone()),
@@ -102,6 +113,7 @@ impl Metrics {
             api_latency,
             dns_queries,
             dns_fail_open,
+            dns_limited,
             health_checks,
             instances,
             watchers,

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
@@ -16,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig};
 use crate::sigv4::Credentials;
 use crate::store::{EtcdConfig, EtcdStore, MemoryStore, RedbStore, Store, StoreError};
+use crate::throttle::{RateLimit, Throttle};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -46,6 +46,12 @@ pub struct ServerConfig {
     pub require_signature: Option<bool>,
     pub health: HealthConfig,
     pub registry: RegistryConfig,
+    /// Per-client rate of AWS API calls (`None`: unlimited).
+    pub api_rate_limit: Option<RateLimit>,
+    /// DNS response-rate limiting per client subnet (`None`: off, the default).
+    pub dns_rate_limit: Option<RateLimit>,
+    /// Concurrent DNS-over-TCP connections.
+    pub dns_max_tcp_connections: usize,
     /// Trust domain of the CA created on first start (`<data-dir>/ca`).
     pub trust_domain: trellis_core::TrustDomain,
     /// Keep the registry in etcd (several replicas) instead of `<data-dir>` (one node).
@@ -63,6 +69,9 @@ impl ServerConfig {
             require_signature: None,
             health: HealthConfig::default(),
             registry: RegistryConfig::default(),
+            api_rate_limit: Some(crate::http::DEFAULT_CLIENT_RATE),
+            dns_rate_limit: None,
+            dns_max_tcp_connections: crate::dns_tcp::MAX_TCP_CONNECTIONS,
             trust_domain: default_trust_domain(),
             etcd: None,
         }
@@ -130,6 +139,7 @@ impl Server {
                     .unwrap_or(!api_addr.ip().is_loopback()),
             },
             mounts,
+            throttle: config.api_rate_limit.map(Throttle::new),
         });
         tasks.spawn(crate::http::serve(listener, front, stop_rx.clone()));
 
@@ -145,15 +155,15 @@ impl Server {
             tasks.spawn(crate::dns_udp::serve(
                 Arc::new(udp),
                 handler.clone(),
+                config.dns_rate_limit.map(Throttle::new),
                 stop_rx.clone(),
             ));
-            let mut server = hickory_server::ServerFuture::new(SharedHandler(handler));
-            server.register_listener(tcp, Duration::from_secs(10));
-            let mut stop_dns = stop_rx.clone();
-            tasks.spawn(async move {
-                let _ = stop_dns.changed().await;
-                let _ = server.shutdown_gracefully().await;
-            });
+            tasks.spawn(crate::dns_tcp::serve(
+                tcp,
+                handler,
+                config.dns_max_tcp_connections,
+                stop_rx.clone(),
+            ));
         }
 
         let checker = HealthChecker::new(registry.clone(), metrics.clone(), config.health.clone());
@@ -194,20 +204,6 @@ pub async fn run(
     shutdown.await;
     server.shutdown().await;
     Ok(())
-}
-
-/// The hickory handler over a shared [`DnsHandler`] (the UDP fast path holds the other reference).
-struct SharedHandler(Arc<DnsHandler>);
-
-#[async_trait::async_trait]
-impl hickory_server::server::RequestHandler for SharedHandler {
-    async fn handle_request<R: hickory_server::server::ResponseHandler>(
-        &self,
-        request: &hickory_server::server::Request,
-        response_handle: R,
-    ) -> hickory_server::server::ResponseInfo {
-        self.0.handle_request(request, response_handle).await
-    }
 }
 
 /// UDP and TCP on the same port. With port 0 the UDP port the kernel picks may be taken for TCP:

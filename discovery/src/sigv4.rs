@@ -12,15 +12,27 @@ pub struct Credentials {
     pub secret_access_key: String,
 }
 
-/// Verifies a request's SigV4 signature against `creds`.
+/// Verifies a request's SigV4 signature against `creds` (and the 5-minute replay window).
 pub fn verify(
     parts: &http::request::Parts,
     body: &[u8],
     creds: &Credentials,
 ) -> Result<(), ApiError> {
-    sigv4::verify(parts, body, |key| {
-        (key == creds.access_key_id).then(|| creds.secret_access_key.clone())
-    })
+    verify_at(parts, body, creds, std::time::SystemTime::now())
+}
+
+fn verify_at(
+    parts: &http::request::Parts,
+    body: &[u8],
+    creds: &Credentials,
+    now: std::time::SystemTime,
+) -> Result<(), ApiError> {
+    sigv4::verify_at(
+        parts,
+        body,
+        |key| (key == creds.access_key_id).then(|| creds.secret_access_key.clone()),
+        now,
+    )
     .map(|_| ())
     .map_err(|e| match e {
         SigV4Error::Missing => {
@@ -59,7 +71,16 @@ mod tests {
             access_key_id: "AKIDEXAMPLE".into(),
             secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
         };
+        // Signed 2015-08-30T12:36:00Z: valid at that time, a replay today.
+        let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_440_938_160);
+        let verify = |p: &http::request::Parts, b: &[u8], c: &Credentials| verify_at(p, b, c, then);
         verify(&parts, b"", &creds).unwrap();
+        match super::verify(&parts, b"", &creds) {
+            Err(ApiError::InvalidSignature(m)) => {
+                assert!(m.starts_with("Signature expired"), "{m}")
+            }
+            other => panic!("a stale signature must be refused: {other:?}"),
+        }
         let bad = Credentials {
             secret_access_key: "nope".into(),
             ..creds.clone()

@@ -113,11 +113,13 @@ impl RedbStore {
             path: path.clone(),
             db,
         };
-        // Read everything once so a damaged tree fails here, at start, not later.
-        store
-            .load()
-            .map_err(|e| open_err(format!("verification failed: {e}")))?;
-        Ok(store)
+        // Read everything once so a damaged tree fails here, at start, not later (redb can panic
+        // on a damaged tree too: contained like the open above).
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.load())) {
+            Ok(Ok(_)) => Ok(store),
+            Ok(Err(e)) => Err(open_err(format!("verification failed: {e}"))),
+            Err(_) => Err(open_err("file is corrupt (reading it failed)".into())),
+        }
     }
 
     fn io(&self, e: impl std::fmt::Display) -> StoreError {

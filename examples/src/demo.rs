@@ -109,6 +109,8 @@ pub struct Demo {
     lb_stop: CancellationToken,
     lb_sidecar_stop: CancellationToken,
     cloudmap: CloudMap,
+    /// How the control plane was started (bound addresses), for a restart.
+    control_plane_config: ServerConfig,
 }
 
 /// One demo instance: what it is, whom it calls, who may call it.
@@ -223,8 +225,11 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
         timeout: Duration::from_millis(400),
         ..HealthConfig::default()
     };
-    let control_plane = Server::start(cfg).await?;
+    let control_plane = Server::start(cfg.clone()).await?;
     let api = control_plane.api_addr;
+    cfg.api_listen = api;
+    cfg.dns_listen = control_plane.dns_addr;
+    let control_plane_config = cfg;
     let cloudmap = CloudMap::new(api);
 
     // 3. Namespace and services through the Cloud Map API.
@@ -345,6 +350,7 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
         lb_stop,
         lb_sidecar_stop,
         cloudmap,
+        control_plane_config,
     };
     demo.wait_ready().await?;
     Ok(demo)
@@ -419,6 +425,27 @@ impl Demo {
         let _ = inst.stop_app.send(true);
         inst.stop_sidecar.cancel();
         Some(inst)
+    }
+
+    /// Stops the control plane and starts it again on the same addresses and state, as an
+    /// operator's restart: sidecars keep serving from their last endpoint sets and re-watch.
+    pub async fn restart_control_plane(&mut self) -> Result<(), DemoError> {
+        // A stand-in keeps the field valid while the real one is down.
+        let stand_in =
+            Server::start(ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))).await?;
+        let old = std::mem::replace(&mut self.control_plane, stand_in);
+        old.shutdown().await;
+        let mut started = Server::start(self.control_plane_config.clone()).await;
+        for _ in 0..50 {
+            if started.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            started = Server::start(self.control_plane_config.clone()).await;
+        }
+        let stand_in = std::mem::replace(&mut self.control_plane, started?);
+        stand_in.shutdown().await;
+        Ok(())
     }
 
     /// What the banner shows: every URL a user would try.

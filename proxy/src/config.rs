@@ -381,6 +381,9 @@ pub struct LimitsConfig {
     /// HTTP/2 rapid-reset protection: pending-accept resets tolerated per connection.
     #[serde(default = "default_h2_max_pending_resets")]
     pub h2_max_pending_resets: usize,
+    /// Memory budget (resident MiB) of the overload guard; unset: no guard.
+    #[serde(default)]
+    pub max_rss_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -568,6 +571,7 @@ impl Default for LimitsConfig {
             max_connections: default_max_connections(),
             h2_max_streams: default_h2_max_streams(),
             h2_max_pending_resets: default_h2_max_pending_resets(),
+            max_rss_mb: None,
         }
     }
 }

@@ -25,6 +25,8 @@ mod endpoint;
 mod env;
 mod error;
 mod forward;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod intercept;
 pub mod lb;
 mod listener;
@@ -32,6 +34,7 @@ mod metrics;
 mod outbound;
 mod outlier;
 mod pool;
+pub mod overload;
 mod relay;
 mod retry;
 pub mod route;

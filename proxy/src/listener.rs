@@ -1,5 +1,5 @@
 //! Listeners: `SO_REUSEPORT` acceptors (one socket per acceptor, the kernel spreads connections),
-//! `TCP_NODELAY` on every accepted stream, a connection limit, and an accept loop that stops when
+//! `TCP_NODELAY` on every accepted stream, a connection limit, the memory-pressure guard, and an accept loop that stops when
 //! draining starts while connection tasks are tracked so drain can wait for them.
 
 use std::future::Future;
@@ -95,6 +95,11 @@ where
                     drop(stream);
                     continue;
                 };
+                // Under memory pressure new connections go first (the admin port stays open).
+                if ctx.name != "admin" && !crate::overload::admit_connection() {
+                    drop(stream);
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
                 let handle = handle.clone();
                 let gauge = gauge.clone();

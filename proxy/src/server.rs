@@ -42,6 +42,7 @@ pub fn builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves one connection until it closes, or until `stop` (then finishes in-flight requests).
+/// Under memory pressure ([`crate::overload`]) new requests get 503 + `Retry-After`.
 pub async fn serve<IO, H, Fut>(
     io: IO,
     builder: &auto::Builder<TokioExecutor>,
@@ -53,8 +54,41 @@ pub async fn serve<IO, H, Fut>(
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
+    serve_with(io, builder, mode, stop, true, handler).await;
+}
+
+/// [`serve`] for the admin port (HTTP/1.1): never shed, so health and metrics stay visible.
+pub async fn serve_admin<IO, H, Fut>(
+    io: IO,
+    builder: &auto::Builder<TokioExecutor>,
+    stop: CancellationToken,
+    handler: H,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    serve_with(io, builder, HttpMode::Http1, stop, false, handler).await;
+}
+
+async fn serve_with<IO, H, Fut>(
+    io: IO,
+    builder: &auto::Builder<TokioExecutor>,
+    mode: HttpMode,
+    stop: CancellationToken,
+    shed: bool,
+    handler: H,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
     let svc = service_fn(move |req| {
-        let fut = handler(req);
+        // Under memory pressure new requests are refused before any work is done for them.
+        let fut = match shed.then(crate::overload::shed_request).flatten() {
+            Some(shed) => futures_util::future::Either::Left(std::future::ready(shed)),
+            None => futures_util::future::Either::Right(handler(req)),
+        };
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let mut b = builder.clone();

@@ -156,6 +156,11 @@ pub async fn start_with(
     let admin_tracker = TaskTracker::new();
     let limits = &config.limits;
     let builder = crate::server::builder(limits);
+    crate::overload::start(
+        limits.max_rss_mb.map(|mb| mb << 20),
+        &metrics.registry,
+        stop.clone(),
+    );
     let ctx = |name: &'static str| AcceptContext {
         name,
         limit: Arc::new(Semaphore::new(limits.max_connections)),
@@ -437,7 +442,7 @@ pub async fn start_with(
             let admin = Arc::clone(&admin);
             let (builder, stop) = (builder.clone(), admin_stop.clone());
             async move {
-                serve(stream, &builder, HttpMode::Http1, stop, move |req| {
+                crate::server::serve_admin(stream, &builder, stop, move |req| {
                     let admin = Arc::clone(&admin);
                     async move { admin.handle(&req) }
                 })

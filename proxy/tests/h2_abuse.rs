@@ -14,6 +14,7 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
+use trellis_test_support::memory::rss_kib;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;
@@ -228,6 +229,144 @@ async fn streams_beyond_the_concurrency_limit_are_refused() {
     // The h2 client + h1 client from `others_served` count 2; the flood at most 8.
     assert!(a.hits.load(Ordering::SeqCst) - hits_before <= 10);
     others_served(port).await;
+    stop.cancel();
+    sc.wait().await;
+}
+
+const CONTINUATION: u8 = 0x9;
+const PING: u8 = 0x6;
+
+/// Writes `frames` (already encoded) `times` times or until the server stops reading/closes;
+/// meanwhile reads frames and returns the GOAWAY code if one came within 10 s.
+async fn flood(
+    port: std::net::SocketAddr,
+    head: Vec<u8>,
+    repeat: Vec<u8>,
+    times: usize,
+) -> Option<u32> {
+    let (mut r, mut w) = h2_raw(port).await;
+    let writer = tokio::spawn(async move {
+        if w.write_all(&head).await.is_err() {
+            return;
+        }
+        for _ in 0..times {
+            let write = tokio::time::timeout(Duration::from_secs(2), w.write_all(&repeat)).await;
+            if !matches!(write, Ok(Ok(()))) {
+                // Closed, or the server stopped reading (backpressure): the flood is bounded.
+                return;
+            }
+        }
+    });
+    let mut goaway = None;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(f) = read_frame(&mut r).await {
+            if f.kind == GOAWAY {
+                goaway = Some(code(&f.payload, 4));
+                break;
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    goaway
+}
+
+/// CONTINUATION flood (CVE-2024-27316 class): HEADERS without END_HEADERS, then endless
+/// CONTINUATION frames. The header block is bounded by max_header_bytes: the connection ends with
+/// GOAWAY, nothing reaches the app, memory stays flat and other clients are served.
+#[tokio::test]
+async fn continuation_flood_is_cut_off() {
+    let a = app("a", None).await;
+    let (sc, stop) = sidecar(&config(a.addr, "max_header_bytes = 16384")).await;
+    let port = sc.upstream_addrs["api"];
+    others_served(port).await;
+    let (hits, rss) = (a.hits.load(Ordering::SeqCst), rss_kib());
+    let mut head = Vec::new();
+    frame(&mut head, HEADERS, 0, 1, &get_block("/"));
+    // Each CONTINUATION carries one more literal header (name "x", 1000-byte value, not indexed).
+    let mut lit = vec![0x00, 0x01, b'x', 0x7f, 0xe9, 0x06];
+    lit.extend(std::iter::repeat_n(b'v', 1000));
+    let mut repeat = Vec::new();
+    frame(&mut repeat, CONTINUATION, 0, 1, &lit);
+    let goaway = flood(port, head, repeat, 100_000).await;
+    eprintln!(
+        "continuation flood: goaway={goaway:?} rss +{} KiB",
+        rss_kib().saturating_sub(rss)
+    );
+    assert!(goaway.is_some(), "the connection must end with GOAWAY");
+    assert_eq!(a.hits.load(Ordering::SeqCst), hits, "nothing forwarded");
+    assert!(rss_kib() < rss + 64 * 1024, "memory stays bounded");
+    others_served(port).await;
+    stop.cancel();
+    sc.wait().await;
+}
+
+/// SETTINGS and PING floods from a client that never reads the ACKs: the server answers each, so
+/// its writes back up; it must stop reading (bounded buffers) or close, never grow without bound.
+#[tokio::test]
+async fn settings_and_ping_floods_stay_bounded() {
+    let a = app("a", None).await;
+    let (sc, stop) = sidecar(&config(a.addr, "")).await;
+    let port = sc.upstream_addrs["api"];
+    let rss = rss_kib();
+    for kind in [SETTINGS, PING] {
+        let mut repeat = Vec::new();
+        for _ in 0..1000 {
+            if kind == SETTINGS {
+                // SETTINGS_MAX_CONCURRENT_STREAMS = 100: valid, and each needs an ACK.
+                frame(&mut repeat, SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]);
+            } else {
+                frame(&mut repeat, PING, 0, 0, b"12345678");
+            }
+        }
+        let during = tokio::spawn(others_served(port));
+        let goaway = flood(port, Vec::new(), repeat, 2_000).await;
+        during.await.unwrap();
+        let grown = rss_kib().saturating_sub(rss);
+        eprintln!("flood kind {kind}: goaway={goaway:?} rss +{grown} KiB");
+        assert!(grown < 64 * 1024, "memory stays bounded (+{grown} KiB)");
+    }
+    others_served(port).await;
+    stop.cancel();
+    sc.wait().await;
+}
+
+/// Zero-window stall: the client advertises an initial window of 0 and opens streams, so the
+/// server can never send a body. Work stays bounded (h2_max_streams per connection), memory flat,
+/// and other clients are served.
+#[tokio::test]
+async fn zero_window_stall_is_bounded() {
+    let a = app("a", None).await;
+    let (sc, stop) = sidecar(&config(a.addr, "h2_max_streams = 8")).await;
+    let port = sc.upstream_addrs["api"];
+    let rss = rss_kib();
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let s = TcpStream::connect(port).await.unwrap();
+        let (r, mut w) = s.into_split();
+        let mut out = PREFACE.to_vec();
+        // SETTINGS_INITIAL_WINDOW_SIZE = 0.
+        frame(&mut out, SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]);
+        for i in 0..50u32 {
+            frame(
+                &mut out,
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                2 * i + 1,
+                &get_block("/"),
+            );
+        }
+        w.write_all(&out).await.unwrap();
+        conns.push((r, w));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    others_served(port).await;
+    let grown = rss_kib().saturating_sub(rss);
+    eprintln!("zero-window stall: 20 connections x 50 streams, rss +{grown} KiB");
+    assert!(grown < 64 * 1024);
+    // At most h2_max_streams (8) per connection reach the app.
+    assert!(a.hits.load(Ordering::SeqCst) <= 20 * 8 + 4);
+    drop(conns);
     stop.cancel();
     sc.wait().await;
 }

@@ -45,12 +45,22 @@ pub(super) async fn handle(
             return WireError::from(&e).aws();
         }
     };
+    dispatch(api, target, &scope, &body).await
+}
+
+/// One authenticated action: decode the JSON 1.1 body, act, answer (success or AWS error shape).
+pub(crate) async fn dispatch(
+    api: &CaApi,
+    target: &str,
+    scope: &Scope,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
     let res = match target {
-        "IssueCertificate" => issue(api, &scope, &body).await,
-        "GetCertificate" => get_certificate(api, &body),
-        "GetCertificateAuthorityCertificate" => get_ca_certificate(api, &body),
-        "RevokeCertificate" => revoke(api, &scope, &body).await,
-        "DescribeCertificateAuthority" => describe(api, &body),
+        "IssueCertificate" => issue(api, scope, body).await,
+        "GetCertificate" => get_certificate(api, body),
+        "GetCertificateAuthorityCertificate" => get_ca_certificate(api, body),
+        "RevokeCertificate" => revoke(api, scope, body).await,
+        "DescribeCertificateAuthority" => describe(api, body),
         other => Err(err(
             "UnknownOperationException",
             format!("unsupported operation {other}"),

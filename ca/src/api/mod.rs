@@ -2,7 +2,7 @@
 //! (`X-Amz-Target: ACMPrivateCA.*`) and `/metrics`. [`CaApi`] is a cheap handle that a host
 //! server (the control plane) mounts next to its own routes; [`serve`] runs it alone.
 
-mod aws;
+pub(crate) mod aws;
 mod native;
 mod sigv4;
 mod wire;

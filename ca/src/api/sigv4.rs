@@ -13,7 +13,7 @@ pub fn verify(parts: &Parts, body: &[u8], tokens: &Tokens) -> Result<Scope, Auth
     })
     .map_err(|e| match e {
         SigV4Error::Missing => AuthError::Missing,
-        SigV4Error::BadSignature => AuthError::BadSignature,
+        SigV4Error::BadSignature | SigV4Error::Expired => AuthError::BadSignature,
         _ => AuthError::Invalid,
     })?;
     tokens.scope(key).ok_or(AuthError::Invalid)

@@ -96,6 +96,9 @@ pub struct LimitsConfig {
     /// How long SIGTERM waits for in-flight requests.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Concurrent connections per listener; beyond it new ones are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -106,6 +109,7 @@ impl Default for LimitsConfig {
             connect_timeout: default_connect_timeout(),
             request_timeout: default_request_timeout(),
             drain_timeout: default_drain_timeout(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -127,6 +131,9 @@ fn default_request_timeout() -> Duration {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_max_connections() -> usize {
+    10_000
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

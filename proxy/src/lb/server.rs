@@ -199,12 +199,24 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
             stop.clone(),
             tasks.clone(),
         );
-        tasks.spawn(accept_loop(tcp, tls, builder, stop2, tasks2, move |peer| {
-            let (shared, state) = (Arc::clone(&shared), Arc::clone(&state));
-            service_fn(move |req| {
-                listener::handle(Arc::clone(&shared), Arc::clone(&state), peer, req)
-            })
-        }));
+        let admission = Admission {
+            max_connections: config.limits.max_connections,
+            shed_on_pressure: true,
+        };
+        tasks.spawn(accept_loop(
+            tcp,
+            tls,
+            builder,
+            stop2,
+            tasks2,
+            admission,
+            move |peer| {
+                let (shared, state) = (Arc::clone(&shared), Arc::clone(&state));
+                service_fn(move |req| {
+                    listener::handle(Arc::clone(&shared), Arc::clone(&state), peer, req)
+                })
+            },
+        ));
     }
     let drain = config.limits.drain_timeout;
     let admin = Arc::new(Admin {
@@ -222,6 +234,10 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
         Arc::clone(&builder),
         stop.clone(),
         tasks.clone(),
+        Admission {
+            max_connections: ADMIN_CONNECTIONS,
+            shed_on_pressure: false,
+        },
         move |_peer| {
             let admin = Arc::clone(&admin);
             service_fn(move |req| admin::handle(Arc::clone(&admin), req))
@@ -261,12 +277,24 @@ const MAX_HEADERS: usize = 100;
 const MAX_STREAMS: u32 = 256;
 const MAX_PENDING_RESETS: usize = 64;
 
+/// Concurrent connections to the admin port.
+const ADMIN_CONNECTIONS: usize = 256;
+
+/// Which connections an accept loop takes: at most `max_connections` at once, and none under
+/// memory pressure when `shed_on_pressure` (the admin port stays reachable).
+#[derive(Clone, Copy)]
+struct Admission {
+    max_connections: usize,
+    shed_on_pressure: bool,
+}
+
 async fn accept_loop<F, S>(
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    admission: Admission,
     make_service: F,
 ) where
     F: Fn(SocketAddr) -> S,
@@ -278,6 +306,9 @@ async fn accept_loop<F, S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        admission.max_connections.max(1),
+    ));
     loop {
         let (sock, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -291,10 +322,20 @@ async fn accept_loop<F, S>(
                 }
             },
         };
+        // Over the cap, or under memory pressure: closed before any work is spent on it.
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            drop(sock);
+            continue;
+        };
+        if admission.shed_on_pressure && !crate::overload::admit_connection() {
+            drop(sock);
+            continue;
+        }
         let _ = sock.set_nodelay(true);
         let svc = make_service(peer);
         let (builder, stop, tls) = (Arc::clone(&builder), stop.clone(), tls.clone());
         tasks.spawn(async move {
+            let _permit = permit;
             match tls {
                 None => serve(&builder, TokioIo::new(sock), svc, stop).await,
                 Some(acc) => {
