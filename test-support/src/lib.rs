@@ -10,8 +10,8 @@
 //!   its own namespace; removed on drop, even when the test fails.
 
 pub mod bins;
-pub mod etcd;
 pub mod corpus;
+pub mod etcd;
 pub mod memory;
 pub mod netns;
 pub mod tools;

@@ -275,9 +275,11 @@ async fn forward(
         };
 
         let t0 = Instant::now();
-        let result =
-            tokio::time::timeout(shared.limits.request_timeout, shared.client.send_to(addr, req))
-                .await;
+        let result = tokio::time::timeout(
+            shared.limits.request_timeout,
+            shared.client.send_to(addr, req),
+        )
+        .await;
         let (status, out) = match result {
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
