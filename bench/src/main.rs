@@ -111,6 +111,10 @@ fn run(args: Args) -> Result<()> {
             .unwrap_or(root.join("target/release")),
         wrap: Vec::new(),
     };
+    let out = args.out.clone().unwrap_or_else(|| {
+        root.join("bench/results")
+            .join(if args.quick { "quick" } else { "latest" })
+    });
     let mut results: Vec<ScenarioResult> = Vec::new();
     for s in selected {
         if s == "lb-rules" || s == "resources" || s == "control-plane" {
@@ -123,6 +127,7 @@ fn run(args: Args) -> Result<()> {
                 print!("{}", r.to_markdown());
                 results.push(r);
             }
+            report::write_all(&out, &header(&ctx), &results)?;
             continue;
         }
         let r = match s {
@@ -142,11 +147,9 @@ fn run(args: Args) -> Result<()> {
         };
         print!("{}", r.to_markdown());
         results.push(r);
+        // After every scenario, so a failure later keeps what was measured.
+        report::write_all(&out, &header(&ctx), &results)?;
     }
-    let out = args.out.unwrap_or_else(|| {
-        root.join("bench/results")
-            .join(if args.quick { "quick" } else { "latest" })
-    });
     report::write_all(&out, &header(&ctx), &results)?;
     eprintln!("results written to {}", out.display());
     let _ = std::fs::remove_dir_all(&ctx.work);

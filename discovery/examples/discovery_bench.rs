@@ -115,6 +115,8 @@ async fn latency(samples: usize) {
     let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     cfg.dns_listen = Some("127.0.0.1:0".parse().unwrap());
     cfg.data_dir = Some(dir.path().to_path_buf());
+    // Measuring the server, not its per-client API throttle.
+    cfg.api_rate_limit = None;
     let server = Server::start(cfg).await.unwrap();
     let (api, dns) = (server.api_addr, server.dns_addr.unwrap());
     let ns = create_zone(api, "lat.local").await;
@@ -231,6 +233,8 @@ async fn health(n: usize) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     cfg.data_dir = Some(dir.path().to_path_buf());
+    // Measuring the server, not its per-client API throttle.
+    cfg.api_rate_limit = None;
     cfg.health.interval = Duration::from_secs(1);
     cfg.health.timeout = Duration::from_millis(500);
     cfg.health.concurrency = std::env::var("HEALTH_CONCURRENCY")

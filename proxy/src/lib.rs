@@ -24,6 +24,7 @@ mod egress;
 mod endpoint;
 mod env;
 mod error;
+mod fnv;
 mod forward;
 #[doc(hidden)]
 pub mod fuzz;

@@ -10,7 +10,6 @@
 //! not be written to a reused connection is retried on a fresh one (it was never sent).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,35 +29,13 @@ const MAX_IDLE_PER_ENDPOINT: usize = 256;
 /// Reused connections tried before opening a new one.
 const MAX_STALE_RETRIES: usize = 4;
 
-/// FNV-1a: `SocketAddr` keys are short and not attacker-chosen (they come from discovery).
-#[derive(Default)]
-pub struct Fnv(u64);
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-}
-
 struct Idle {
     tx: SendRequest<ProxyBody>,
     since: Instant,
 }
 
 pub struct H1Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>, BuildHasherDefault<Fnv>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>, crate::fnv::FnvBuild>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -204,7 +181,6 @@ impl H1Pool {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use std::hash::BuildHasher;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -302,14 +278,5 @@ mod tests {
             post(&pool, closed).await,
             Err(ProxyError::ConnectFailed)
         ));
-    }
-
-    #[test]
-    fn fnv_spreads_addresses() {
-        let b = BuildHasherDefault::<Fnv>::default();
-        let a: SocketAddr = "127.0.0.1:8080".parse().unwrap_or_else(|_| unreachable!());
-        let c: SocketAddr = "127.0.0.1:8081".parse().unwrap_or_else(|_| unreachable!());
-        assert_ne!(b.hash_one(a), b.hash_one(c));
-        assert_eq!(b.hash_one(a), b.hash_one(a));
     }
 }

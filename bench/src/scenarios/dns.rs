@@ -45,6 +45,9 @@ pub fn trellis(ctx: &Ctx, dns_port: u16) -> Result<(Option<Proc>, SocketAddr)> {
             &dns_s,
             "--data-dir",
             &data_s,
+            // The populate step registers 1,000 services as fast as it can.
+            "--api-rate-limit",
+            "0",
         ],
         &[("TOKIO_WORKER_THREADS", &workers), ("RUST_LOG", "warn")],
     )?;

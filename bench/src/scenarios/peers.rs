@@ -218,18 +218,7 @@ backend b
         (false, true) => "haproxy-h2",
         (false, false) => "haproxy",
     };
-    let (p, addr) = Launch {
-        role: Role::Subject,
-        name,
-        program: "haproxy".as_ref(),
-        args: &["-db", "-f", CONFIG],
-        env: &[],
-        config_file: &format!("{name}.cfg"),
-        config: &conf,
-        port,
-    }
-    .start(ctx)?;
-    Ok((p, addr))
+    start_haproxy(ctx, name, &conf, port)
 }
 
 /// HAProxy (`nbthread` = workers) with the given sections after `global` and `defaults` (HTTP
@@ -255,6 +244,10 @@ defaults
 {sections}",
         workers = ctx.workers
     );
+    start_haproxy(ctx, name, &conf, port)
+}
+
+fn start_haproxy(ctx: &Ctx, name: &str, conf: &str, port: u16) -> Result<(Proc, SocketAddr)> {
     Launch {
         role: Role::Subject,
         name,
@@ -262,7 +255,7 @@ defaults
         args: &["-db", "-f", CONFIG],
         env: &[],
         config_file: &format!("{name}.cfg"),
-        config: &conf,
+        config: conf,
         port,
     }
     .start(ctx)

@@ -6,7 +6,6 @@
 //! lists merged, so it only evaluates rules that could match, still in priority order.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
 use super::action::Action;
 use super::condition::Condition;
@@ -146,29 +145,7 @@ impl RuleIndex {
 
 /// FNV-1a for the segment map: short keys, and SipHash's flooding resistance buys nothing here
 /// because the stored keys come from config, not from clients (a client only looks up).
-type SegmentHash = BuildHasherDefault<Fnv1a>;
-
-#[derive(Default)]
-struct Fnv1a(u64);
-
-impl Hasher for Fnv1a {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-}
+type SegmentHash = crate::fnv::FnvBuild;
 
 /// First segments every matching path must have, when the rule pins them (any one of its
 /// path conditions is enough: all must match).
