@@ -60,6 +60,9 @@ struct Args {
     /// Use the release binaries already in target/release instead of building them.
     #[arg(long)]
     no_build: bool,
+    /// Rewrite the tables and plots of a results directory from its results.json; runs nothing.
+    #[arg(long, value_name = "DIR")]
+    replot: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +76,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
+    if let Some(dir) = &args.replot {
+        return replot(dir);
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(PathBuf::from)
@@ -153,6 +159,19 @@ fn run(args: Args) -> Result<()> {
     report::write_all(&out, &header(&ctx), &results)?;
     eprintln!("results written to {}", out.display());
     let _ = std::fs::remove_dir_all(&ctx.work);
+    Ok(())
+}
+
+/// Regenerates results.md and the SVGs of `dir` from its results.json (keeping the header).
+fn replot(dir: &std::path::Path) -> Result<()> {
+    let json = std::fs::read_to_string(dir.join("results.json"))
+        .with_context(|| format!("reading {}/results.json", dir.display()))?;
+    let results: Vec<ScenarioResult> =
+        serde_json::from_str(&json).context("parsing results.json")?;
+    let md = std::fs::read_to_string(dir.join("results.md")).unwrap_or_default();
+    let header = md.split("### ").next().unwrap_or_default().to_owned();
+    report::write_all(dir, &header, &results)?;
+    eprintln!("rewrote {}", dir.display());
     Ok(())
 }
 

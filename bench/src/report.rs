@@ -155,7 +155,72 @@ impl ScenarioResult {
     }
 }
 
-/// Writes `<dir>/results.md`, `<dir>/results.json` and one SVG per scenario.
+/// A latency series of the latency plot: label, which field, bar colour.
+type Percentile = (&'static str, fn(&Sample) -> f64, RGBColor);
+
+impl ScenarioResult {
+    /// Whether any subject reported latency percentiles.
+    pub fn has_latency(&self) -> bool {
+        self.rows.iter().any(|r| r.median(|s| s.p99_us) > 0.0)
+    }
+
+    /// Grouped bars of the median p50 / p99 / p99.9 latency per subject (µs).
+    pub fn write_latency_svg(&self, path: &Path) -> Result<()> {
+        let root = SVGBackend::new(path, (720, 360)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let pcts: [Percentile; 3] = [
+            ("p50", |s| s.p50_us, RGBColor(120, 170, 230)),
+            ("p99", |s| s.p99_us, RGBColor(40, 100, 200)),
+            ("p99.9", |s| s.p999_us, RGBColor(10, 40, 120)),
+        ];
+        let max = self
+            .rows
+            .iter()
+            .flat_map(|r| pcts.iter().map(move |(_, f, _)| r.median(f)))
+            .fold(0.0, f64::max)
+            .max(1.0)
+            * 1.15;
+        let n = self.rows.len().max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{}: latency", self.title), ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..n as f64, 0f64..max)?;
+        let names: Vec<String> = self.rows.iter().map(|r| r.subject.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .y_desc("µs (p50, p99, p99.9)")
+            .x_labels(n)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                names.get(i).cloned().unwrap_or_default()
+            })
+            .draw()?;
+        for (k, (label, f, color)) in pcts.iter().enumerate() {
+            chart
+                .draw_series(self.rows.iter().enumerate().map(|(i, r)| {
+                    let x0 = i as f64 + 0.15 + k as f64 * 0.23;
+                    Rectangle::new([(x0, 0.0), (x0 + 0.2, r.median(f))], color.filled())
+                }))?
+                .label(*label)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+}
+
+/// Writes `<dir>/results.md`, `<dir>/results.json` and SVGs per scenario: the rates, and the
+/// latency percentiles where the load generator reports them.
 pub fn write_all(dir: &Path, header: &str, results: &[ScenarioResult]) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut md = String::from(header);
@@ -163,6 +228,13 @@ pub fn write_all(dir: &Path, header: &str, results: &[ScenarioResult]) -> Result
         md.push_str(&r.to_markdown());
         md.push_str(&format!("![{}]({}.svg)\n\n", r.title, r.name));
         r.write_svg(&dir.join(format!("{}.svg", r.name)))?;
+        if r.has_latency() {
+            md.push_str(&format!(
+                "![{} latency]({}-latency.svg)\n\n",
+                r.title, r.name
+            ));
+            r.write_latency_svg(&dir.join(format!("{}-latency.svg", r.name)))?;
+        }
     }
     std::fs::write(dir.join("results.md"), md)?;
     std::fs::write(
@@ -208,9 +280,18 @@ mod tests {
         let md = r.to_markdown();
         assert!(md.contains("**1.33×**"), "{md}");
         let dir = std::env::temp_dir().join(format!("trellis-bench-test-{}", std::process::id()));
-        write_all(&dir, "# h\n", &[r]).unwrap();
+        assert!(!r.has_latency());
+        let mut with_latency = r.clone();
+        with_latency.name = "l".into();
+        for s in &mut with_latency.rows[0].runs {
+            s.p99_us = 900.0;
+        }
+        write_all(&dir, "# h\n", &[r, with_latency]).unwrap();
         let svg = std::fs::read_to_string(dir.join("t.svg")).unwrap();
         assert!(svg.contains("<svg"));
+        assert!(!dir.join("t-latency.svg").exists());
+        let svg = std::fs::read_to_string(dir.join("l-latency.svg")).unwrap();
+        assert!(svg.contains("p99.9"), "{svg}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
