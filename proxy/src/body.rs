@@ -32,9 +32,7 @@ impl ProxyBody {
             data: (!data.is_empty()).then_some(data),
         }
     }
-}
 
-impl ProxyBody {
     pub(crate) fn pooled(body: Incoming, release: Release) -> Self {
         ProxyBody::Pooled {
             body,

@@ -113,7 +113,7 @@ impl UpstreamClient {
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         match &self.h1 {
-            Some(pool) => Box::pin(pool.send(addr, req)).await,
+            Some(pool) => pool.send(addr, req).await,
             None => Ok(self.send(req).await?.map(ProxyBody::from)),
         }
     }

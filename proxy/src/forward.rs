@@ -222,14 +222,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
             .map(str::trim)
-            // The usual tokens are options, not header names (and keep-alive is in the set).
-            .filter(|t| {
-                !t.eq_ignore_ascii_case("keep-alive")
-                    && !t.eq_ignore_ascii_case("close")
-                    && !t.eq_ignore_ascii_case("upgrade")
-            })
+            // The usual tokens name headers removed below anyway: skip parsing them.
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("upgrade"))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .filter(|n| !HOP_BY_HOP.contains(n))
+            .filter(|n| !HOP_BY_HOP.contains(n) && n != header::UPGRADE)
             .collect();
         for h in named {
             headers.remove(h);
@@ -299,6 +295,13 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h);
         assert!(h.contains_key(header::TE), "te: trailers survives for gRPC");
+        // Any name `Connection` lists goes, even one spelled like an option.
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("close") && !h.contains_key(header::UPGRADE));
+        assert!(h.contains_key("x-keep"));
     }
 
     #[test]

@@ -82,8 +82,8 @@ impl H1Pool {
         loop {
             let (mut tx, reused) = match self.checkout(addr, &mut stale).await {
                 Some(tx) => (tx, true),
-                // Boxed: connecting is the rare path, and its state would otherwise make every
-                // request's future (moved into place by hyper per request) several KiB larger.
+                // Boxed: connecting is the rare path; its state stays out of every request's
+                // future, which hyper moves into place per request.
                 None => (Box::pin(self.connect(addr)).await?, false),
             };
             match tx.try_send_request(req).await {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 
 use super::{Subject, measure, peers};
 use crate::load;
-use crate::proc::{CONFIG, Launch, Proc, free_port};
+use crate::proc::{Launch, Proc, free_port};
 use crate::report::ScenarioResult;
 use crate::{Ctx, Role};
 
@@ -138,19 +138,8 @@ fn trellis_pair(ctx: &Ctx, port: u16, origin: SocketAddr) -> Result<(Proc, Socke
          [[clusters]]\nservice = \"api\"\nendpoints = [{{ address = \"127.0.0.1:{inbound}\" }}]\n",
         common("web")
     );
-    let sidecar = |name: &str, conf: &str, port: u16| {
-        Launch {
-            role: Role::Subject,
-            name,
-            program: &ctx.bin("trellis-proxy"),
-            args: &["sidecar", "--config", CONFIG],
-            env: &[],
-            config_file: &format!("{name}.toml"),
-            config: conf,
-            port,
-        }
-        .start(ctx)
-    };
+    let sidecar =
+        |name: &str, conf: &str, port: u16| super::trellis::launch_sidecar(ctx, name, conf, port);
     let (server, _) = sidecar("trellis-mtls-server", &server_conf, inbound)?;
     let (client, addr) = sidecar("trellis-mtls-client", &client_conf, port)?;
     Ok((client.with_measured(server).with_background(cp), addr))

@@ -39,16 +39,26 @@ worker_threads = {workers}
         workers = ctx.workers
     );
     let name = if tcp { "trellis-tcp" } else { "trellis" };
-    let (p, addr) = Launch {
+    let (p, addr) = launch_sidecar(ctx, name, &conf, port)?;
+    Ok((Some(p), addr))
+}
+
+/// Starts `trellis-proxy sidecar` with `config` (written to `<name>.toml`), listening on `port`.
+pub fn launch_sidecar(
+    ctx: &Ctx,
+    name: &str,
+    config: &str,
+    port: u16,
+) -> Result<(Proc, SocketAddr)> {
+    Launch {
         role: Role::Subject,
         name,
         program: &ctx.bin("trellis-proxy"),
         args: &["sidecar", "--config", CONFIG],
         env: &[],
         config_file: &format!("{name}.toml"),
-        config: &conf,
+        config,
         port,
     }
-    .start(ctx)?;
-    Ok((Some(p), addr))
+    .start(ctx)
 }
