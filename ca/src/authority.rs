@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
@@ -18,18 +18,20 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use trellis_core::{SpiffeId, TrustDomain};
 
-use crate::commit::GroupCommit;
 use crate::csr::VerifiedCsr;
 use crate::error::CaError;
-use crate::journal::{self, Journal};
+use crate::journal;
 use crate::metrics::CaMetrics;
 use crate::policy::{BACKDATE, DnsSans, Policy};
 use crate::serial::Serial;
+use crate::state::{CaState, NoState};
 
 /// Root lifetime.
 pub const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Intermediate lifetime.
 pub const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
+/// Serials drawn again after a collision in shared state before the issuance fails.
+const MAX_SERIAL_COLLISIONS: u32 = 3;
 /// Lifetime of each generated CRL (it is regenerated on every revocation and at start).
 pub const CRL_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -97,10 +99,10 @@ impl RevokeReason {
     }
 }
 
-/// One line of `index.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One line of `index.jsonl` (and one `issued/` or `revoked/` record of a shared [`CaState`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
-pub(crate) enum IndexRecord {
+pub enum IndexRecord {
     Issued {
         serial: String,
         spiffe_id: String,
@@ -116,7 +118,7 @@ pub(crate) enum IndexRecord {
 }
 
 /// One line of `audit.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
@@ -134,23 +136,8 @@ struct Entry {
     not_after: OffsetDateTime,
     cert: Option<CertificateDer<'static>>,
     revoked: Option<(RevokeReason, OffsetDateTime)>,
-}
-
-pub(crate) struct Files {
-    pub(crate) dir: PathBuf,
-    commit: GroupCommit,
-}
-
-impl Files {
-    pub(crate) fn open(dir: PathBuf) -> Result<Self, CaError> {
-        Ok(Self {
-            commit: GroupCommit::new(
-                Journal::open(&dir.join(crate::ca_dir::AUDIT))?,
-                Journal::open(&dir.join(crate::ca_dir::INDEX))?,
-            ),
-            dir,
-        })
-    }
+    /// Signed by another replica's intermediate (learned from shared state): not in our CRL.
+    foreign: bool,
 }
 
 struct Inner {
@@ -162,8 +149,11 @@ struct Inner {
     intermediate_not_after: OffsetDateTime,
     root_not_after: Option<OffsetDateTime>,
     roots: ArcSwap<Vec<CertificateDer<'static>>>,
+    /// Raw subject of the intermediate: a learned leaf with this issuer is ours.
+    subject: Vec<u8>,
     entries: Mutex<HashMap<Serial, Entry>>,
-    files: Option<Files>,
+    dir: Option<PathBuf>,
+    state: RwLock<Arc<dyn CaState>>,
     crl: ArcSwap<String>,
     metrics: CaMetrics,
 }
@@ -190,7 +180,8 @@ pub(crate) struct Parts {
     pub intermediate: CertificateDer<'static>,
     pub roots: Vec<CertificateDer<'static>>,
     pub root_not_after: Option<OffsetDateTime>,
-    pub files: Option<Files>,
+    /// The CA directory and its journals; `None` for an in-memory CA.
+    pub files: Option<(PathBuf, crate::state::JournalState)>,
     pub index: Vec<IndexRecord>,
 }
 
@@ -199,11 +190,16 @@ impl Authority {
         let (_, x509) = x509_parser::parse_x509_certificate(&p.intermediate)
             .map_err(|e| CaError::Internal(format!("intermediate certificate: {e}")))?;
         let intermediate_not_after = x509.validity().not_after.to_datetime();
+        let subject = x509.subject().as_raw().to_vec();
         let issuer = Issuer::from_ca_cert_der(&p.intermediate, p.intermediate_key)?;
         let mut entries = HashMap::new();
         for rec in p.index {
-            apply_record(&mut entries, rec)?;
+            apply_record(&mut entries, rec, false)?;
         }
+        let (dir, state): (_, Arc<dyn CaState>) = match p.files {
+            Some((dir, journals)) => (Some(dir), Arc::new(journals)),
+            None => (None, Arc::new(NoState)),
+        };
         let me = Self {
             inner: Arc::new(Inner {
                 trust_domain: p.trust_domain,
@@ -214,8 +210,10 @@ impl Authority {
                 intermediate_not_after,
                 root_not_after: p.root_not_after,
                 roots: ArcSwap::from_pointee(p.roots),
+                subject,
                 entries: Mutex::new(entries),
-                files: p.files,
+                dir,
+                state: RwLock::new(state),
                 crl: ArcSwap::from_pointee(String::new()),
                 metrics: CaMetrics::new(),
             }),
@@ -275,7 +273,7 @@ impl Authority {
     }
     /// The directory this CA persists to, if any.
     pub fn dir(&self) -> Option<PathBuf> {
-        self.inner.files.as_ref().map(|f| f.dir.clone())
+        self.inner.dir.clone()
     }
 
     /// Signs a workload certificate for `id` over the CSR's key. `ttl` defaults to the policy
@@ -333,12 +331,21 @@ impl Authority {
         // Truncate to whole seconds: X.509 time has second precision.
         let not_before = not_before.replace_nanosecond(0).unwrap_or(not_before);
         let not_after = not_after.replace_nanosecond(0).unwrap_or(not_after);
-        let serial = self.reserve_serial(id, not_after);
-        let res = self.sign_and_record(csr, id, serial, not_before, not_after, requester);
-        if res.is_err() {
-            self.inner.entries.lock().remove(&serial);
+        let mut collisions = 0;
+        loop {
+            let serial = self.reserve_serial(id, not_after);
+            let res = self.sign_and_record(csr, id, serial, not_before, not_after, requester);
+            if res.is_err() {
+                self.inner.entries.lock().remove(&serial);
+            }
+            match res {
+                // Another replica recorded this serial first (shared state): draw another.
+                Err(CaError::SerialTaken(_)) if collisions < MAX_SERIAL_COLLISIONS => {
+                    collisions += 1;
+                }
+                res => return res,
+            }
         }
-        res
     }
 
     fn reserve_serial(&self, id: &SpiffeId, not_after: OffsetDateTime) -> Serial {
@@ -351,6 +358,7 @@ impl Authority {
                     not_after,
                     cert: None,
                     revoked: None,
+                    foreign: false,
                 });
                 return s;
             }
@@ -424,12 +432,62 @@ impl Authority {
         })
     }
 
-    /// Appends audit then index, both fsynced, before anything is returned to the caller.
+    /// Records audit and index durably (the CA's [`CaState`]) before anything is returned.
     fn record(&self, audit: &AuditRecord, index: &IndexRecord) -> Result<(), CaError> {
-        match &self.inner.files {
-            Some(f) => f.commit.append(audit, index),
-            None => Ok(()),
+        let state = Arc::clone(&self.inner.state.read());
+        state.record(index, audit)
+    }
+
+    /// Moves this CA's serials, revocations and audit log to shared state (several replicas of
+    /// one CA service); what was recorded before stays where it was.
+    pub fn share_state(&self, state: Arc<dyn CaState>) {
+        *self.inner.state.write() = state;
+    }
+
+    /// The audit log, oldest first (from the CA's [`CaState`]).
+    pub fn audit_log(&self) -> Result<Vec<AuditRecord>, CaError> {
+        let state = Arc::clone(&self.inner.state.read());
+        state.audit_log()
+    }
+
+    /// Applies a record another replica wrote to the shared state (or this one's own, echoed
+    /// back: known records are ignored). A revocation of one of this CA's own certificates
+    /// re-signs the CRL.
+    pub fn learn(&self, record: IndexRecord) -> Result<(), CaError> {
+        let own_revoked = {
+            let mut entries = self.inner.entries.lock();
+            match &record {
+                IndexRecord::Issued { serial, cert, .. } => {
+                    let s: Serial = serial.parse()?;
+                    if entries.contains_key(&s) {
+                        return Ok(());
+                    }
+                    let foreign = base64_decode(cert).is_none_or(|der| {
+                        x509_parser::parse_x509_certificate(&der)
+                            .map(|(_, x)| x.issuer().as_raw() != self.inner.subject.as_slice())
+                            .unwrap_or(true)
+                    });
+                    apply_record(&mut entries, record, foreign)?;
+                    false
+                }
+                IndexRecord::Revoked { serial, .. } => {
+                    let s: Serial = serial.parse()?;
+                    match entries.get(&s) {
+                        Some(e) if e.revoked.is_none() => {
+                            let own = !e.foreign;
+                            apply_record(&mut entries, record, false)?;
+                            own
+                        }
+                        _ => false,
+                    }
+                }
+            }
+        };
+        if own_revoked {
+            self.inner.metrics.revoked.inc();
+            self.regenerate_crl()?;
         }
+        Ok(())
     }
 
     /// Looks up an issued certificate (leaf DER) by serial.
@@ -501,6 +559,7 @@ impl Authority {
             let entries = self.inner.entries.lock();
             entries
                 .iter()
+                .filter(|(_, e)| !e.foreign)
                 .filter_map(|(s, e)| {
                     e.revoked.map(|(reason, at)| RevokedCertParams {
                         serial_number: SerialNumber::from_slice(s.as_bytes()),
@@ -559,7 +618,11 @@ impl Authority {
     }
 }
 
-fn apply_record(entries: &mut HashMap<Serial, Entry>, rec: IndexRecord) -> Result<(), CaError> {
+fn apply_record(
+    entries: &mut HashMap<Serial, Entry>,
+    rec: IndexRecord,
+    foreign: bool,
+) -> Result<(), CaError> {
     match rec {
         IndexRecord::Issued {
             serial,
@@ -583,6 +646,7 @@ fn apply_record(entries: &mut HashMap<Serial, Entry>, rec: IndexRecord) -> Resul
                         not_after,
                         cert: Some(cert),
                         revoked: None,
+                        foreign,
                     },
                 )
                 .is_some()

@@ -21,9 +21,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use trellis_core::TrustDomain;
 
-use crate::authority::{
-    Authority, Files, Hierarchy, IndexRecord, Parts, intermediate_params, to_pem,
-};
+use crate::authority::{Authority, Hierarchy, IndexRecord, Parts, intermediate_params, to_pem};
 use crate::error::CaError;
 use crate::journal;
 use crate::policy::Policy;
@@ -323,7 +321,7 @@ impl CaDir {
         let index: Vec<IndexRecord> = journal::read_all(&self.file(INDEX))?;
         // Parse the audit log as well: a damaged audit log must stop the CA, not be appended to.
         let _: Vec<crate::authority::AuditRecord> = journal::read_all(&self.file(AUDIT))?;
-        let files = Files::open(self.path.clone())?;
+        let journals = crate::state::JournalState::open(self.path.clone())?;
         let index_path = self.file(INDEX);
         Authority::from_parts(Parts {
             trust_domain: config.trust_domain,
@@ -332,7 +330,7 @@ impl CaDir {
             intermediate,
             roots,
             root_not_after,
-            files: Some(files),
+            files: Some((self.path.clone(), journals)),
             index,
         })
         .map_err(|e| match e {

@@ -41,6 +41,12 @@ pub enum CaError {
     UnknownSerial(String),
     #[error("certificate {0} is already revoked")]
     AlreadyRevoked(String),
+    /// Shared state already holds this serial (another replica drew it): draw another.
+    #[error("serial {0} is already recorded")]
+    SerialTaken(String),
+    /// Shared state (etcd) cannot be reached: nothing was recorded; retry later.
+    #[error("CA state unavailable: {0}")]
+    Unavailable(String),
     #[error("installed certificate does not match: {0}")]
     Mismatch(String),
     #[error("certificate generation failed: {0}")]
@@ -77,6 +83,8 @@ impl CaError {
             CaError::InvalidRequest(_) => "invalid_request",
             CaError::UnknownSerial(_) => "unknown_serial",
             CaError::AlreadyRevoked(_) => "already_revoked",
+            CaError::SerialTaken(_) => "serial_taken",
+            CaError::Unavailable(_) => "unavailable",
             CaError::Mismatch(_) => "mismatch",
             CaError::Rcgen(_) => "internal",
             CaError::Internal(_) => "internal",

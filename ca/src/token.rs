@@ -9,13 +9,15 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hmac::{Hmac, Mac};
+use parking_lot::RwLock;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use trellis_core::{NamespaceName, ServiceName};
 
 use crate::error::CaError;
 use crate::journal::{self, Journal};
+use crate::state::CaState;
 
 /// What a credential may do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,14 +45,27 @@ impl Scope {
     }
 }
 
-/// One line of `tokens.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One line of `tokens.jsonl` (and one `tokens/` record of a shared [`CaState`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TokenRecord {
-    id: String,
-    scope: Scope,
+pub struct TokenRecord {
+    pub id: String,
+    pub scope: Scope,
     #[serde(with = "time::serde::rfc3339")]
+    pub created: time::OffsetDateTime,
+    /// Hex SHA-256 of the secret, in shared state only: another replica (whose token key differs)
+    /// checks bearer tokens against it. The secret itself is never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_sha256: Option<String>,
+}
+
+/// What the store knows about one credential.
+#[derive(Debug, Clone)]
+struct Known {
+    scope: Scope,
     created: time::OffsetDateTime,
+    /// Set for credentials learned from shared state (created by another replica).
+    secret_sha256: Option<[u8; 32]>,
 }
 
 /// A newly created credential (the only time its secret is shown).
@@ -86,8 +101,9 @@ pub enum AuthError {
 #[derive(Clone)]
 pub struct Tokens {
     key: Arc<[u8; 32]>,
-    scopes: Arc<ArcSwap<HashMap<String, Scope>>>,
+    scopes: Arc<ArcSwap<HashMap<String, Known>>>,
     path: Option<PathBuf>,
+    shared: Arc<RwLock<Option<Arc<dyn CaState>>>>,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -108,6 +124,7 @@ impl Tokens {
             key: Arc::new(key),
             scopes: Arc::new(ArcSwap::from_pointee(HashMap::new())),
             path: None,
+            shared: Arc::default(),
         }
     }
 
@@ -128,11 +145,22 @@ impl Tokens {
             .ok_or_else(|| CaError::corrupt(&key_path, "expected 64 hex characters"))?;
         let path = dir.join(TOKENS);
         let recs: Vec<TokenRecord> = journal::read_all(&path)?;
-        let scopes = recs.into_iter().map(|r| (r.id, r.scope)).collect();
+        let scopes = recs
+            .into_iter()
+            .map(|r| {
+                let known = Known {
+                    scope: r.scope,
+                    created: r.created,
+                    secret_sha256: None,
+                };
+                (r.id, known)
+            })
+            .collect();
         Ok(Self {
             key: Arc::new(key),
             scopes: Arc::new(ArcSwap::from_pointee(scopes)),
             path: Some(path),
+            shared: Arc::default(),
         })
     }
 
@@ -141,21 +169,86 @@ impl Tokens {
         let mut raw = [0u8; 10];
         rand::rng().fill_bytes(&mut raw);
         let id = format!("TRL{}", hex::encode_upper(raw));
-        if let Some(path) = &self.path {
+        let created = time::OffsetDateTime::now_utc();
+        let shared = self.shared.read().clone();
+        if let Some(state) = shared {
+            state.put_token(&self.shared_record(&id, &scope, created))?;
+        } else if let Some(path) = &self.path {
             Journal::open(path)?.append(&[TokenRecord {
                 id: id.clone(),
                 scope: scope.clone(),
-                created: time::OffsetDateTime::now_utc(),
+                created,
+                secret_sha256: None,
             }])?;
         }
-        let mut m = HashMap::clone(&self.scopes.load());
-        m.insert(id.clone(), scope.clone());
-        self.scopes.store(Arc::new(m));
+        self.insert(
+            id.clone(),
+            Known {
+                scope: scope.clone(),
+                created,
+                secret_sha256: None,
+            },
+        );
         Ok(NewToken {
             secret: self.secret_for(&id),
             id,
             scope,
         })
+    }
+
+    fn insert(&self, id: String, known: Known) {
+        let mut m = HashMap::clone(&self.scopes.load());
+        m.insert(id, known);
+        self.scopes.store(Arc::new(m));
+    }
+
+    fn shared_record(&self, id: &str, scope: &Scope, created: time::OffsetDateTime) -> TokenRecord {
+        TokenRecord {
+            id: id.to_owned(),
+            scope: scope.clone(),
+            created,
+            secret_sha256: Some(hex::encode(Sha256::digest(self.secret_for(id)))),
+        }
+    }
+
+    /// Records new credentials in shared state from now on (several replicas of one CA).
+    pub fn share_state(&self, state: Arc<dyn CaState>) {
+        *self.shared.write() = Some(state);
+    }
+
+    /// Every credential this store created or loaded itself, as shared-state records (with the
+    /// secret's hash): a replica publishes the tokens of its CA directory with these.
+    pub fn own_records(&self) -> Vec<TokenRecord> {
+        self.scopes
+            .load()
+            .iter()
+            .filter(|(_, k)| k.secret_sha256.is_none())
+            .map(|(id, k)| self.shared_record(id, &k.scope, k.created))
+            .collect()
+    }
+
+    /// Accepts a credential another replica recorded in shared state. Records without a secret
+    /// hash and credentials this store already knows are ignored.
+    pub fn learn(&self, record: TokenRecord) {
+        let Some(hash) = record
+            .secret_sha256
+            .as_deref()
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        else {
+            return;
+        };
+        if self.scopes.load().contains_key(&record.id) {
+            return;
+        }
+        self.insert(
+            record.id,
+            Known {
+                scope: record.scope,
+                created: record.created,
+                secret_sha256: Some(hash),
+            },
+        );
     }
 
     /// The secret of credential `id` (derived, never stored).
@@ -168,18 +261,27 @@ impl Tokens {
 
     /// The scope of a known credential id.
     pub fn scope(&self, id: &str) -> Option<Scope> {
-        self.scopes.load().get(id).cloned()
+        self.scopes.load().get(id).map(|k| k.scope.clone())
     }
 
     /// Checks a bearer token `<id>.<secret>` and returns its scope.
     pub fn check_bearer(&self, token: &str) -> Result<Scope, AuthError> {
         let (id, secret) = token.split_once('.').ok_or(AuthError::Invalid)?;
-        let scope = self.scope(id).ok_or(AuthError::Invalid)?;
-        let expected = self.secret_for(id);
-        if !ct_eq(expected.as_bytes(), secret.as_bytes()) {
+        let known = self
+            .scopes
+            .load()
+            .get(id)
+            .cloned()
+            .ok_or(AuthError::Invalid)?;
+        let good = match known.secret_sha256 {
+            // Created by another replica: its secret derives from that replica's key.
+            Some(hash) => ct_eq(&hash, &Sha256::digest(secret.as_bytes())),
+            None => ct_eq(self.secret_for(id).as_bytes(), secret.as_bytes()),
+        };
+        if !good {
             return Err(AuthError::Invalid);
         }
-        Ok(scope)
+        Ok(known.scope)
     }
 
     /// Parses `Authorization: Bearer <token>` and checks it.

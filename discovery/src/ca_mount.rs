@@ -1,5 +1,6 @@
 //! Mounting the CA issuance API (`trellis-ca`) on the control plane's HTTP front, so one process
-//! is the whole control plane. The CA lives in `<data-dir>/ca`, initialised on first start.
+//! is the whole control plane. The CA lives in `<data-dir>/ca`, initialised on first start; on
+//! etcd its serials, revocations, tokens and audit log are shared by every replica.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,17 +8,20 @@ use std::pin::Pin;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
+use parking_lot::Mutex;
 use trellis_ca::api::CaApi;
 use trellis_ca::{CaDir, Policy};
 
 use crate::http::Mount;
 use crate::server::{ServerConfig, ServerError};
-use crate::store::CrlShare;
+use crate::store::{CaFeed, CrlShare, EtcdCaState};
 
 /// Sub-directory of the data directory holding the CA.
 pub const CA_DIR: &str = "ca";
 
-struct CaMount(CaApi, Option<CrlShare>);
+/// The CA API; on etcd also the CRL share and the watch on the shared CA state (run by the
+/// maintenance task, so shutdown stops it).
+struct CaMount(CaApi, Option<(CrlShare, Mutex<Option<CaFeed>>)>);
 
 impl Mount for CaMount {
     fn matches(&self, parts: &http::request::Parts) -> bool {
@@ -27,7 +31,7 @@ impl Mount for CaMount {
         &self,
         req: Request<Bytes>,
     ) -> Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send + '_>> {
-        if let Some(share) = &self.1
+        if let Some((share, _)) = &self.1
             && req.method() == http::Method::GET
             && req.uri().path() == "/v1/ca/crl"
         {
@@ -52,13 +56,16 @@ impl Mount for CaMount {
     }
     fn spawn_maintenance(&self) -> Option<tokio::task::JoinHandle<()>> {
         let own = self.0.spawn_maintenance();
-        let Some(share) = self.1.clone() else {
+        let Some((share, feed)) = &self.1 else {
             return Some(own);
         };
+        let share = share.clone();
+        let feed = feed.lock().take().map(|f| tokio::spawn(f.run()));
         let authority = self.0.authority().clone();
         Some(tokio::spawn(async move {
-            // Aborting this task (shutdown) aborts the CA's own maintenance with it.
+            // Aborting this task (shutdown) aborts the CA's own maintenance and the feed with it.
             let own = AbortOnDrop(own);
+            let _feed = feed.map(AbortOnDrop);
             // Publish this replica's CRL whenever it changes (revocations, periodic re-signing).
             let mut published = String::new();
             loop {
@@ -107,7 +114,11 @@ pub async fn mounts(config: &ServerConfig) -> Result<Vec<Box<dyn Mount>>, Server
     let tokens = dir.tokens().map_err(err)?;
     let api = CaApi::new(authority, tokens, &config.registry.region);
     let share = match &config.etcd {
-        Some(etcd) => Some(CrlShare::connect(etcd).await?),
+        Some(etcd) => {
+            // Serials, revocations, tokens and the audit log move to etcd, shared by all replicas.
+            let feed = EtcdCaState::start(etcd, api.authority(), api.tokens()).await?;
+            Some((CrlShare::connect(etcd).await?, Mutex::new(Some(feed))))
+        }
         None => None,
     };
     Ok(vec![Box::new(CaMount(api, share))])

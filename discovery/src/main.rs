@@ -34,6 +34,31 @@ struct Migrate {
     /// Key prefix of the registry in etcd.
     #[arg(long, default_value = "/trellis/", env = "TRELLIS_ETCD_PREFIX")]
     etcd_prefix: String,
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
+}
+
+/// TLS to etcd, shared by `serve` and `migrate`.
+#[derive(clap::Args)]
+struct EtcdTlsArgs {
+    /// CA certificate (PEM) of the etcd members, for `https://` endpoints.
+    #[arg(long, env = "TRELLIS_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd members that require one (with --etcd-key).
+    #[arg(long, env = "TRELLIS_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for --etcd-cert.
+    #[arg(long, env = "TRELLIS_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    fn tls(self) -> Option<trellis_discovery::EtcdTls> {
+        self.etcd_ca.map(|ca| trellis_discovery::EtcdTls {
+            ca,
+            client: self.etcd_cert.zip(self.etcd_key),
+        })
+    }
 }
 
 #[derive(Parser)]
@@ -97,15 +122,8 @@ struct Serve {
     /// Lease TTL of this replica in etcd: its health checks move to the others within about this.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, env = "TRELLIS_ETCD_LEASE_TTL")]
     etcd_lease_ttl: Duration,
-    /// CA certificate (PEM) of the etcd members, for `https://` endpoints.
-    #[arg(long, env = "TRELLIS_ETCD_CA")]
-    etcd_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd members that require one (with --etcd-key).
-    #[arg(long, env = "TRELLIS_ETCD_CERT", requires = "etcd_key")]
-    etcd_cert: Option<PathBuf>,
-    /// Client key (PEM) for --etcd-cert.
-    #[arg(long, env = "TRELLIS_ETCD_KEY", requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
     /// AWS API calls per second per client address (burst: twice that); 0 turns the limit off.
     #[arg(long, default_value_t = 200, env = "TRELLIS_API_RATE_LIMIT")]
     api_rate_limit: u32,
@@ -167,10 +185,7 @@ fn main() -> ExitCode {
     if let StoreKind::Etcd = s.store {
         let mut etcd = trellis_discovery::EtcdConfig::new(s.etcd_endpoints, &s.etcd_prefix);
         etcd.lease_ttl = s.etcd_lease_ttl;
-        etcd.tls = s.etcd_ca.map(|ca| trellis_discovery::EtcdTls {
-            ca,
-            client: s.etcd_cert.zip(s.etcd_key),
-        });
+        etcd.tls = s.etcd_tls.tls();
         config.etcd = Some(etcd);
     }
     config.api_rate_limit = rate(s.api_rate_limit);
@@ -211,7 +226,13 @@ fn migrate(m: Migrate) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(trellis_discovery::migrate(&m.from, &m.to, &m.etcd_prefix)) {
+    let tls = m.etcd_tls.tls();
+    match runtime.block_on(trellis_discovery::migrate(
+        &m.from,
+        &m.to,
+        &m.etcd_prefix,
+        tls.as_ref(),
+    )) {
         Ok(n) => {
             println!("trellis-discovery: migrated {n} records");
             ExitCode::SUCCESS
@@ -237,4 +258,46 @@ async fn shutdown_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrate_takes_the_same_etcd_tls_options_as_serve() {
+        let tls_args = [
+            "--etcd-ca",
+            "/etc/etcd/ca.pem",
+            "--etcd-cert",
+            "/etc/etcd/c.pem",
+            "--etcd-key",
+            "/etc/etcd/k.pem",
+        ];
+        let args = ["trellis-discovery", "migrate", "--from", "embedded:/d"]
+            .into_iter()
+            .chain(["--to", "etcd:https://127.0.0.1:2379"])
+            .chain(tls_args);
+        let Command::Migrate(m) = Cli::try_parse_from(args).unwrap().command else {
+            panic!("not migrate");
+        };
+        let expected = trellis_discovery::EtcdTls {
+            ca: "/etc/etcd/ca.pem".into(),
+            client: Some(("/etc/etcd/c.pem".into(), "/etc/etcd/k.pem".into())),
+        };
+        assert_eq!(m.etcd_tls.tls(), Some(expected.clone()));
+        let args = ["trellis-discovery", "serve", "--store", "etcd"]
+            .into_iter()
+            .chain(tls_args);
+        let Command::Serve(s) = Cli::try_parse_from(args).unwrap().command else {
+            panic!("not serve");
+        };
+        assert_eq!(s.etcd_tls.tls(), Some(expected));
+        // A client certificate needs its key, on migrate as on serve.
+        let args = ["trellis-discovery", "migrate", "--from", "embedded:/d"]
+            .into_iter()
+            .chain(["--to", "etcd:https://127.0.0.1:2379"])
+            .chain(["--etcd-ca", "ca.pem", "--etcd-cert", "c.pem"]);
+        assert!(Cli::try_parse_from(args).is_err());
+    }
 }

@@ -168,9 +168,11 @@ impl Store for RedbStore {
     }
 }
 
+mod ca_state;
 mod crl_share;
 mod etcd;
 mod migrate;
+pub use ca_state::{CaFeed, EtcdCaState};
 pub use crl_share::{CrlShare, PUBLISH_INTERVAL as CRL_PUBLISH_INTERVAL};
 pub use etcd::{DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, EtcdTls, RESYNC, SCHEMA};
 pub use migrate::{StoreSpec, StoreSpecError, migrate};

@@ -821,6 +821,224 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A replica's data directory whose CA has its own intermediate key, signed by the shared
+/// (offline) root in `root`.
+fn replica_ca(
+    ca: &std::path::Path,
+    root: &std::path::Path,
+    work: &std::path::Path,
+    name: &str,
+) -> tempfile::TempDir {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("ca");
+    run(Command::new(ca)
+        .args([
+            "init",
+            "--external-root",
+            "--trust-domain",
+            "mesh.local",
+            "--dir",
+        ])
+        .arg(&dir));
+    let cert = work.join(format!("{name}.crt"));
+    run(Command::new(ca)
+        .arg("sign-intermediate")
+        .arg("--dir")
+        .arg(root)
+        .arg(dir.join("intermediate.csr"))
+        .arg("--out")
+        .arg(&cert));
+    run(Command::new(ca)
+        .args(["install-intermediate", "--dir"])
+        .arg(&dir)
+        .arg(&cert)
+        .arg("--root")
+        .arg(root.join("root.crt")));
+    data
+}
+
+/// `curl` with a bearer token: (HTTP status, body).
+fn call(method: &str, url: String, token: &str, data: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "10",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ])
+        .arg("-H")
+        .arg(format!("authorization: Bearer {token}"))
+        .args(["--data-binary", data])
+        .arg(url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// `openssl verify -crl_check` of the leaf in `chain` (leaf, intermediate) against `root` and
+/// the CRLs in `crl`: what openssl printed.
+fn verify_with_crl(
+    openssl: &std::path::Path,
+    root: &std::path::Path,
+    crl: &std::path::Path,
+    chain: &std::path::Path,
+) -> String {
+    let out = Command::new(openssl)
+        .args(["verify", "-crl_check", "-CAfile"])
+        .arg(root)
+        .arg("-CRLfile")
+        .arg(crl)
+        .arg("-untrusted")
+        .arg(chain)
+        .arg(chain)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn ca_state_is_shared_through_etcd() {
+    let Some(etcd) = cluster(1) else { return };
+    let Some(openssl) = tools::require("openssl", "CSRs and CRL checks with openssl") else {
+        return;
+    };
+    let ca = trellis_test_support::bins::binary("trellis-ca", "trellis-ca");
+    let work = tempfile::tempdir().unwrap();
+    let w = |name: &str| work.path().join(name);
+    let root = w("root");
+    run(Command::new(&ca)
+        .args(["init", "--trust-domain", "mesh.local", "--dir"])
+        .arg(&root));
+    // An admin credential made offline in A's CA directory: published to etcd when A starts.
+    let data_a = replica_ca(&ca, &root, work.path(), "a");
+    run(Command::new(&ca)
+        .args(["token", "create", "--admin", "--dir"])
+        .arg(data_a.path().join("ca"))
+        .arg("--out")
+        .arg(w("admin.token")));
+    let admin = std::fs::read_to_string(w("admin.token")).unwrap();
+    let admin = admin.trim();
+    let data_b = replica_ca(&ca, &root, work.path(), "b");
+    let data_c = replica_ca(&ca, &root, work.path(), "c");
+    let replicas: Vec<Replica> = [data_a, data_b, data_c]
+        .into_iter()
+        .map(|d| Replica::spawn_in(&etcd, "/cas/", &[], d).unwrap())
+        .collect();
+    let url = |r: usize, path: &str| format!("http://{}{path}", replicas[r].api);
+
+    // A scoped join token created through A's admin API...
+    let (s, body) = call(
+        "POST",
+        url(0, "/v1/ca/tokens"),
+        admin,
+        r#"{"namespace":"ha.local","service":"api"}"#,
+    );
+    assert_eq!(s, 200, "{body}");
+    let token: Value = serde_json::from_str(&body).unwrap();
+    let token = token["token"].as_str().unwrap().to_owned();
+    // ... is accepted for issuance by B (and by A).
+    run(Command::new(&openssl)
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=api"])
+        .arg("-keyout")
+        .arg(w("leaf.key"))
+        .arg("-out")
+        .arg(w("leaf.csr")));
+    let csr = format!("@{}", w("leaf.csr").display());
+    let mut chains = Vec::new();
+    for r in [1, 0] {
+        let mut answer = (0, String::new());
+        eventually(
+            Duration::from_secs(5),
+            "the token works on every replica",
+            || {
+                answer = call("POST", url(r, "/v1/ca/sign"), &token, &csr);
+                answer.0 == 200
+            },
+        );
+        let path = w(&format!("chain-{r}.pem"));
+        std::fs::write(&path, &answer.1).unwrap();
+        chains.push(path);
+    }
+    let (chain_b, chain_a) = (&chains[0], &chains[1]);
+    let serial_of = |chain: &std::path::Path| {
+        run(Command::new(&openssl)
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(chain))
+        .trim()
+        .trim_start_matches("serial=")
+        .to_lowercase()
+    };
+    let (serial_a, serial_b) = (serial_of(chain_a), serial_of(chain_b));
+
+    // A's certificate revoked through B's admin API (with the admin token made on A).
+    let revoke = format!(r#"{{"serial":"{serial_a}","reason":"keyCompromise"}}"#);
+    let mut answer = (0, String::new());
+    eventually(Duration::from_secs(5), "B revokes A's certificate", || {
+        answer = call("POST", url(1, "/v1/ca/revoke"), admin, &revoke);
+        answer.0 != 404
+    });
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    // Every replica's CRL answer lists it: openssl rejects A's leaf, B's stays good.
+    let crl = w("crl.pem");
+    for replica in &replicas {
+        eventually(
+            Duration::from_secs(5),
+            "the revocation in every CRL",
+            || {
+                let (s, pem) = get(replica.api, "/v1/ca/crl");
+                std::fs::write(&crl, &pem).unwrap();
+                s == 200
+                    && pem.matches("BEGIN X509 CRL").count() == 3
+                    && verify_with_crl(&openssl, &root.join("root.crt"), &crl, chain_a)
+                        .contains("revoked")
+            },
+        );
+        let out = verify_with_crl(&openssl, &root.join("root.crt"), &crl, chain_b);
+        assert!(out.contains(": OK"), "{out}");
+    }
+    // Revoking again, anywhere, is refused.
+    let (s, body) = call(
+        "POST",
+        url(2, "/v1/ca/revoke"),
+        admin,
+        &format!(r#"{{"serial":"{serial_a}"}}"#),
+    );
+    assert_eq!(s, 409, "{body}");
+
+    // The audit log read through C holds the issuances of A and B and B's revocation.
+    let (s, body) = call("GET", url(2, "/v1/ca/audit"), admin, "");
+    assert_eq!(s, 200, "{body}");
+    let log: Value = serde_json::from_str(&body).unwrap();
+    let events: Vec<(String, String)> = log["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["event"].as_str().unwrap().to_owned(),
+                r["serial"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for want in [
+        ("issue".to_owned(), serial_a.clone()),
+        ("issue".to_owned(), serial_b.clone()),
+        ("revoke:keyCompromise".to_owned(), serial_a.clone()),
+    ] {
+        assert!(events.contains(&want), "{want:?} not in {events:?}");
+    }
+    // A workload credential may not read it.
+    assert_eq!(call("GET", url(2, "/v1/ca/audit"), &token, "").0, 403);
+}
+
 #[test]
 fn replicas_sign_with_their_own_intermediate_under_one_root() {
     let Some(etcd) = cluster(1) else { return };
@@ -837,32 +1055,8 @@ fn replicas_sign_with_their_own_intermediate_under_one_root() {
     let mut replicas = Vec::new();
     let mut serials = Vec::new();
     for name in ["a", "b"] {
-        // The replica's CA: its own intermediate key, signed by the shared (offline) root.
-        let data = tempfile::tempdir().unwrap();
+        let data = replica_ca(&ca, &root, work.path(), name);
         let dir = data.path().join("ca");
-        run(Command::new(&ca)
-            .args([
-                "init",
-                "--external-root",
-                "--trust-domain",
-                "mesh.local",
-                "--dir",
-            ])
-            .arg(&dir));
-        let cert = work.path().join(format!("{name}.crt"));
-        run(Command::new(&ca)
-            .arg("sign-intermediate")
-            .arg("--dir")
-            .arg(&root)
-            .arg(dir.join("intermediate.csr"))
-            .arg("--out")
-            .arg(&cert));
-        run(Command::new(&ca)
-            .args(["install-intermediate", "--dir"])
-            .arg(&dir)
-            .arg(&cert)
-            .arg("--root")
-            .arg(root.join("root.crt")));
         let token = work.path().join(format!("{name}.token"));
         run(Command::new(&ca)
             .args([
@@ -1076,4 +1270,19 @@ fn etcd_over_tls_with_a_client_certificate() {
     eventually(Duration::from_secs(3), "B discovers over TLS", || {
         discover(b.api, "tls.local") == ["i-1"]
     });
+    // `migrate` takes the same TLS options: a backup of the registry over TLS.
+    let backup = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
+        .args(["migrate", "--etcd-prefix", "/tls/", "--from"])
+        .arg(format!("etcd:{}", etcd.endpoints()))
+        .arg("--to")
+        .arg(format!("embedded:{}", backup.path().display()))
+        .args(with_cert)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("migrated"), "{text}");
+    let restored = embedded(backup.path());
+    assert_eq!(discover(restored.api, "tls.local"), ["i-1"]);
 }

@@ -72,4 +72,4 @@ pub use retry::{RetryBudget, is_idempotent};
 pub use server::{HttpMode, builder as http_builder, serve};
 pub use sidecar::{APP_CLUSTER, Running, StartOptions, run, start, start_with};
 pub use tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, MtlsIo, client_config};
-pub use watch::{WatchTarget, apply as apply_endpoint_set, run as watch_endpoints};
+pub use watch::{WatchSink, WatchTarget, apply as apply_endpoint_set, run as watch_endpoints};

@@ -529,7 +529,11 @@ fn feed(cluster: &Arc<Cluster>, u: &UpstreamConfig, config: &Config, stop: &Canc
         update_static(cluster, sc, 1);
     } else if let Some(cp) = &config.control_plane {
         let target = WatchTarget {
-            control_planes: cp.addresses.clone(),
+            control_planes: cp
+                .addresses
+                .iter()
+                .filter_map(|a| a.to_string().parse().ok())
+                .collect(),
             namespace: u
                 .namespace
                 .clone()

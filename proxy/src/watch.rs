@@ -2,13 +2,14 @@
 //! `GET /v1/watch/<namespace>/<service>?revision=N&wait=30s` → `trellis_core::EndpointSet`,
 //! answered when the revision moves (long poll). On errors the last snapshot stays in use and the
 //! watcher moves to the next control-plane replica, resuming from the last revision it saw
-//! (replicas on one etcd share revisions); after a full round of failures it backs off.
+//! (replicas on one etcd share revisions); after a full round of failures it backs off. The sidecar
+//! feeds its [`Cluster`]s with it, the internal LB its target groups (anything [`WatchSink`]).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::Authority;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -27,8 +28,8 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 /// Where and what to watch.
 #[derive(Debug, Clone)]
 pub struct WatchTarget {
-    /// Control-plane replicas, in order of preference (at least one).
-    pub control_planes: Vec<SocketAddr>,
+    /// Control-plane replicas (`host:port`), in order of preference (at least one).
+    pub control_planes: Vec<Authority>,
     pub namespace: NamespaceName,
     pub service: ServiceName,
     pub wait: Duration,
@@ -46,8 +47,33 @@ enum WatchError {
     Decode(String),
 }
 
+/// What a watch feeds.
+pub trait WatchSink: Send + Sync + 'static {
+    /// A new endpoint set.
+    fn apply(&self, set: &EndpointSet);
+    /// Whether a set has been applied yet (until then every answer is applied).
+    fn is_loaded(&self) -> bool;
+    /// The control plane does not know the service (yet).
+    fn unknown(&self);
+}
+
+impl WatchSink for Cluster {
+    fn apply(&self, set: &EndpointSet) {
+        apply(self, set);
+    }
+    fn is_loaded(&self) -> bool {
+        Cluster::is_loaded(self)
+    }
+    fn unknown(&self) {
+        // An empty set (so readiness is not blocked).
+        if !Cluster::is_loaded(self) {
+            self.update([], 0);
+        }
+    }
+}
+
 /// Watches until `stop`, applying every new endpoint set to `cluster`.
-pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationToken) {
+pub async fn run<S: WatchSink>(target: WatchTarget, cluster: Arc<S>, stop: CancellationToken) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -60,7 +86,7 @@ pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationT
     // Consecutive failures; every replica tried once → back off before the next round.
     let mut failures = 0;
     loop {
-        let Some(&cp) = target
+        let Some(cp) = target
             .control_planes
             .get(current % target.control_planes.len().max(1))
         else {
@@ -77,7 +103,7 @@ pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationT
                 failures = 0;
                 if Some(set.revision) != revision || !cluster.is_loaded() {
                     revision = Some(set.revision);
-                    apply(&cluster, &set);
+                    cluster.apply(&set);
                 }
             }
             Ok(Ok(None)) => {
@@ -85,10 +111,8 @@ pub async fn run(target: WatchTarget, cluster: Arc<Cluster>, stop: CancellationT
                 failures = 0;
             }
             Ok(Err(WatchError::NotFound)) => {
-                // Unknown service: an empty set (so readiness is not blocked), then ask again later.
-                if !cluster.is_loaded() {
-                    cluster.update([], 0);
-                }
+                // Unknown service: ask again later.
+                cluster.unknown();
                 revision = None;
                 sleep_or_stop(BACKOFF_MAX.min(target.wait), &stop).await;
             }
@@ -125,7 +149,7 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) {
 /// One long poll: `Some(set)` on 200, `None` when the server answered "no change" (304/204).
 async fn poll_once(
     client: &Client<HttpConnector, Empty<Bytes>>,
-    cp: SocketAddr,
+    cp: &Authority,
     t: &WatchTarget,
     revision: Option<u64>,
 ) -> Result<Option<EndpointSet>, WatchError> {

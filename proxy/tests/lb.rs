@@ -1226,3 +1226,163 @@ default_action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
     h.shutdown().await;
     cp.shutdown().await;
 }
+
+/// `trellis-discovery serve --store etcd` as a process, SIGKILLed by `kill` or on drop.
+struct Replica {
+    child: std::process::Child,
+    api: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    fn start(etcd: &trellis_test_support::etcd::EtcdCluster, prefix: &str) -> Replica {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = trellis_test_support::bins::binary("trellis-discovery", "trellis-discovery");
+        let mut child = std::process::Command::new(bin)
+            .args(["serve", "--api-listen", "127.0.0.1:0", "--dns-listen"])
+            .args(["127.0.0.1:0", "--store", "etcd", "--etcd-prefix", prefix])
+            .arg("--etcd-endpoints")
+            .arg(etcd.endpoints())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "trellis-discovery: api http://A dns D"
+        let api = line.split_whitespace().nth(2).unwrap();
+        Replica {
+            api: api.trim_start_matches("http://").parse().unwrap(),
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One Cloud Map call that must succeed.
+async fn cloud_map(
+    c: &TestClient,
+    at: SocketAddr,
+    action: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let target = format!("Route53AutoNaming_v20170314.{action}");
+    let headers = [
+        ("content-type", "application/x-amz-json-1.1"),
+        ("x-amz-target", target.as_str()),
+    ];
+    let r = send(
+        c,
+        "POST",
+        &format!("http://{at}/"),
+        &headers,
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{action}: {}", r.body);
+    serde_json::from_str(&r.body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_target_group_fails_over_between_control_plane_replicas() {
+    use serde_json::json;
+    let Some(etcd) = trellis_test_support::etcd::EtcdCluster::start(1) else {
+        return;
+    };
+    let (mut a, b) = (Replica::start(&etcd, "/lb/"), Replica::start(&etcd, "/lb/"));
+    let c = client();
+    let op = cloud_map(
+        &c,
+        a.api,
+        "CreateHttpNamespace",
+        json!({"Name": "lb.local"}),
+    )
+    .await;
+    let got = cloud_map(
+        &c,
+        a.api,
+        "GetOperation",
+        json!({"OperationId": op["OperationId"]}),
+    )
+    .await;
+    let ns = &got["Operation"]["Targets"]["NAMESPACE"];
+    let svc = cloud_map(
+        &c,
+        a.api,
+        "CreateService",
+        json!({"Name": "api", "NamespaceId": ns}),
+    )
+    .await["Service"]["Id"]
+        .clone();
+    let register = |via: SocketAddr, id: &'static str, at: SocketAddr| {
+        let c = c.clone();
+        let body = json!({"ServiceId": svc, "InstanceId": id, "Attributes": {
+            "AWS_INSTANCE_IPV4": at.ip().to_string(), "AWS_INSTANCE_PORT": at.port().to_string()}});
+        async move { cloud_map(&c, via, "RegisterInstance", body).await }
+    };
+    let one = upstream("one").await;
+    register(a.api, "one", one.addr).await;
+
+    let cfg = format!(
+        r#"
+[[target_group]]
+name = "api"
+discovery = {{ addresses = ["{}", "{}"], namespace = "lb.local", service = "api" }}
+deregistration_delay = "100ms"
+health_check = {{ enabled = false }}
+{LISTENER}
+[[listener.rule]]
+name = "all"
+priority = 1
+action = {{ type = "forward", target_groups = [{{ name = "api" }}] }}
+"#,
+        a.api, b.api
+    );
+    let (h, base, _) = lb(&cfg).await;
+    wait_until("the LB serves the registered target", || {
+        let (c, base) = (c.clone(), base.clone());
+        async move { get(&c, &format!("{base}/")).await.body == "one" }
+    })
+    .await;
+
+    // Replica A dies: every request is still served (last snapshot, then B).
+    a.kill();
+    let t = std::time::Instant::now();
+    let mut served = 0;
+    while t.elapsed() < Duration::from_secs(2) {
+        let r = get(&c, &format!("{base}/")).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "one"),
+            "request {served}"
+        );
+        served += 1;
+    }
+    // The watch resumed on B: a registration made there reaches the LB.
+    let two = upstream("two").await;
+    register(b.api, "two", two.addr).await;
+    wait_until("the LB follows replica B", || {
+        let (c, base) = (c.clone(), base.clone());
+        async move { get(&c, &format!("{base}/")).await.body == "two" }
+    })
+    .await;
+    eprintln!("{served} requests served while replica A was down");
+    h.shutdown().await;
+}

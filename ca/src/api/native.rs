@@ -1,4 +1,6 @@
-//! The native API: `POST /v1/ca/sign`, `GET /v1/ca/roots`, `GET /v1/ca/crl`, `POST /v1/ca/revoke`.
+//! The native API: `POST /v1/ca/sign`, `GET /v1/ca/roots`, `GET /v1/ca/crl`, `POST /v1/ca/revoke`,
+//! and for admin credentials `POST /v1/ca/tokens` (create a scoped credential) and
+//! `GET /v1/ca/audit` (the audit log).
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -35,7 +37,19 @@ pub(super) async fn handle(api: &CaApi, parts: &Parts, body: Bytes) -> Response<
             Ok(r) => r,
             Err(e) => e.native(),
         },
-        (_, "/v1/ca/sign" | "/v1/ca/roots" | "/v1/ca/crl" | "/v1/ca/revoke") => WireError::new(
+        (&Method::POST, "/v1/ca/tokens") => match create_token(api, parts, body).await {
+            Ok(r) => r,
+            Err(e) => e.native(),
+        },
+        (&Method::GET, "/v1/ca/audit") => match audit(api, parts).await {
+            Ok(r) => r,
+            Err(e) => e.native(),
+        },
+        (
+            _,
+            "/v1/ca/sign" | "/v1/ca/roots" | "/v1/ca/crl" | "/v1/ca/revoke" | "/v1/ca/tokens"
+            | "/v1/ca/audit",
+        ) => WireError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "UnknownOperationException",
@@ -152,17 +166,77 @@ fn unspecified() -> String {
     "unspecified".into()
 }
 
+fn admin(api: &CaApi, parts: &Parts, what: &str) -> Result<(), WireError> {
+    if auth(api, parts)? != Scope::Admin {
+        return Err(WireError::from(&AuthError::Forbidden(what.into())));
+    }
+    Ok(())
+}
+
+/// `{"namespace": "...", "service": "..."}` or `{"admin": true}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    namespace: Option<NamespaceName>,
+    service: Option<ServiceName>,
+    #[serde(default)]
+    admin: bool,
+}
+
+async fn create_token(
+    api: &CaApi,
+    parts: &Parts,
+    body: Bytes,
+) -> Result<Response<Full<Bytes>>, WireError> {
+    admin(api, parts, "create credentials")?;
+    let b: TokenBody = serde_json::from_slice(&body)
+        .map_err(|e| WireError::from(&CaError::InvalidRequest(e.to_string())))?;
+    let scope = match (b.admin, b.namespace, b.service) {
+        (true, None, None) => Scope::Admin,
+        (false, Some(namespace), Some(service)) => Scope::Workload { namespace, service },
+        _ => {
+            return Err(WireError::from(&CaError::InvalidRequest(
+                "give namespace and service, or admin: true".into(),
+            )));
+        }
+    };
+    let tokens = api.tokens().clone();
+    let t = tokio::task::spawn_blocking(move || tokens.create(scope))
+        .await
+        .map_err(|e| WireError::from(&CaError::Internal(e.to_string())))?
+        .map_err(|e| WireError::from(&e))?;
+    // The same shape as `trellis-ca token create`.
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "token": t.bearer(),
+            "aws_access_key_id": t.id,
+            "aws_secret_access_key": t.secret,
+        }),
+        "application/json",
+    ))
+}
+
+async fn audit(api: &CaApi, parts: &Parts) -> Result<Response<Full<Bytes>>, WireError> {
+    admin(api, parts, "read the audit log")?;
+    let authority = api.authority().clone();
+    let records = tokio::task::spawn_blocking(move || authority.audit_log())
+        .await
+        .map_err(|e| WireError::from(&CaError::Internal(e.to_string())))?
+        .map_err(|e| WireError::from(&e))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "records": records }),
+        "application/json",
+    ))
+}
+
 async fn revoke(
     api: &CaApi,
     parts: &Parts,
     body: Bytes,
 ) -> Result<Response<Full<Bytes>>, WireError> {
-    let scope = auth(api, parts)?;
-    if scope != Scope::Admin {
-        return Err(WireError::from(&AuthError::Forbidden(
-            "revoke certificates".into(),
-        )));
-    }
+    admin(api, parts, "revoke certificates")?;
     let b: RevokeBody = serde_json::from_slice(&body)
         .map_err(|e| WireError::from(&CaError::InvalidRequest(e.to_string())))?;
     let serial: Serial = b.serial.parse().map_err(|e| WireError::from(&e))?;

@@ -46,6 +46,12 @@ impl From<&CaError> for WireError {
                 "RequestAlreadyProcessedException",
                 StatusCode::BAD_REQUEST,
             ),
+            CaError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "ServiceUnavailableException",
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
             CaError::IntermediatePending(_) | CaError::NotInitialized(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

@@ -188,11 +188,11 @@ impl Keys {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("etcd: {e}"))
 }
 
-async fn bounded<T, E: std::fmt::Display>(
+pub(super) async fn bounded<T, E: std::fmt::Display>(
     f: impl Future<Output = Result<T, E>>,
 ) -> Result<T, StoreError> {
     match tokio::time::timeout(TXN_TIMEOUT, f).await {
@@ -201,6 +201,87 @@ async fn bounded<T, E: std::fmt::Display>(
             "no answer within {TXN_TIMEOUT:?} (quorum lost?)"
         ))),
     }
+}
+
+/// Runs `fut` on `handle`'s runtime and waits for it from this (blocking) thread.
+pub(super) fn run_on<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv_timeout(TXN_TIMEOUT + Duration::from_secs(1))
+        .map_err(|_| unavailable("no answer (quorum lost?)"))?
+}
+
+/// Runs `txn` until it answers or [`TXN_TIMEOUT`] passes: (compares held, store revision).
+pub(super) async fn txn_retrying(
+    mut kv: etcd_client::KvClient,
+    txn: Txn,
+) -> Result<(bool, u64), StoreError> {
+    let deadline = tokio::time::Instant::now() + TXN_TIMEOUT;
+    loop {
+        let attempt = tokio::time::timeout(TXN_ATTEMPT, kv.txn(txn.clone())).await;
+        let error = match attempt {
+            Ok(Ok(r)) => {
+                let revision = r.header().map(|h| h.revision()).unwrap_or(0).max(0);
+                return Ok((r.succeeded(), revision as u64));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {TXN_ATTEMPT:?}"),
+        };
+        if tokio::time::Instant::now() + TXN_RETRY_PAUSE >= deadline {
+            return Err(unavailable(format!(
+                "{error}; gave up after {TXN_TIMEOUT:?} (quorum lost?)"
+            )));
+        }
+        tokio::time::sleep(TXN_RETRY_PAUSE).await;
+    }
+}
+
+/// Checks the schema marker at `<prefix>version`: initialises an empty prefix, refuses one written
+/// by another version (or holding keys without a marker). The registry store and the CA's shared
+/// state both call it first, whichever starts first initialises.
+pub(super) async fn check_schema(
+    kv: &mut etcd_client::KvClient,
+    prefix: &str,
+) -> Result<(), StoreError> {
+    let version = format!("{prefix}version");
+    let marker = bounded(kv.get(version.as_str(), None)).await?;
+    match marker.kvs().first() {
+        Some(m) if m.value() == SCHEMA.as_bytes() => {}
+        Some(m) => {
+            return Err(StoreError::Incompatible(format!(
+                "etcd prefix {} was written by an incompatible version ({:?}); this binary \
+                 speaks {SCHEMA}: use a new --etcd-prefix or the matching trellis version",
+                prefix,
+                String::from_utf8_lossy(m.value())
+            )));
+        }
+        None => {
+            let existing = bounded(kv.get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ))
+            .await?;
+            if existing.count() > 0 {
+                return Err(StoreError::Incompatible(format!(
+                    "etcd prefix {} holds {} keys but no {SCHEMA} marker: refusing to use it",
+                    prefix,
+                    existing.count()
+                )));
+            }
+            // Initialise, unless another replica did it first.
+            let init = Txn::new()
+                .when([Compare::version(version.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(version.as_str(), SCHEMA, None)]);
+            bounded(kv.txn(init)).await?;
+            tracing::info!(prefix = %prefix, "initialised an empty etcd prefix");
+        }
+    }
+    Ok(())
 }
 
 impl EtcdStore {
@@ -215,38 +296,7 @@ impl EtcdStore {
         let keys = Keys::new(&config.prefix);
         let mut kv = client.kv_client();
 
-        let marker = bounded(kv.get(keys.version.as_str(), None)).await?;
-        match marker.kvs().first() {
-            Some(m) if m.value() == SCHEMA.as_bytes() => {}
-            Some(m) => {
-                return Err(StoreError::Incompatible(format!(
-                    "etcd prefix {} was written by an incompatible version ({:?}); this binary \
-                     speaks {SCHEMA}: use a new --etcd-prefix or the matching trellis version",
-                    config.prefix,
-                    String::from_utf8_lossy(m.value())
-                )));
-            }
-            None => {
-                let existing = bounded(kv.get(
-                    config.prefix.as_str(),
-                    Some(GetOptions::new().with_prefix().with_count_only()),
-                ))
-                .await?;
-                if existing.count() > 0 {
-                    return Err(StoreError::Incompatible(format!(
-                        "etcd prefix {} holds {} keys but no {SCHEMA} marker: refusing to use it",
-                        config.prefix,
-                        existing.count()
-                    )));
-                }
-                // Initialise, unless another replica did it first.
-                let init = Txn::new()
-                    .when([Compare::version(keys.version.as_str(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(keys.version.as_str(), SCHEMA, None)]);
-                bounded(kv.txn(init)).await?;
-                tracing::info!(prefix = %config.prefix, "initialised an empty etcd prefix");
-            }
-        }
+        check_schema(&mut kv, &config.prefix).await?;
 
         let all =
             bounded(kv.get(keys.data.as_str(), Some(GetOptions::new().with_prefix()))).await?;
@@ -286,39 +336,14 @@ impl EtcdStore {
         &self,
         fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.handle.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv_timeout(TXN_TIMEOUT + Duration::from_secs(1))
-            .map_err(|_| unavailable("no answer (quorum lost?)"))?
+        run_on(&self.handle, fut)
     }
 
     /// Runs `txn`, retrying transient failures (a member going away, an election) until
     /// [`TXN_TIMEOUT`]. Retrying is safe: a guarded transaction that did commit fails its compares
     /// the second time, and the action re-validates.
     fn txn(&self, txn: Txn) -> Result<(bool, u64), StoreError> {
-        let mut kv = self.client.kv_client();
-        self.run(async move {
-            let deadline = tokio::time::Instant::now() + TXN_TIMEOUT;
-            loop {
-                let attempt = tokio::time::timeout(TXN_ATTEMPT, kv.txn(txn.clone())).await;
-                let error = match attempt {
-                    Ok(Ok(r)) => {
-                        let revision = r.header().map(|h| h.revision()).unwrap_or(0).max(0);
-                        return Ok((r.succeeded(), revision as u64));
-                    }
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => format!("no answer within {TXN_ATTEMPT:?}"),
-                };
-                if tokio::time::Instant::now() + TXN_RETRY_PAUSE >= deadline {
-                    return Err(unavailable(format!(
-                        "{error}; gave up after {TXN_TIMEOUT:?} (quorum lost?)"
-                    )));
-                }
-                tokio::time::sleep(TXN_RETRY_PAUSE).await;
-            }
-        })
+        self.run(txn_retrying(self.client.kv_client(), txn))
     }
 
     /// The compares that make `batch` safe to apply on top of a view at revision `seen`.

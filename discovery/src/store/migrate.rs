@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use super::{EtcdConfig, EtcdStore, RedbStore, Store, StoreError, Write};
+use super::{EtcdConfig, EtcdStore, EtcdTls, RedbStore, Store, StoreError, Write};
 
 /// One side of a migration: `embedded:DIR` or `etcd:URL[,URL...]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,25 +31,32 @@ impl FromStr for StoreSpec {
 }
 
 impl StoreSpec {
-    async fn open(&self, etcd_prefix: &str) -> Result<Box<dyn Store>, StoreError> {
+    async fn open(
+        &self,
+        etcd_prefix: &str,
+        tls: Option<&EtcdTls>,
+    ) -> Result<Box<dyn Store>, StoreError> {
         Ok(match self {
             StoreSpec::Embedded(dir) => Box::new(RedbStore::open(dir)?),
             StoreSpec::Etcd(urls) => {
-                Box::new(EtcdStore::connect(&EtcdConfig::new(urls.clone(), etcd_prefix)).await?)
+                let mut config = EtcdConfig::new(urls.clone(), etcd_prefix);
+                config.tls = tls.cloned();
+                Box::new(EtcdStore::connect(&config).await?)
             }
         })
     }
 }
 
 /// Copies every record from `from` into the empty `to`; returns how many. TTL heartbeats are
-/// not copied (they are only meaningful while they are fresh).
+/// not copied (they are only meaningful while they are fresh). `tls` applies to the etcd side.
 pub async fn migrate(
     from: &StoreSpec,
     to: &StoreSpec,
     etcd_prefix: &str,
+    tls: Option<&EtcdTls>,
 ) -> Result<usize, StoreError> {
-    let source = from.open(etcd_prefix).await?;
-    let target = to.open(etcd_prefix).await?;
+    let source = from.open(etcd_prefix, tls).await?;
+    let target = to.open(etcd_prefix, tls).await?;
     let records = source.load()?;
     if !target.load()?.is_empty() {
         return Err(StoreError::Incompatible(format!(

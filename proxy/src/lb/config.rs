@@ -361,10 +361,49 @@ fn default_dereg() -> Duration {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoverySource {
-    /// Base URL of the discovery server, `http://host:port`.
-    pub url: String,
+    /// One control-plane replica, `http://host:port`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Every control-plane replica (`host:port`), in order of preference, as the sidecar's
+    /// `control_plane.addresses`: on error the watch moves to the next and resumes from the last
+    /// revision it saw. With `url`, that one comes first.
+    #[serde(default)]
+    pub addresses: Vec<String>,
     pub namespace: String,
     pub service: String,
+}
+
+impl DiscoverySource {
+    /// `url` then `addresses`, without repeats (at least one).
+    pub fn control_planes(&self) -> Result<Vec<http::uri::Authority>, String> {
+        let mut out: Vec<http::uri::Authority> = Vec::new();
+        if let Some(url) = &self.url {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|_| format!("url {url:?} is not a URL"))?;
+            if uri.scheme_str() != Some("http") || !uri.path().trim_end_matches('/').is_empty() {
+                return Err(format!("url {url:?}: expected http://host:port"));
+            }
+            let a = uri
+                .authority()
+                .ok_or_else(|| format!("url {url:?}: expected http://host:port"))?;
+            out.push(a.clone());
+        }
+        for a in &self.addresses {
+            let a: http::uri::Authority = a
+                .parse()
+                .ok()
+                .filter(|a: &http::uri::Authority| a.port_u16().is_some())
+                .ok_or_else(|| format!("address {a:?}: expected host:port"))?;
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        if out.is_empty() {
+            return Err("give `url` or `addresses`".into());
+        }
+        Ok(out)
+    }
 }
 
 /// ALB-like health checks; defaults are ALB's.
@@ -582,6 +621,16 @@ impl LbConfig {
                     "targets",
                     "give either a static `targets` list or `discovery`",
                 ));
+            }
+            if let Some(d) = &tg.discovery {
+                d.control_planes()
+                    .map_err(|e| invalid(at.as_str(), "discovery", e))?;
+                if d.namespace.parse::<trellis_core::NamespaceName>().is_err() {
+                    return Err(invalid(at, "discovery.namespace", "not a namespace name"));
+                }
+                if d.service.parse::<trellis_core::ServiceName>().is_err() {
+                    return Err(invalid(at, "discovery.service", "not a service name"));
+                }
             }
             let hc = &tg.health_check;
             if hc.protocol != "http" {
@@ -1092,6 +1141,41 @@ rollback = { window = "1m", max_5xx_rate = 0.05, max_p99 = "500ms" }
         }
         let e = err(&https(r#"tls = { source = "vault" }"#));
         assert!(e.contains("vault") && e.contains("source"), "{e}");
+    }
+
+    #[test]
+    fn discovery_lists_control_plane_replicas() {
+        let url = r#"url = "http://127.0.0.1:8500""#;
+        let with = |src: &str| EXAMPLE.replace(url, src);
+        let c = LbConfig::from_str(&with(
+            r#"url = "http://127.0.0.1:8500", addresses = ["127.0.0.1:8500", "cp-b:9400"]"#,
+        ))
+        .unwrap();
+        c.compile().unwrap();
+        let d = c
+            .target_groups
+            .iter()
+            .find_map(|g| g.discovery.as_ref())
+            .unwrap();
+        let cps: Vec<String> = d
+            .control_planes()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(cps, ["127.0.0.1:8500", "cp-b:9400"]);
+        LbConfig::from_str(&with(r#"addresses = ["10.0.0.1:9400"]"#))
+            .unwrap()
+            .compile()
+            .unwrap();
+        for (bad, named) in [
+            ("addresses = []", "give `url` or `addresses`"),
+            (r#"addresses = ["no-port"]"#, "no-port"),
+            (r#"url = "https://127.0.0.1:1""#, "http://host:port"),
+        ] {
+            let e = err(&with(bad));
+            assert!(e.contains("discovery") && e.contains(named), "{e}");
+        }
     }
 
     #[test]

@@ -118,12 +118,7 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
             stop.clone(),
         ));
         if let Some(src) = g.config.discovery.clone() {
-            tasks.spawn(discovery::run(
-                Arc::clone(g),
-                src,
-                probe_client.clone(),
-                stop.clone(),
-            ));
+            tasks.spawn(discovery::run(Arc::clone(g), src, stop.clone()));
         }
     }
     let shared = Arc::new(Shared {
