@@ -1145,8 +1145,14 @@ rollback = { window = "1m", max_5xx_rate = 0.05, max_p99 = "500ms" }
 
     #[test]
     fn discovery_lists_control_plane_replicas() {
-        let url = r#"url = "http://127.0.0.1:8500""#;
-        let with = |src: &str| EXAMPLE.replace(url, src);
+        let with = |src: &str| {
+            EXAMPLE.replace(
+                r#"targets = ["127.0.0.1:9002"]"#,
+                &format!(
+                    r#"discovery = {{ {src}, namespace = "my-app.local", service = "green" }}"#
+                ),
+            )
+        };
         let c = LbConfig::from_str(&with(
             r#"url = "http://127.0.0.1:8500", addresses = ["127.0.0.1:8500", "cp-b:9400"]"#,
         ))
