@@ -3,7 +3,6 @@
 // Test helpers may unwrap: a failure is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -74,7 +73,7 @@ impl Replica {
         // "trellis-discovery: api http://A dns D"
         let words: Vec<&str> = line.split_whitespace().collect();
         Ok(Replica {
-            api: words[2].trim_start_matches("http://").parse().unwrap(),
+            api: trellis_test_support::bins::discovery_api(&line).unwrap(),
             dns: words[4].parse().unwrap(),
             child,
             log,
@@ -99,14 +98,8 @@ impl Drop for Replica {
     }
 }
 
-/// Spawns `cmd` and reads the first line it prints (the bound addresses; empty if it exited).
 fn spawn_reading_first_line(cmd: &mut Command) -> (Child, String) {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (child, line)
+    trellis_test_support::bins::spawn_reading_first_line(cmd).unwrap()
 }
 
 /// `None` when etcd, curl or dig is missing (skipped unless CI requires tools).
@@ -116,36 +109,42 @@ fn cluster(members: usize) -> Option<EtcdCluster> {
     EtcdCluster::start(members)
 }
 
+/// One request with curl (`data` as the body, `@FILE` for a file's): (HTTP status, body).
+fn curl(method: &str, url: &str, headers: &[String], data: &str) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-m",
+        "10",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ]);
+    for h in headers {
+        cmd.arg("-H").arg(h);
+    }
+    let out = cmd.args(["--data-binary", data]).arg(url).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
 /// One Cloud Map call with curl: (HTTP status, JSON body).
 fn api(addr: SocketAddr, action: &str, body: &Value) -> (u16, Value) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-m",
-            "10",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            "-X",
-            "POST",
-        ])
-        .args(["-H", "content-type: application/x-amz-json-1.1"])
-        .arg("-H")
-        .arg(format!(
-            "x-amz-target: Route53AutoNaming_v20170314.{action}"
-        ))
-        .arg("--data-binary")
-        .arg(body.to_string())
-        .arg(format!("http://{addr}/"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        code.trim().parse().unwrap_or(0),
-        serde_json::from_str(body).unwrap_or(Value::Null),
-    )
+    let headers = [
+        "content-type: application/x-amz-json-1.1".to_owned(),
+        format!("x-amz-target: Route53AutoNaming_v20170314.{action}"),
+    ];
+    let (status, body) = curl(
+        "POST",
+        &format!("http://{addr}/"),
+        &headers,
+        &body.to_string(),
+    );
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -859,27 +858,12 @@ fn replica_ca(
 
 /// `curl` with a bearer token: (HTTP status, body).
 fn call(method: &str, url: String, token: &str, data: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-m",
-            "10",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            "-X",
-            method,
-        ])
-        .arg("-H")
-        .arg(format!("authorization: Bearer {token}"))
-        .args(["--data-binary", data])
-        .arg(url)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    curl(
+        method,
+        &url,
+        &[format!("authorization: Bearer {token}")],
+        data,
+    )
 }
 
 /// `openssl verify -crl_check` of the leaf in `chain` (leaf, intermediate) against `root` and

@@ -858,35 +858,18 @@ async fn ttl_heartbeats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_registration_storm_loses_no_acknowledged_write() {
-    use std::io::BufRead;
+    use trellis_test_support::bins;
     let dir = tempfile::tempdir().unwrap();
     let spawn = |dir: &Path| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
-            .args([
-                "serve",
-                "--api-listen",
-                "127.0.0.1:0",
-                "--dns-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(dir)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let api: SocketAddr = line
-            .split_whitespace()
-            .nth(2)
-            .unwrap()
-            .trim_start_matches("http://")
-            .parse()
-            .unwrap();
-        (child, api)
+        let (child, line) = bins::spawn_reading_first_line(
+            Command::new(env!("CARGO_BIN_EXE_trellis-discovery"))
+                .args(["serve", "--api-listen", "127.0.0.1:0"])
+                .args(["--dns-listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir)
+                .env("RUST_LOG", "warn"),
+        )
+        .unwrap();
+        (child, bins::discovery_api(&line).unwrap())
     };
     let (mut child, addr) = spawn(dir.path());
     let (_, svc) = setup(addr, "storm.local", serde_json::json!({})).await;

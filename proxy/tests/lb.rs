@@ -1236,29 +1236,22 @@ struct Replica {
 
 impl Replica {
     fn start(etcd: &trellis_test_support::etcd::EtcdCluster, prefix: &str) -> Replica {
-        use std::io::BufRead;
+        use trellis_test_support::bins;
         let dir = tempfile::tempdir().unwrap();
-        let bin = trellis_test_support::bins::binary("trellis-discovery", "trellis-discovery");
-        let mut child = std::process::Command::new(bin)
-            .args(["serve", "--api-listen", "127.0.0.1:0", "--dns-listen"])
-            .args(["127.0.0.1:0", "--store", "etcd", "--etcd-prefix", prefix])
-            .arg("--etcd-endpoints")
-            .arg(etcd.endpoints())
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("RUST_LOG", "error")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "trellis-discovery: api http://A dns D"
-        let api = line.split_whitespace().nth(2).unwrap();
+        let (child, line) = bins::spawn_reading_first_line(
+            std::process::Command::new(bins::binary("trellis-discovery", "trellis-discovery"))
+                .args(["serve", "--api-listen", "127.0.0.1:0", "--dns-listen"])
+                .args(["127.0.0.1:0", "--store", "etcd", "--etcd-prefix", prefix])
+                .arg("--etcd-endpoints")
+                .arg(etcd.endpoints())
+                .arg("--data-dir")
+                .arg(dir.path())
+                .env("RUST_LOG", "error")
+                .stderr(std::process::Stdio::null()),
+        )
+        .unwrap();
         Replica {
-            api: api.trim_start_matches("http://").parse().unwrap(),
+            api: bins::discovery_api(&line).unwrap(),
             child,
             _dir: dir,
         }

@@ -33,3 +33,27 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
     }
     path
 }
+
+/// Spawns `cmd`, a server that prints its bound addresses as its first line on stdout, and reads
+/// that line (empty when the process exited before printing it).
+pub fn spawn_reading_first_line(
+    cmd: &mut std::process::Command,
+) -> std::io::Result<(std::process::Child, String)> {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        std::io::BufReader::new(out).read_line(&mut line)?;
+    }
+    Ok((child, line))
+}
+
+/// The API address in the first line `trellis-discovery serve` prints
+/// (`trellis-discovery: api http://A dns D`).
+pub fn discovery_api(line: &str) -> Option<std::net::SocketAddr> {
+    line.split_whitespace()
+        .nth(2)?
+        .trim_start_matches("http://")
+        .parse()
+        .ok()
+}
