@@ -50,7 +50,8 @@ start_etcd() {
 serve() {
   local name=$1; shift
   local out=$work/$name.out
-  RUST_LOG=warn "$bin" serve --api-listen 127.0.0.1:0 --dns-listen 127.0.0.1:0 "$@" > "$out" 2>"$out.err" &
+  # --api-rate-limit 0: the per-client throttle (200/s by default) would cap bulk registration.
+  RUST_LOG=warn "$bin" serve --api-listen 127.0.0.1:0 --dns-listen 127.0.0.1:0 --api-rate-limit 0 "$@" > "$out" 2>"$out.err" &
   pids+=($!)
   eval "${name}_pid=$!"
   until grep -q '^trellis-discovery: api' "$out" 2>/dev/null; do sleep 0.05; done

@@ -450,44 +450,60 @@ impl Authority {
         state.audit_log()
     }
 
-    /// Applies a record another replica wrote to the shared state (or this one's own, echoed
-    /// back: known records are ignored). A revocation of one of this CA's own certificates
-    /// re-signs the CRL.
-    pub fn learn(&self, record: IndexRecord) -> Result<(), CaError> {
-        let own_revoked = {
+    /// Applies records other replicas wrote to the shared state (or this one's own, echoed back:
+    /// known records are ignored), in the order they were written. When one revokes a certificate
+    /// of this CA, the CRL is re-signed once for the batch.
+    pub fn learn(&self, records: impl IntoIterator<Item = IndexRecord>) -> Result<(), CaError> {
+        let mut own_revoked = 0;
+        let mut failed = None;
+        {
             let mut entries = self.inner.entries.lock();
-            match &record {
-                IndexRecord::Issued { serial, cert, .. } => {
-                    let s: Serial = serial.parse()?;
-                    if entries.contains_key(&s) {
-                        return Ok(());
-                    }
-                    let foreign = base64_decode(cert).is_none_or(|der| {
-                        x509_parser::parse_x509_certificate(&der)
-                            .map(|(_, x)| x.issuer().as_raw() != self.inner.subject.as_slice())
-                            .unwrap_or(true)
-                    });
-                    apply_record(&mut entries, record, foreign)?;
-                    false
-                }
-                IndexRecord::Revoked { serial, .. } => {
-                    let s: Serial = serial.parse()?;
-                    match entries.get(&s) {
-                        Some(e) if e.revoked.is_none() => {
-                            let own = !e.foreign;
-                            apply_record(&mut entries, record, false)?;
-                            own
-                        }
-                        _ => false,
-                    }
+            for record in records {
+                match self.learn_one(&mut entries, record) {
+                    Ok(own) => own_revoked += u64::from(own),
+                    Err(e) => failed = Some(e),
                 }
             }
-        };
-        if own_revoked {
-            self.inner.metrics.revoked.inc();
+        }
+        if own_revoked > 0 {
+            self.inner.metrics.revoked.inc_by(own_revoked);
             self.regenerate_crl()?;
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// One learned record; `true` when it revoked one of this CA's certificates.
+    fn learn_one(
+        &self,
+        entries: &mut HashMap<Serial, Entry>,
+        record: IndexRecord,
+    ) -> Result<bool, CaError> {
+        match &record {
+            IndexRecord::Issued { serial, cert, .. } => {
+                let s: Serial = serial.parse()?;
+                if entries.contains_key(&s) {
+                    return Ok(false);
+                }
+                let foreign = base64_decode(cert).is_none_or(|der| {
+                    x509_parser::parse_x509_certificate(&der)
+                        .map(|(_, x)| x.issuer().as_raw() != self.inner.subject.as_slice())
+                        .unwrap_or(true)
+                });
+                apply_record(entries, record, foreign)?;
+                Ok(false)
+            }
+            IndexRecord::Revoked { serial, .. } => {
+                let s: Serial = serial.parse()?;
+                match entries.get(&s) {
+                    Some(e) if e.revoked.is_none() => {
+                        let own = !e.foreign;
+                        apply_record(entries, record, false)?;
+                        Ok(own)
+                    }
+                    _ => Ok(false),
+                }
+            }
+        }
     }
 
     /// Looks up an issued certificate (leaf DER) by serial.

@@ -164,10 +164,9 @@ mod tests {
         let (a, b) = (replica(&shared), replica(&shared));
         let s = issue(&a);
         // B learns A's certificate (a watch would feed it), echoes are ignored.
-        for r in shared.log.lock().clone() {
-            b.learn(r.clone()).unwrap();
-            a.learn(r).unwrap();
-        }
+        let log = shared.log.lock().clone();
+        b.learn(log.clone()).unwrap();
+        a.learn(log).unwrap();
         assert!(b.certificate(&s).is_some());
         // Revoked through B: recorded once, not in B's CRL (not B's certificate)...
         b.revoke(&s, RevokeReason::KeyCompromise, "admin").unwrap();
@@ -175,9 +174,9 @@ mod tests {
         // ...and in A's once A learns it.
         assert!(crl_serials(&a).is_empty());
         let revoked = shared.log.lock().last().cloned().unwrap();
-        a.learn(revoked.clone()).unwrap();
+        a.learn([revoked.clone()]).unwrap();
         assert_eq!(crl_serials(&a), [s]);
-        a.learn(revoked).unwrap();
+        a.learn([revoked]).unwrap();
         // A second revocation anywhere is refused by the shared state.
         assert!(matches!(
             a.revoke(&s, RevokeReason::Superseded, "admin"),

@@ -1021,6 +1021,17 @@ fn ca_state_is_shared_through_etcd() {
     }
     // A workload credential may not read it.
     assert_eq!(call("GET", url(2, "/v1/ca/audit"), &token, "").0, 403);
+
+    // A restarted replica reads the shared state again: the token made through A's API (it is only
+    // in etcd) still works there.
+    let mut replicas = replicas;
+    let mut a = replicas.swap_remove(0);
+    a.kill();
+    let dir = std::mem::replace(&mut a._dir, tempfile::tempdir().unwrap());
+    drop(a);
+    let a = Replica::spawn_in(&etcd, "/cas/", &[], dir).unwrap();
+    let (s, body) = call("POST", format!("http://{}/v1/ca/sign", a.api), &token, &csr);
+    assert_eq!(s, 200, "{body}");
 }
 
 #[test]

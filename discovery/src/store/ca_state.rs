@@ -104,9 +104,7 @@ impl EtcdCaState {
             tokens: tokens.clone(),
         };
         // Key order puts every `issued/` before its `revoked/`.
-        for r in all.kvs() {
-            feed.apply(r.key(), r.value());
-        }
+        feed.apply(all.kvs().iter().map(|r| (r.key(), r.value())));
         let replica = format!(
             "{:08x}",
             super::crl_share::fingerprint(authority.intermediate().as_ref()) as u32
@@ -245,15 +243,15 @@ impl Feed {
             if resp.canceled() {
                 return Ok(resp.compact_revision() > 0);
             }
-            for ev in resp.events() {
-                if ev.event_type() != EventType::Put {
-                    continue;
-                }
-                if let Some(kv) = ev.kv() {
-                    self.apply(kv.key(), kv.value());
-                    *applied = (*applied).max(kv.mod_revision().max(0) as u64);
-                }
+            let puts = resp
+                .events()
+                .iter()
+                .filter(|ev| ev.event_type() == EventType::Put)
+                .filter_map(|ev| ev.kv());
+            for kv in puts.clone() {
+                *applied = (*applied).max(kv.mod_revision().max(0) as u64);
             }
+            self.apply(puts.map(|kv| (kv.key(), kv.value())));
         }
         Ok(false)
     }
@@ -266,29 +264,34 @@ impl Feed {
             Some(GetOptions::new().with_range(to.as_str())),
         ))
         .await?;
-        for r in all.kvs() {
-            self.apply(r.key(), r.value());
-        }
+        self.apply(all.kvs().iter().map(|r| (r.key(), r.value())));
         Ok(all.header().map(|h| h.revision()).unwrap_or(0).max(0) as u64)
     }
 
-    /// Feeds one record to the CA; a record that does not parse is logged and skipped.
-    fn apply(&self, key: &[u8], value: &[u8]) {
-        let res = if key.starts_with(self.keys.tokens.as_bytes()) {
-            serde_json::from_slice::<TokenRecord>(value)
-                .map(|t| self.tokens.learn(t))
-                .map_err(|e| e.to_string())
-        } else if key.starts_with(self.keys.issued.as_bytes())
-            || key.starts_with(self.keys.revoked.as_bytes())
-        {
-            serde_json::from_slice::<IndexRecord>(value)
-                .map_err(|e| e.to_string())
-                .and_then(|r| self.authority.learn(r).map_err(|e| e.to_string()))
-        } else {
-            Ok(())
-        };
-        if let Err(e) = res {
+    /// Feeds records (key, value) to the CA, in order; one that does not parse is logged and
+    /// skipped.
+    fn apply<'a>(&self, records: impl Iterator<Item = (&'a [u8], &'a [u8])>) {
+        let skipped = |key: &[u8], e: &dyn std::fmt::Display| {
             tracing::warn!(key = %String::from_utf8_lossy(key), error = %e, "CA record from etcd skipped");
+        };
+        let mut index = Vec::new();
+        for (key, value) in records {
+            if key.starts_with(self.keys.tokens.as_bytes()) {
+                match serde_json::from_slice::<TokenRecord>(value) {
+                    Ok(t) => self.tokens.learn(t),
+                    Err(e) => skipped(key, &e),
+                }
+            } else if key.starts_with(self.keys.issued.as_bytes())
+                || key.starts_with(self.keys.revoked.as_bytes())
+            {
+                match serde_json::from_slice::<IndexRecord>(value) {
+                    Ok(r) => index.push(r),
+                    Err(e) => skipped(key, &e),
+                }
+            }
+        }
+        if let Err(e) = self.authority.learn(index) {
+            tracing::warn!(error = %e, "CA records from etcd partly skipped");
         }
     }
 }
