@@ -192,6 +192,28 @@ mod tests {
     }
 
     #[test]
+    fn the_default_state_is_the_journals() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::CaDir::new(dir.path().join("ca"));
+        let a = ca
+            .init("mesh.local".parse().unwrap(), Policy::default())
+            .unwrap();
+        let s = issue(&a);
+        a.revoke(&s, RevokeReason::Superseded, "admin").unwrap();
+        let events: Vec<String> = a
+            .audit_log()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event)
+            .collect();
+        assert_eq!(events, ["issue", "revoke:superseded"]);
+        // What the journals hold is what a reopened CA knows.
+        let reopened = ca.open().unwrap();
+        assert_eq!(reopened.revoked(), [s]);
+        assert_eq!(reopened.audit_log().unwrap().len(), 2);
+    }
+
+    #[test]
     fn a_serial_taken_by_another_replica_is_drawn_again() {
         let shared = Arc::new(Shared::default());
         let a = replica(&shared);

@@ -318,4 +318,63 @@ mod tests {
             .into_parts();
         assert!(!CaApi::matches(&p));
     }
+
+    #[tokio::test]
+    async fn admin_creates_tokens_and_reads_the_audit_log() {
+        let api = api();
+        let admin = api.tokens().create(crate::Scope::Admin).unwrap().bearer();
+        let call = |method: &str, path: &str, token: &str, body: &'static str| {
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("authorization", format!("Bearer {token}"))
+                .body(Bytes::from_static(body.as_bytes()))
+                .unwrap();
+            api.clone().oneshot(req)
+        };
+        let r = call(
+            "POST",
+            "/v1/ca/tokens",
+            &admin,
+            r#"{"namespace":"n","service":"s"}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let token = v["token"].as_str().unwrap().to_owned();
+        let scope = api.tokens().check_bearer(&token).unwrap();
+        assert!(scope.allows(&"n".parse().unwrap(), &"s".parse().unwrap()));
+        // Only admins; a body naming half a scope is refused.
+        for (token, body, status) in [
+            (&token, r#"{"admin":true}"#, StatusCode::FORBIDDEN),
+            (&admin, r#"{"namespace":"n"}"#, StatusCode::BAD_REQUEST),
+            (
+                &admin,
+                r#"{"admin":true,"service":"s"}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            (&admin, "not json", StatusCode::BAD_REQUEST),
+        ] {
+            let r = call("POST", "/v1/ca/tokens", token, body).await.unwrap();
+            assert_eq!(r.status(), status, "{body}");
+        }
+        assert_eq!(
+            call("GET", "/v1/ca/audit", &token, "")
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::FORBIDDEN
+        );
+        let r = call("GET", "/v1/ca/audit", &admin, "").await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            call("DELETE", "/v1/ca/audit", &admin, "")
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
 }
