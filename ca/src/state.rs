@@ -150,6 +150,14 @@ mod tests {
         .serial
     }
 
+    fn audit_events(a: &Authority) -> Vec<String> {
+        a.audit_log()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event)
+            .collect()
+    }
+
     fn crl_serials(a: &Authority) -> Vec<Serial> {
         let pem = pem::parse(a.crl_pem().as_bytes()).unwrap();
         let (_, crl) = x509_parser::parse_x509_crl(pem.contents()).unwrap();
@@ -182,12 +190,7 @@ mod tests {
             a.revoke(&s, RevokeReason::Superseded, "admin"),
             Err(CaError::AlreadyRevoked(_))
         ));
-        let events: Vec<String> = a
-            .audit_log()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.event)
-            .collect();
+        let events = audit_events(&a);
         assert_eq!(events, ["issue", "revoke:keyCompromise"]);
     }
 
@@ -200,12 +203,7 @@ mod tests {
             .unwrap();
         let s = issue(&a);
         a.revoke(&s, RevokeReason::Superseded, "admin").unwrap();
-        let events: Vec<String> = a
-            .audit_log()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.event)
-            .collect();
+        let events = audit_events(&a);
         assert_eq!(events, ["issue", "revoke:superseded"]);
         // What the journals hold is what a reopened CA knows.
         let reopened = ca.open().unwrap();
