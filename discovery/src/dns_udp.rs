@@ -149,7 +149,7 @@ fn shape(d: &[u8], key: &mut Vec<u8>) -> Option<usize> {
 pub async fn serve(
     sock: Arc<UdpSocket>,
     handler: Arc<DnsHandler>,
-    rrl: Option<Throttle>,
+    rrl: Option<Arc<Throttle>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut batch = Batch::new(MAX_UDP);
@@ -166,7 +166,7 @@ pub async fn serve(
             _ = stop.changed() => return,
         };
         for i in 0..n {
-            answer(&mut batch, i, &mut cache, &handler, rrl.as_ref(), &sock);
+            answer(&mut batch, i, &mut cache, &handler, rrl.as_deref(), &sock);
         }
         batch.send(&sock).await;
     }
