@@ -64,6 +64,10 @@ pub struct ControlPlaneConfig {
     /// File holding the join token (e.g. written by `trellis-ca token create --out`), read at
     /// start when `token` is not set.
     pub token_file: Option<std::path::PathBuf>,
+    /// PEM file with the mesh's root certificate(s) (the CA's `root.crt`). When set, only these
+    /// roots are trusted and every certificate the control plane returns must chain to them;
+    /// when unset, the roots are fetched from the control plane (trust on first use).
+    pub trust_bundle: Option<std::path::PathBuf>,
     /// This instance's id in discovery (Cloud Map `InstanceId`). When set, SIGTERM deregisters it
     /// (`DeregisterInstance`) before the listeners stop accepting, so peers stop picking it.
     pub instance_id: Option<String>,
@@ -87,6 +91,8 @@ struct ControlPlaneFile {
     token: Option<String>,
     #[serde(default)]
     token_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    trust_bundle: Option<std::path::PathBuf>,
     #[serde(default)]
     instance_id: Option<String>,
     #[serde(default)]
@@ -112,6 +118,7 @@ impl TryFrom<ControlPlaneFile> for ControlPlaneConfig {
             addresses,
             token: f.token,
             token_file: f.token_file,
+            trust_bundle: f.trust_bundle,
             instance_id: f.instance_id,
             service_id: f.service_id,
             watch_wait: f.watch_wait,

@@ -801,11 +801,38 @@ async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError
             ));
         }
     };
+    let pinned = match &cp.trust_bundle {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                StartError::Identity(format!(
+                    "control_plane.trust_bundle {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let roots = trellis_ca::parse_certs(&pem).map_err(|e| {
+                StartError::Identity(format!(
+                    "control_plane.trust_bundle {}: {e}",
+                    path.display()
+                ))
+            })?;
+            Some(roots)
+        }
+        None => {
+            if !cp.address.ip().is_loopback() {
+                tracing::warn!(
+                    control_plane = %cp.address,
+                    "control_plane.trust_bundle is not set: the mesh's root certificates are taken from the control plane unverified (trust on first use); set it when the network to the control plane is not trusted"
+                );
+            }
+            None
+        }
+    };
     Identity::bootstrap(
         &format!("http://{}", cp.address),
         &token,
         config.identity.trust_domain.clone(),
         None,
+        pinned,
     )
     .await
     .map_err(|e| StartError::Identity(format!("bootstrap from {}: {e}", cp.address)))
