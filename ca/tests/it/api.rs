@@ -289,7 +289,7 @@ async fn pinned_trust_anchors_refuse_an_impostor_ca() {
     id.rotate_now().await.unwrap();
     assert_eq!(*id.trust_bundle().roots(), real_roots);
     // Pinned to another root, the real CA's certificates are refused with a clear error.
-    let err = Identity::bootstrap(
+    let Err(err) = Identity::bootstrap(
         &ca.url,
         &tok,
         "mesh.local".parse().unwrap(),
@@ -297,9 +297,10 @@ async fn pinned_trust_anchors_refuse_an_impostor_ca() {
         Some(trellis_ca::parse_certs(&other.roots_pem()).unwrap()),
     )
     .await
-    .err()
-    .expect("an impostor CA is refused")
-    .to_string();
+    else {
+        panic!("an impostor CA is refused");
+    };
+    let err = err.to_string();
     assert!(err.contains("does not chain to the trusted roots"), "{err}");
     // An empty pinned bundle is a configuration error, not "trust nothing" at runtime.
     assert!(
