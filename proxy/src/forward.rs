@@ -259,7 +259,7 @@ async fn splice_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::On
     };
     let mut down = TokioIo::new(down);
     let mut up = TokioIo::new(up);
-    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    let _ = crate::relay::relay_copy(&mut down, &mut up).await;
 }
 
 /// A shared handle to a cluster plus how to reach it; what listeners route to.
