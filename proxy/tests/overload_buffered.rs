@@ -10,72 +10,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::slow::{StalledH2, blaster, slow_h1_reader};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use trellis_proxy::buffered::buffered_bytes;
-use trellis_proxy::overload::{Pressure, pressure};
-
-/// Body size the blaster announces: more than every buffer on the path can absorb, so a
-/// response to a client that does not read never ends.
-const BODY: usize = 64 << 20;
-
-/// An upstream that answers anything with a huge body (`http`) or just streams bytes (raw TCP),
-/// writing until the peer stops taking them.
-async fn blaster(http: bool) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let _ = socket2::SockRef::from(&s).set_send_buffer_size(64 * 1024);
-            tokio::spawn(async move {
-                if http {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let h = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n");
-                    if s.write_all(h.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-                let chunk = vec![0u8; 64 * 1024];
-                let mut sent = 0;
-                while sent < BODY && s.write_all(&chunk).await.is_ok() {
-                    sent += chunk.len();
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// A client that asks for the big body and never reads it (tiny receive buffer).
-async fn slow_h1_reader(port: SocketAddr) -> TcpStream {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut s = sock.connect(port).await.unwrap();
-    s.write_all(b"GET /big HTTP/1.1\r\nHost: big\r\n\r\n")
-        .await
-        .unwrap();
-    s
-}
-
-fn gauge(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
-}
+use trellis_proxy::overload::Pressure;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_past_the_buffered_budget_are_shed_then_service_returns() {
@@ -106,31 +47,7 @@ async fn slow_readers_past_the_buffered_budget_are_shed_then_service_returns() {
         h1.push(slow_h1_reader(big_port).await);
     }
     // HTTP/2 streams stalled at the client's small window: one connection, many responses.
-    let tcp = TcpStream::connect(big_port).await.unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(16 * 1024)
-        .initial_connection_window_size(4 << 20)
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let h2_conn = tokio::spawn(conn);
-    let mut stalled = Vec::new();
-    for _ in 0..40 {
-        if pressure() == Pressure::ShedRequests {
-            break;
-        }
-        let req = http::Request::get(format!("http://{big_port}/big"))
-            .body(Empty::new())
-            .unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(5), h2.send_request(req))
-            .await
-            .unwrap()
-            .unwrap();
-        if resp.status() == 200 {
-            stalled.push(resp); // body never read
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let h2 = StalledH2::until_shed(big_port, 40).await;
     until_pressure("past the buffered budget", Pressure::ShedRequests).await;
     assert!(buffered_bytes() >= 1 << 20, "{}", buffered_bytes());
 
@@ -141,24 +58,23 @@ async fn slow_readers_past_the_buffered_budget_are_shed_then_service_returns() {
 
     // The process is up; its admin port answers with the gauge and the shedding.
     let text = admin_metrics(sc.admin_addr).await;
-    assert!(gauge(&text, "trellis_proxy_overload_buffered_bytes") >= (1 << 20) as f64);
-    assert_eq!(gauge(&text, "trellis_proxy_overload_level"), 2.0);
+    assert!(metric(&text, "trellis_proxy_overload_buffered_bytes") >= (1 << 20) as f64);
+    assert_eq!(metric(&text, "trellis_proxy_overload_level"), 2.0);
     assert!(
-        gauge(
+        metric(
             &text,
             r#"trellis_proxy_overload_shed_total{work="connection"}"#
         ) >= 1.0
     );
     assert!(
-        gauge(
+        metric(
             &text,
             r#"trellis_proxy_overload_shed_total{work="request"}"#
         ) >= 1.0
     );
 
     // The slow readers go: their buffers are given back and a well-behaved client is served.
-    drop((h1, stalled, h2));
-    h2_conn.abort();
+    drop((h1, h2));
     until_pressure("budget freed", Pressure::Normal).await;
     assert_eq!(
         get(&h1_client(), &format!("http://{small_port}/")).await.0,

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
+use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -346,17 +348,17 @@ async fn accept_loop<F, S>(
         let _ = sock.set_nodelay(true);
         let svc = make_service(peer);
         let (builder, stop, tls) = (Arc::clone(&builder), stop.clone(), tls.clone());
-        let cap = admission.buffer_cap;
+        let (cap, shed) = (admission.buffer_cap, admission.shed_on_pressure);
         tasks.spawn(async move {
             let _permit = permit;
             let _read_buf = Held::new(cap);
             match tls {
-                None => serve(&builder, TokioIo::new(sock), svc, cap, stop).await,
+                None => serve(&builder, TokioIo::new(sock), svc, (cap, shed), stop).await,
                 Some(acc) => {
                     let _tls_buffers = Held::new(TLS_BUFFER_BYTES);
                     let hs = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await;
                     if let Ok(Ok(s)) = hs {
-                        serve(&builder, TokioIo::new(s), svc, cap, stop).await;
+                        serve(&builder, TokioIo::new(s), svc, (cap, shed), stop).await;
                     }
                 }
             }
@@ -367,12 +369,13 @@ async fn accept_loop<F, S>(
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one connection; each streamed response holds `cap` bytes (its write queue) while it
-/// streams.
+/// streams. With `shed`, new requests under memory pressure get 503 + `Retry-After` before any
+/// work is done for them ([`crate::overload::shed_request`]).
 async fn serve<I, S>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     svc: S,
-    cap: usize,
+    (cap, shed): (usize, bool),
     stop: CancellationToken,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -385,7 +388,10 @@ async fn serve<I, S>(
     S::Future: Send + 'static,
 {
     let svc = service_fn(move |req| {
-        let fut = hyper::service::Service::call(&svc, req);
+        let fut = match shed.then(crate::overload::shed_request).flatten() {
+            Some(r) => Either::Left(std::future::ready(Ok(r.map(|b| b.boxed_unsync())))),
+            None => Either::Right(hyper::service::Service::call(&svc, req)),
+        };
         async move { fut.await.map(|r| r.map(|b| HeldBody::new(b, cap))) }
     });
     let conn = builder.serve_connection(io, svc);

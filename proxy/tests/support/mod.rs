@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use trellis_core::{Endpoint, EndpointSet, HealthStatus};
 use trellis_proxy::{Config, Running};
 
+pub mod slow;
+
 type Body = BoxBody<Bytes, hyper::Error>;
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -339,4 +341,11 @@ pub async fn assert_shed(open: &mut tokio::net::TcpStream, host: &str) {
         shed.to_ascii_lowercase().contains("retry-after: 1"),
         "{shed}"
     );
+}
+
+/// The value of one sample (`name` with its labels) in a Prometheus text page.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
 }
