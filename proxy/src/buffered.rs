@@ -5,9 +5,9 @@
 //! drop: one relaxed atomic add and one sub, no lock, no allocation, never per chunk of a
 //! streamed body. What is counted, and how exactly:
 //!
-//! - relay copy buffers (TLS relays, the copy fallback of plaintext relays, upgraded
-//!   connections): [`COPY_BUF_SIZE`](crate::COPY_BUF_SIZE) per direction while the relay runs —
-//!   exact, those are allocated;
+//! - relay copy buffers (TLS relays and the copy fallback of plaintext relays:
+//!   [`COPY_BUF_SIZE`](crate::COPY_BUF_SIZE) per direction; upgraded connections: 8 KiB) while
+//!   the relay runs — exact, those are allocated;
 //! - bytes sitting in a `splice(2)` pipe (read from one socket, not yet written to the other,
 //!   e.g. because the reader is slow): exact, adjusted per splice call (a syscall anyway);
 //! - hyper's buffers, which the proxy cannot see into, by their configured cap
