@@ -14,6 +14,7 @@ mod admin;
 mod authz;
 mod balance;
 mod body;
+pub mod buffered;
 mod circuit;
 mod client;
 mod clock;
@@ -69,7 +70,7 @@ pub use outbound::{RouteTables, Router, Subset, compile as compile_routes, subse
 pub use outlier::{OutlierPolicy, Verdict};
 pub use relay::{COPY_BUF_SIZE, relay_copy, relay_tcp};
 pub use retry::{RetryBudget, is_idempotent};
-pub use server::{HttpMode, builder as http_builder, serve};
+pub use server::{HttpMode, HttpServer, builder as http_builder, serve};
 pub use sidecar::{APP_CLUSTER, Running, StartOptions, run, start, start_with};
 pub use tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, MtlsIo, client_config};
 pub use watch::{WatchTarget, apply as apply_endpoint_set, run as watch_endpoints};

@@ -157,7 +157,7 @@ pub async fn start_with(
     let limits = &config.limits;
     let builder = crate::server::builder(limits);
     crate::overload::start(
-        limits.max_rss_mb.map(|mb| mb << 20),
+        crate::overload::Budget::from_mib(limits.max_rss_mb, limits.max_buffered_mb),
         &metrics.registry,
         stop.clone(),
     );
@@ -629,6 +629,8 @@ pub(crate) async fn relay_to_cluster(
         if let Some(tls) = &target.tcp_tls {
             match tls.connect_addr(ep.addr).await {
                 Ok(mut up) => {
+                    let _tls_buffers =
+                        crate::buffered::Held::new(crate::buffered::TLS_BUFFER_BYTES);
                     cluster.record(&ep, false, &snapshot);
                     cluster.metrics.response(Some(200));
                     let mut down = down;
@@ -666,7 +668,7 @@ pub(crate) async fn relay_to_cluster(
 /// Everything one inbound connection needs.
 struct InboundConn {
     target: Target,
-    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    builder: crate::server::HttpServer,
     stop: CancellationToken,
     header: HeaderName,
     intentions: Arc<ArcSwap<Intentions>>,
@@ -712,6 +714,8 @@ impl InboundConn {
             Protocol::Http => &tls.http,
             Protocol::Tcp => &tls.tcp,
         };
+        // rustls' buffers, by their cap, while the connection lives.
+        let _tls_buffers = crate::buffered::Held::new(crate::buffered::TLS_BUFFER_BYTES);
         let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
