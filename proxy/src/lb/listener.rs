@@ -23,9 +23,9 @@ use super::error::{ForwardError, WeightError};
 use super::metrics::{Metrics, RuleMetrics};
 use super::target::{InFlight, TargetGroup};
 use crate::route::{Action, Matched, RequestView, RuleIndex, STICKY_COOKIE, Weight};
-use crate::{ProxyBody, ProxyError, UpstreamClient};
+use crate::{BodyError, ProxyBody, ProxyError, UpstreamClient};
 
-pub type LbBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type LbBody = UnsyncBoxBody<Bytes, BodyError>;
 pub type ForwardClient = UpstreamClient;
 
 pub struct ListenerState {
@@ -341,12 +341,12 @@ pin_project_lite::pin_project! {
 
 impl Body for GuardedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.project().inner.poll_frame(cx)
     }
 
