@@ -29,6 +29,7 @@ mod fnv;
 mod forward;
 #[doc(hidden)]
 pub mod fuzz;
+mod h1;
 pub mod intercept;
 pub mod lb;
 mod listener;
@@ -62,7 +63,7 @@ pub use config::{
 pub use deregister::{DeregisterError, Deregistration};
 pub use endpoint::{EndpointState, InFlight, OwnedInFlight};
 pub use env::{EnvSource, MapEnv, ProcessEnv};
-pub use error::{ConfigError, ProxyError, Side, StartError};
+pub use error::{BodyError, ConfigError, ProxyError, Side, StartError};
 pub use forward::{ForwardPolicy, Target, error_response, forward, strip_hop_by_hop};
 pub use listener::{AcceptContext, bind_reuseport, original_dst, spawn_accept};
 pub use metrics::{Metrics, UpstreamMetrics};

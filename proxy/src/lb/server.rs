@@ -221,8 +221,9 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
             admission,
             move |peer| {
                 let (shared, state) = (Arc::clone(&shared), Arc::clone(&state));
+                let peer = listener::Peer::new(peer);
                 service_fn(move |req| {
-                    listener::handle(Arc::clone(&shared), Arc::clone(&state), peer, req)
+                    listener::handle(Arc::clone(&shared), Arc::clone(&state), peer.clone(), req)
                 })
             },
         ));
