@@ -332,8 +332,13 @@ async fn forward(
 const MAX_ATTEMPTS: usize = 2;
 
 pub fn full(b: Bytes) -> LbBody {
+    local(ProxyBody::full(b))
+}
+
+/// A body the LB answers itself (no target, nothing in flight).
+pub fn local(inner: ProxyBody) -> LbBody {
     LbBody {
-        inner: ProxyBody::full(b),
+        inner,
         inflight: None,
     }
 }

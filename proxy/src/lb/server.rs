@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::Either;
-use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -390,7 +389,7 @@ async fn serve<I, S>(
 {
     let svc = service_fn(move |req| {
         let fut = match shed.then(crate::overload::shed_request).flatten() {
-            Some(r) => Either::Left(std::future::ready(Ok(r.map(|b| b.boxed_unsync())))),
+            Some(r) => Either::Left(std::future::ready(Ok(r.map(listener::local)))),
             None => Either::Right(hyper::service::Service::call(&svc, req)),
         };
         async move { fut.await.map(|r| r.map(|b| HeldBody::new(b, cap))) }
