@@ -32,6 +32,13 @@ pub struct ScenarioResult {
 }
 
 impl Row {
+    /// Median CPU µs per request, when every run measured it.
+    pub fn cpu_median(&self) -> Option<f64> {
+        self.runs
+            .iter()
+            .all(|s| s.cpu_us_per_req.is_some())
+            .then(|| self.median(|s| s.cpu_us_per_req.unwrap_or(0.0)))
+    }
     pub fn median(&self, f: impl Fn(&Sample) -> f64) -> f64 {
         let mut v: Vec<f64> = self.runs.iter().map(f).collect();
         v.sort_by(|a, b| a.total_cmp(b));
@@ -75,11 +82,7 @@ impl ScenarioResult {
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.rows {
             let (lo, hi) = row.spread(|s| s.rate);
-            let cpu = row
-                .runs
-                .iter()
-                .all(|s| s.cpu_us_per_req.is_some())
-                .then(|| row.median(|s| s.cpu_us_per_req.unwrap_or(0.0)));
+            let cpu = row.cpu_median();
             let rss = row
                 .runs
                 .last()

@@ -92,17 +92,35 @@ impl Identity {
         }))
     }
 
-    /// Bootstraps from a trellis CA over HTTP: fetches the trust bundle from
-    /// `GET {ca_url}/v1/ca/roots` (so `ca_url` must be reached over a trusted network, e.g.
-    /// loopback or the control-plane network) and a first certificate with `token`.
+    /// Bootstraps from a trellis CA over HTTP with a first certificate for `token`.
+    ///
+    /// `pinned`: the mesh's root certificates, from configuration. With them, only those roots are
+    /// trusted, and every certificate the CA returns must chain to them (a CA impersonated on the
+    /// network is refused); root rotation then means updating that configuration, as with
+    /// Linkerd's trust anchors. Without them, the trust bundle is fetched from
+    /// `GET {ca_url}/v1/ca/roots` and refreshed at every renewal (trust on first use: `ca_url`
+    /// must be reached over a trusted network, e.g. loopback or the control-plane network).
     pub async fn bootstrap(
         ca_url: &str,
         token: &str,
         trust_domain: trellis_core::TrustDomain,
         ttl: Option<Duration>,
+        pinned: Option<Vec<CertificateDer<'static>>>,
     ) -> Result<Arc<Self>, CaError> {
         let renewer = crate::renewer::HttpRenewer::new(ca_url, token, ttl)?;
-        let roots = renewer.fetch_roots().await?;
+        let roots = match pinned {
+            Some(roots) => {
+                if roots.is_empty() {
+                    return Err(CaError::InvalidRequest(
+                        "the pinned trust bundle holds no certificate".into(),
+                    ));
+                }
+                let bundle = TrustBundle::new(trust_domain, roots)?;
+                let renewer = renewer.pinned(bundle.clone());
+                return Self::new(Arc::new(renewer), bundle).await;
+            }
+            None => renewer.fetch_roots().await?,
+        };
         let bundle = TrustBundle::new(trust_domain, roots)?;
         Self::new(Arc::new(renewer), bundle).await
     }

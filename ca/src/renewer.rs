@@ -16,6 +16,7 @@ use crate::authority::Authority;
 use crate::csr::VerifiedCsr;
 use crate::error::CaError;
 use crate::identity::{Credential, RenewFuture, Renewer};
+use crate::trust::TrustBundle;
 
 /// Largest response body accepted from the CA.
 const MAX_RESPONSE: usize = 1024 * 1024;
@@ -41,6 +42,9 @@ pub struct HttpRenewer {
     base: String,
     token: String,
     ttl: Option<Duration>,
+    /// Roots from configuration: never fetched; every chain the CA returns must verify against
+    /// them.
+    pinned: Option<Arc<TrustBundle>>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -54,8 +58,18 @@ impl HttpRenewer {
             base,
             token: token.to_owned(),
             ttl,
+            pinned: None,
             client: Client::builder(TokioExecutor::new()).build_http(),
         })
+    }
+
+    /// Renewals keep the roots the identity was built with (configured trust anchors) instead of
+    /// taking the CA's word for them; each returned chain must then verify against those roots.
+    pub fn pinned(self, roots: Arc<TrustBundle>) -> Self {
+        Self {
+            pinned: Some(roots),
+            ..self
+        }
     }
 
     async fn call(&self, req: http::Request<Full<Bytes>>) -> Result<Bytes, CaError> {
@@ -121,11 +135,17 @@ impl Renewer for HttpRenewer {
         Box::pin(async move {
             let (key, csr) = generate_key_and_csr()?;
             let chain = self.sign(csr).await?;
-            let roots = self.fetch_roots().await?;
+            let roots = match &self.pinned {
+                Some(bundle) => {
+                    bundle.verify_chain(&chain)?;
+                    None
+                }
+                None => Some(self.fetch_roots().await?),
+            };
             Ok(Credential {
                 chain,
                 key: key_der(&key),
-                roots: Some(roots),
+                roots,
             })
         })
     }

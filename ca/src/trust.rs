@@ -109,6 +109,25 @@ impl TrustBundle {
         self.ders.load_full()
     }
 
+    /// Checks that `chain` (leaf first) verifies against these roots as a workload certificate of
+    /// the trust domain, as a peer's mTLS verifier would check it.
+    pub fn verify_chain(&self, chain: &[CertificateDer<'static>]) -> Result<(), CaError> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| CaError::InvalidRequest("empty certificate chain".into()))?;
+        let untrusted = |e: rustls::Error| {
+            CaError::Mismatch(format!(
+                "the certificate does not chain to the trusted roots: {e}"
+            ))
+        };
+        self.client_verifier
+            .load()
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(untrusted)?;
+        self.check_spiffe(leaf, None).map_err(untrusted)?;
+        Ok(())
+    }
+
     /// A verifier for client certificates (mTLS server side). Client auth is mandatory.
     pub fn client_verifier(self: &Arc<Self>) -> Arc<dyn ClientCertVerifier> {
         Arc::new(SpiffeClientVerifier {

@@ -5,7 +5,6 @@
 //! (forwarding) get their own task.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
@@ -13,6 +12,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::dns::{Answer, DnsHandler, truncate};
+use crate::mmsg::Batch;
 use crate::throttle::{Throttle, subnet};
 
 /// Largest UDP payload we accept or send (EDNS clients may ask for more; we cap).
@@ -38,7 +38,9 @@ pub(crate) struct Cache {
 }
 
 impl Cache {
-    pub(crate) fn hit(&mut self, handler: &DnsHandler, d: &[u8]) -> Option<Vec<u8>> {
+    /// Writes the cached answer to `d` into `out` (its id and question patched in) and returns its
+    /// length; `None` on a miss (or when `out` is too small).
+    pub(crate) fn hit(&mut self, handler: &DnsHandler, d: &[u8], out: &mut [u8]) -> Option<usize> {
         let serial = handler.serial();
         if serial != self.serial {
             self.map.clear();
@@ -46,14 +48,16 @@ impl Cache {
         }
         let qend = cache_key(d, &mut self.key)?;
         let c = self.map.get(self.key.as_slice())?;
+        let len = c.bytes.len();
+        let out = out.get_mut(..len)?;
         c.counter.inc();
         if c.fail_open {
             handler.fail_open_counter().inc();
         }
-        let mut out = c.bytes.clone();
+        out.copy_from_slice(&c.bytes);
         out[..2].copy_from_slice(&d[..2]);
         out[12..qend].copy_from_slice(&d[12..qend]);
-        Some(out)
+        Some(len)
     }
 
     pub(crate) fn insert(
@@ -138,21 +142,22 @@ fn shape(d: &[u8], key: &mut Vec<u8>) -> Option<usize> {
     Some(qend)
 }
 
-/// Serves UDP until `stop`. With `rrl`, each client subnet gets that many responses per second;
-/// beyond it a query gets a bare truncated reply (no records, TC set: a real resolver retries
-/// over TCP, a spoofed victim receives nothing larger than the query).
+/// Serves UDP until `stop`: receives a batch of datagrams in one call ([`mmsg`]), answers each
+/// inline (cache first), sends the answers in one call. With `rrl`, each client subnet gets that
+/// many responses per second; beyond it a query gets a bare truncated reply (no records, TC set:
+/// a real resolver retries over TCP, a spoofed victim receives nothing larger than the query).
 pub async fn serve(
     sock: Arc<UdpSocket>,
     handler: Arc<DnsHandler>,
-    rrl: Option<Throttle>,
+    rrl: Option<Arc<Throttle>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut buf = vec![0u8; MAX_UDP];
+    let mut batch = Batch::new(MAX_UDP);
     let mut cache = Cache::default();
     loop {
-        let (n, src) = tokio::select! {
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(r) => r,
+        let n = tokio::select! {
+            r = batch.recv(&sock) => match r {
+                Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(error = %e, "dns udp receive failed");
                     continue;
@@ -160,27 +165,75 @@ pub async fn serve(
             },
             _ = stop.changed() => return,
         };
-        let datagram = &buf[..n];
-        if let Some(rrl) = &rrl
-            && !rrl.admit(subnet(src.ip()))
-        {
-            handler.count_rate_limited();
-            if let Some(tc) = slip(datagram) {
-                let _ = sock.send_to(&tc, src).await;
-            }
-            continue;
+        for i in 0..n {
+            answer(&mut batch, i, &mut cache, &handler, rrl.as_deref(), &sock);
         }
-        if let Some(out) = cache.hit(&handler, datagram) {
-            let _ = sock.send_to(&out, src).await;
-            continue;
-        }
-        let Some((reply, cacheable)) = reply(&handler, datagram, &sock, src) else {
-            continue;
+        batch.send(&sock).await;
+    }
+}
+
+/// Answers datagram `i` of the batch: queues the reply in its send slot, or hands a foreign name
+/// to a forwarding task, or stays silent.
+fn answer(
+    batch: &mut Batch,
+    i: usize,
+    cache: &mut Cache,
+    handler: &Arc<DnsHandler>,
+    rrl: Option<&Throttle>,
+    sock: &Arc<UdpSocket>,
+) {
+    if let Some(rrl) = rrl {
+        let Some(src) = batch.peer(i) else {
+            return;
         };
-        if let Some((counter, fail_open)) = cacheable {
-            cache.insert(&reply, counter, fail_open);
+        if !rrl.admit(subnet(src.ip())) {
+            handler.count_rate_limited();
+            if let Some(tc) = slip(batch.datagram(i)) {
+                queue(batch, i, &tc);
+            }
+            return;
         }
-        let _ = sock.send_to(&reply, src).await;
+    }
+    let (datagram, out) = batch.slot(i);
+    let query_len = datagram.len();
+    if let Some(len) = cache.hit(handler, datagram, out) {
+        batch.commit(i, len);
+        return;
+    }
+    match decide(handler, datagram) {
+        Reply::Now(bytes, cacheable) => {
+            if let Some((counter, fail_open)) = cacheable {
+                cache.insert(&bytes, counter, fail_open);
+            }
+            queue(batch, i, &bytes);
+        }
+        Reply::Nothing => {}
+        Reply::Foreign(req) => {
+            let Some(src) = batch.peer(i) else {
+                return;
+            };
+            let (handler, sock) = (handler.clone(), sock.clone());
+            tokio::spawn(async move {
+                let Some(query) = req.queries().first() else {
+                    return;
+                };
+                let (answer, ra) = handler.foreign(query, req.recursion_desired()).await;
+                handler.count(query.query_type(), &answer);
+                if let Some(bytes) = encode(&req, answer, ra, query_len, udp_limit(&req)) {
+                    let _ = sock.send_to(&bytes, src).await;
+                }
+            });
+        }
+    }
+}
+
+/// Copies a reply into datagram `i`'s send slot and queues it (replies never exceed
+/// [`MAX_UDP`], the slot size; a larger one would be dropped by `commit`).
+fn queue(batch: &mut Batch, i: usize, bytes: &[u8]) {
+    let (_, out) = batch.slot(i);
+    if let Some(slot) = out.get_mut(..bytes.len()) {
+        slot.copy_from_slice(bytes);
+        batch.commit(i, bytes.len());
     }
 }
 
@@ -194,34 +247,6 @@ pub(crate) enum Reply {
     Foreign(Message),
     /// Not a query: stay silent.
     Nothing,
-}
-
-/// The reply to one datagram, or `None` when there is nothing to send now (not a query, or handed
-/// to a forwarding task).
-fn reply(
-    handler: &Arc<DnsHandler>,
-    datagram: &[u8],
-    sock: &Arc<UdpSocket>,
-    src: SocketAddr,
-) -> Option<(Vec<u8>, Cacheable)> {
-    match decide(handler, datagram) {
-        Reply::Now(bytes, cacheable) => Some((bytes, cacheable)),
-        Reply::Nothing => None,
-        Reply::Foreign(req) => {
-            let (handler, sock, query_len) = (handler.clone(), sock.clone(), datagram.len());
-            tokio::spawn(async move {
-                let Some(query) = req.queries().first() else {
-                    return;
-                };
-                let (answer, ra) = handler.foreign(query, req.recursion_desired()).await;
-                handler.count(query.query_type(), &answer);
-                if let Some(bytes) = encode(&req, answer, ra, query_len, udp_limit(&req)) {
-                    let _ = sock.send_to(&bytes, src).await;
-                }
-            });
-            None
-        }
-    }
 }
 
 /// Everything the receive loop decides without waiting: parse, local answer, errors.

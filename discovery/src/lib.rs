@@ -32,6 +32,8 @@ mod http;
 #[cfg(feature = "server")]
 mod metrics;
 #[cfg(feature = "server")]
+mod mmsg;
+#[cfg(feature = "server")]
 pub mod model;
 #[cfg(feature = "server")]
 mod registry;

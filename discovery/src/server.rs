@@ -152,12 +152,16 @@ impl Server {
                 metrics.clone(),
                 config.dns_forward,
             ));
-            tasks.spawn(crate::dns_udp::serve(
-                Arc::new(udp),
-                handler.clone(),
-                config.dns_rate_limit.map(Throttle::new),
-                stop_rx.clone(),
-            ));
+            // One rate limiter shared by every socket: a client's budget does not grow with them.
+            let rrl = config.dns_rate_limit.map(|l| Arc::new(Throttle::new(l)));
+            for udp in udp {
+                tasks.spawn(crate::dns_udp::serve(
+                    Arc::new(udp),
+                    handler.clone(),
+                    rrl.clone(),
+                    stop_rx.clone(),
+                ));
+            }
             tasks.spawn(crate::dns_tcp::serve(
                 tcp,
                 handler,
@@ -207,15 +211,28 @@ pub async fn run(
 }
 
 /// UDP and TCP on the same port. With port 0 the UDP port the kernel picks may be taken for TCP:
-/// try a few ports.
-async fn bind_dns(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), ServerError> {
+/// try a few ports. One UDP socket per runtime worker thread (`SO_REUSEPORT`, the kernel spreads
+/// clients over them), so DNS over UDP scales with the workers; one worker: one exclusive socket.
+async fn bind_dns(
+    addr: SocketAddr,
+) -> Result<(Vec<UdpSocket>, TcpListener, SocketAddr), ServerError> {
     let bind = |addr| move |source| ServerError::Bind { addr, source };
+    let workers = tokio::runtime::Handle::current()
+        .metrics()
+        .num_workers()
+        .max(1);
     let mut attempts = 0;
     loop {
-        let udp = UdpSocket::bind(addr).await.map_err(bind(addr))?;
+        let udp = udp_socket(addr, workers > 1).map_err(bind(addr))?;
         let bound = udp.local_addr().map_err(bind(addr))?;
         match TcpListener::bind(bound).await {
-            Ok(tcp) => return Ok((udp, tcp, bound)),
+            Ok(tcp) => {
+                let mut socks = vec![udp];
+                for _ in 1..workers {
+                    socks.push(udp_socket(bound, true).map_err(bind(bound))?);
+                }
+                return Ok((socks, tcp, bound));
+            }
             Err(e) if addr.port() == 0 && attempts < 16 => {
                 tracing::debug!(error = %e, %bound, "TCP port taken, trying another");
                 attempts += 1;
@@ -223,4 +240,15 @@ async fn bind_dns(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAdd
             Err(e) => return Err(bind(bound)(e)),
         }
     }
+}
+
+fn udp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
 }

@@ -1053,3 +1053,38 @@ async fn dns_answers_follow_registry_changes_and_ignore_case() {
     );
     server.shutdown().await;
 }
+
+/// With several runtime workers the server answers UDP on one `SO_REUSEPORT` socket per worker;
+/// every client, whichever socket the kernel hashes it to, gets its answer from the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_udp_answers_every_client_across_reuseport_sockets() {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let server = start(None).await;
+    let (addr, dns) = (server.api_addr, server.dns_addr.unwrap());
+    let (_, svc) = setup(addr, "spread.local", serde_json::json!({})).await;
+    register(addr, &svc, "a", "10.8.0.1", 80).await;
+    let mut query = Message::new();
+    query.set_id(42).set_recursion_desired(false);
+    query.add_query(Query::query(
+        Name::from_ascii("api.spread.local.").unwrap(),
+        RecordType::A,
+    ));
+    let query = query.to_vec().unwrap();
+    for _ in 0..32 {
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.send_to(&query, dns).await.unwrap();
+        let mut buf = [0u8; 512];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .expect("every client is answered")
+            .unwrap();
+        assert_eq!(
+            from, dns,
+            "the answer comes from the port the query went to"
+        );
+        let reply = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(reply.id(), 42);
+        assert_eq!(reply.answers().len(), 1);
+    }
+}

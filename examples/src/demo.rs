@@ -114,12 +114,12 @@ pub struct Demo {
 }
 
 /// One demo instance: what it is, whom it calls, who may call it.
-struct Spec {
-    service: &'static str,
-    version: &'static str,
-    id: &'static str,
-    calls: &'static [&'static str],
-    allowed: &'static [&'static str],
+pub struct Spec {
+    pub service: &'static str,
+    pub version: &'static str,
+    pub id: &'static str,
+    pub calls: &'static [&'static str],
+    pub allowed: &'static [&'static str],
 }
 
 const fn spec(
@@ -139,7 +139,7 @@ const fn spec(
 }
 
 /// Leaves first, so callers find their upstreams ready.
-const TOPOLOGY: &[Spec] = &[
+pub const TOPOLOGY: &[Spec] = &[
     spec("users", "v1", "users-1", &[], &["api", "api-canary"]),
     spec("api", "v1", "api-1", &["users"], &["web", "lb"]),
     spec("api", "v1", "api-2", &["users"], &["web", "lb"]),
@@ -267,6 +267,7 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
             &token_of[service],
             Some((app_addr, allowed)),
             calls,
+            &SidecarPorts::default(),
         );
         let stop_sidecar = CancellationToken::new();
         let sidecar = start_sidecar(id, &toml, stop_sidecar.clone()).await?;
@@ -322,11 +323,16 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
             &token_of["lb"],
             None,
             &["web", "api", "api-canary"],
+            &SidecarPorts::default(),
         ),
         lb_sidecar_stop.clone(),
     )
     .await?;
-    let lb_config = lb_toml(opts.lb_listen, &lb_sidecar.upstream_addrs);
+    let lb_config = lb_toml(
+        opts.lb_listen,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &lb_sidecar.upstream_addrs,
+    );
     let lb_config = LbConfig::from_str(&lb_config).map_err(|e| DemoError::Lb(e.to_string()))?;
     let lb_stop = CancellationToken::new();
     let lb = trellis_proxy::lb::start(lb_config, lb_stop.clone())
@@ -546,19 +552,31 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, DemoError> {
         })
 }
 
+/// Where a sidecar listens on 127.0.0.1: zero picks a free port (the in-process demo reads the
+/// bound ports back; a sidecar in another process needs them chosen up front).
+#[derive(Debug, Clone, Default)]
+pub struct SidecarPorts {
+    pub admin: u16,
+    pub inbound: u16,
+    /// Local port per upstream service (absent: 0).
+    pub upstreams: BTreeMap<String, u16>,
+}
+
 /// The sidecar config of one workload: identity, control plane, optional inbound (in front of the
 /// app, with intentions), and one local port per upstream it calls.
-fn sidecar_toml(
+pub fn sidecar_toml(
     service: &str,
     control_plane: SocketAddr,
     token: &str,
     inbound: Option<(SocketAddr, &[&str])>,
     upstreams: &[&str],
+    ports: &SidecarPorts,
 ) -> String {
+    let admin = ports.admin;
     let mut s = format!(
         "[identity]\nnamespace = \"{NAMESPACE}\"\nservice = \"{service}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
          [control_plane]\naddress = \"{control_plane}\"\ntoken = \"{token}\"\nwatch_wait = \"30s\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n\n[runtime]\nworker_threads = 1\ndrain_timeout = \"2s\"\n\n"
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[runtime]\nworker_threads = 1\ndrain_timeout = \"2s\"\n\n"
     );
     if let Some((app, allowed)) = inbound {
         let rules: Vec<String> = allowed
@@ -566,14 +584,18 @@ fn sidecar_toml(
             .map(|src| format!("{{ source = \"{src}\", action = \"allow\" }}"))
             .collect();
         s.push_str(&format!(
-            "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\nprotocol = \"http\"\n\n\
+            "[inbound]\nlisten = \"127.0.0.1:{}\"\napp = \"{app}\"\nprotocol = \"http\"\n\n\
              [inbound.intentions]\ndefault = \"deny\"\nrules = [{}]\n\n",
+            ports.inbound,
             rules.join(", ")
         ));
     }
     let ups: Vec<String> = upstreams
         .iter()
-        .map(|u| format!("{{ service = \"{u}\", local_port = 0 }}"))
+        .map(|u| {
+            let port = ports.upstreams.get(*u).copied().unwrap_or(0);
+            format!("{{ service = \"{u}\", local_port = {port} }}")
+        })
         .collect();
     s.push_str(&format!("[outbound]\nupstreams = [{}]\n", ups.join(", ")));
     s
@@ -596,7 +618,11 @@ async fn start_sidecar(
 
 /// The LB: one public listener; `/api/*` split 90/10, everything else to `web`. Each target group
 /// is the LB sidecar's local port for that service (the sidecar adds mTLS and balancing).
-fn lb_toml(listen: SocketAddr, ports: &BTreeMap<String, SocketAddr>) -> String {
+pub fn lb_toml(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    ports: &BTreeMap<String, SocketAddr>,
+) -> String {
     let target = |svc: &str| {
         ports
             .get(svc)
@@ -605,7 +631,7 @@ fn lb_toml(listen: SocketAddr, ports: &BTreeMap<String, SocketAddr>) -> String {
     };
     format!(
         r#"[admin]
-listen = "127.0.0.1:0"
+listen = "{admin}"
 
 [[target_group]]
 name = "web"

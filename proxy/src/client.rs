@@ -113,8 +113,9 @@ impl UpstreamClient {
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         match &self.h1 {
-            Some(pool) => pool.send(addr, req).await,
-            None => Ok(self.send(req).await?.map(ProxyBody::from)),
+            // CONNECT tunnels keep hyper's client, like upgrades.
+            Some(pool) if req.method() != hyper::Method::CONNECT => pool.send(addr, req).await,
+            _ => Ok(self.send(req).await?.map(ProxyBody::from)),
         }
     }
 

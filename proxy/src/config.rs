@@ -64,6 +64,10 @@ pub struct ControlPlaneConfig {
     /// File holding the join token (e.g. written by `trellis-ca token create --out`), read at
     /// start when `token` is not set.
     pub token_file: Option<std::path::PathBuf>,
+    /// PEM file with the mesh's root certificate(s) (the CA's `root.crt`). When set, only these
+    /// roots are trusted and every certificate the control plane returns must chain to them;
+    /// when unset, the roots are fetched from the control plane (trust on first use).
+    pub trust_bundle: Option<std::path::PathBuf>,
     /// This instance's id in discovery (Cloud Map `InstanceId`). When set, SIGTERM deregisters it
     /// (`DeregisterInstance`) before the listeners stop accepting, so peers stop picking it.
     pub instance_id: Option<String>,
@@ -87,6 +91,8 @@ struct ControlPlaneFile {
     token: Option<String>,
     #[serde(default)]
     token_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    trust_bundle: Option<std::path::PathBuf>,
     #[serde(default)]
     instance_id: Option<String>,
     #[serde(default)]
@@ -112,6 +118,7 @@ impl TryFrom<ControlPlaneFile> for ControlPlaneConfig {
             addresses,
             token: f.token,
             token_file: f.token_file,
+            trust_bundle: f.trust_bundle,
             instance_id: f.instance_id,
             service_id: f.service_id,
             watch_wait: f.watch_wait,
@@ -384,6 +391,10 @@ pub struct LimitsConfig {
     /// Memory budget (resident MiB) of the overload guard; unset: no guard.
     #[serde(default)]
     pub max_rss_mb: Option<u64>,
+    /// Budget (MiB) of bytes held in the proxy's own buffers ([`crate::buffered`]); past it the
+    /// overload guard sheds as for RSS. Unset: not watched.
+    #[serde(default)]
+    pub max_buffered_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -516,6 +527,15 @@ impl Config {
                 problem: "percentages must be 0..=100".into(),
             });
         }
+        for (key, mb) in [
+            ("limits.max_rss_mb", self.limits.max_rss_mb),
+            ("limits.max_buffered_mb", self.limits.max_buffered_mb),
+        ] {
+            crate::overload::check_budget_mb(mb).map_err(|problem| ConfigError::Invalid {
+                key: key.into(),
+                problem,
+            })?;
+        }
         if self.runtime.acceptors == 0 {
             return Err(ConfigError::Invalid {
                 key: "runtime.acceptors".into(),
@@ -572,6 +592,7 @@ impl Default for LimitsConfig {
             h2_max_streams: default_h2_max_streams(),
             h2_max_pending_resets: default_h2_max_pending_resets(),
             max_rss_mb: None,
+            max_buffered_mb: None,
         }
     }
 }
@@ -790,6 +811,32 @@ endpoints = [{ address = "127.0.0.1:8081" }]
         let json = c.redacted_json();
         assert!(!json.contains("s3cret"), "{json}");
         assert!(json.contains("<redacted>"));
+    }
+
+    #[test]
+    fn buffered_budget_from_file_and_env_is_checked() {
+        let text = format!("{MINIMAL}\n[limits]\nmax_buffered_mb = 64\n");
+        assert_eq!(
+            Config::from_toml(&text).unwrap().limits.max_buffered_mb,
+            Some(64)
+        );
+        let env = MapEnv::from([
+            ("TRELLIS_IDENTITY__NAMESPACE", "my-app.local"),
+            ("TRELLIS_IDENTITY__SERVICE", "web"),
+            ("TRELLIS_LIMITS__MAX_BUFFERED_MB", "8"),
+        ]);
+        assert_eq!(
+            Config::load(None, &env).unwrap().limits.max_buffered_mb,
+            Some(8)
+        );
+        for bad in ["0", "99999999999"] {
+            let text = format!("{MINIMAL}\n[limits]\nmax_buffered_mb = {bad}\n");
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains("limits.max_buffered_mb"), "{err}");
+        }
+        let text = format!("{MINIMAL}\n[limits]\nmax_buffered_mb = \"lots\"\n");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("max_buffered_mb"), "{err}");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::server::{HttpMode, serve};
 use crate::sidecar::{relay_to_cluster, route_and_proxy};
 use trellis_core::NamespaceName;
 
-type Builder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
+type Builder = crate::server::HttpServer;
 
 /// Where an accepted connection goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

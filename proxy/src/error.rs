@@ -99,3 +99,17 @@ impl ProxyError {
         }
     }
 }
+
+/// Why a streamed body failed part-way (the response status was already sent).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error("upstream closed the connection before the body ended")]
+    UpstreamClosed,
+    #[error("reading the upstream body: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Malformed(#[from] crate::h1::Malformed),
+}

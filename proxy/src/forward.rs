@@ -253,13 +253,24 @@ fn endpoint_uri(authority: &Authority, path: &PathAndQuery) -> Uri {
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"))
 }
 
+/// Copy buffer per direction of an upgraded connection (tokio's default size).
+const UPGRADE_BUF_SIZE: usize = 8 * 1024;
+
 async fn splice_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
     let (Ok(down), Ok(up)) = (down.await, up.await) else {
         return;
     };
     let mut down = TokioIo::new(down);
     let mut up = TokioIo::new(up);
-    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    // Small buffers: upgraded connections (WebSockets) are many and mostly idle.
+    let _bufs = crate::buffered::Held::new(2 * UPGRADE_BUF_SIZE);
+    let _ = tokio::io::copy_bidirectional_with_sizes(
+        &mut down,
+        &mut up,
+        UPGRADE_BUF_SIZE,
+        UPGRADE_BUF_SIZE,
+    )
+    .await;
 }
 
 /// A shared handle to a cluster plus how to reach it; what listeners route to.

@@ -14,6 +14,7 @@ mod admin;
 mod authz;
 mod balance;
 mod body;
+pub mod buffered;
 mod circuit;
 mod client;
 mod clock;
@@ -28,6 +29,7 @@ mod fnv;
 mod forward;
 #[doc(hidden)]
 pub mod fuzz;
+mod h1;
 pub mod intercept;
 pub mod lb;
 mod listener;
@@ -61,7 +63,7 @@ pub use config::{
 pub use deregister::{DeregisterError, Deregistration};
 pub use endpoint::{EndpointState, InFlight, OwnedInFlight};
 pub use env::{EnvSource, MapEnv, ProcessEnv};
-pub use error::{ConfigError, ProxyError, Side, StartError};
+pub use error::{BodyError, ConfigError, ProxyError, Side, StartError};
 pub use forward::{ForwardPolicy, Target, error_response, forward, strip_hop_by_hop};
 pub use listener::{AcceptContext, bind_reuseport, original_dst, spawn_accept};
 pub use metrics::{Metrics, UpstreamMetrics};
@@ -69,7 +71,7 @@ pub use outbound::{RouteTables, Router, Subset, compile as compile_routes, subse
 pub use outlier::{OutlierPolicy, Verdict};
 pub use relay::{COPY_BUF_SIZE, relay_copy, relay_tcp};
 pub use retry::{RetryBudget, is_idempotent};
-pub use server::{HttpMode, builder as http_builder, serve};
+pub use server::{HttpMode, HttpServer, builder as http_builder, serve};
 pub use sidecar::{APP_CLUSTER, Running, StartOptions, run, start, start_with};
 pub use tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, MtlsIo, client_config};
 pub use watch::{WatchSink, WatchTarget, apply as apply_endpoint_set, run as watch_endpoints};

@@ -282,13 +282,14 @@ fn spawn_file_watch(
 fn lb(path: PathBuf, log_json: bool, check: bool) -> ExitCode {
     use trellis_proxy::lb::LbConfig;
     install_tracing(log_json);
-    let config = match LbConfig::load(&path).and_then(|c| c.compile().map(|_| c)) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("trellis-proxy lb: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let config =
+        match LbConfig::load_with_env(&path, &ProcessEnv).and_then(|c| c.compile().map(|_| c)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("trellis-proxy lb: {e}");
+                return ExitCode::from(2);
+            }
+        };
     if check {
         println!("config ok");
         return ExitCode::SUCCESS;
@@ -329,7 +330,7 @@ fn lb(path: PathBuf, log_json: bool, check: bool) -> ExitCode {
                     _ = term.recv() => break,
                     _ = int.recv() => break,
                     _ = hup.recv() => {
-                        let result = LbConfig::load(&path)
+                        let result = LbConfig::load_with_env(&path, &ProcessEnv)
                             .map_err(trellis_proxy::lb::LbError::from)
                             .and_then(|c| reloader.reload(c));
                         match result {

@@ -1,10 +1,12 @@
 //! The memory-pressure guard, a small Envoy overload manager: a sampler reads the process RSS
-//! every [`SAMPLE_EVERY`] and sets a process-wide pressure level (memory is per process, so the
-//! level is too). At [`STOP_ACCEPTING`] of the budget new connections are closed at accept (the
-//! lowest-priority work: nothing has been spent on them yet); at the full budget new requests on
-//! open connections are answered `503` with `Retry-After` too, while requests in flight finish.
-//! The admin listener is never shed. Metrics: `trellis_proxy_overload_level`,
-//! `trellis_proxy_overload_rss_bytes`, `trellis_proxy_overload_shed_total{work}`.
+//! and the bytes held in the proxy's own buffers ([`crate::buffered`]) every [`SAMPLE_EVERY`] and
+//! sets a process-wide pressure level (memory is per process, so the level is too) from the
+//! fuller of the two budgets. At [`STOP_ACCEPTING`] of a budget new connections are closed at
+//! accept (the lowest-priority work: nothing has been spent on them yet); at the full budget new
+//! requests on open connections are answered `503` with `Retry-After` too, while requests in
+//! flight finish. The admin listener is never shed. Metrics: `trellis_proxy_overload_level`,
+//! `trellis_proxy_overload_rss_bytes`, `trellis_proxy_overload_buffered_bytes`,
+//! `trellis_proxy_overload_shed_total{work}`.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -75,12 +77,55 @@ fn count(work: &str) {
     }
 }
 
-/// Starts the sampler for a budget of `max_rss_bytes` (none: no guard), registering its metrics
-/// in `registry`; it stops with `stop`.
-pub fn start(max_rss_bytes: Option<u64>, registry: &Registry, stop: CancellationToken) {
-    let Some(budget) = max_rss_bytes.filter(|b| *b > 0) else {
+/// What the guard protects: either budget may be unset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// Resident memory of the process, bytes.
+    pub rss_bytes: Option<u64>,
+    /// Bytes in the proxy's own buffers ([`crate::buffered`]).
+    pub buffered_bytes: Option<u64>,
+}
+
+impl Budget {
+    /// From the config's MiB values (`limits.max_rss_mb`, `limits.max_buffered_mb`).
+    pub fn from_mib(max_rss_mb: Option<u64>, max_buffered_mb: Option<u64>) -> Budget {
+        let bytes = |mb: Option<u64>| mb.filter(|m| *m > 0).map(|m| m.saturating_mul(1 << 20));
+        Budget {
+            rss_bytes: bytes(max_rss_mb),
+            buffered_bytes: bytes(max_buffered_mb),
+        }
+    }
+
+    /// How full the fuller budget is (1.0 = at the budget), given RSS and buffered bytes.
+    pub fn fill(&self, rss: Option<u64>, buffered: u64) -> f64 {
+        let ratio = |now: u64, budget: u64| now as f64 / budget as f64;
+        let r = self
+            .rss_bytes
+            .zip(rss)
+            .map_or(0.0, |(b, now)| ratio(now, b));
+        let b = self.buffered_bytes.map_or(0.0, |b| ratio(buffered, b));
+        r.max(b)
+    }
+}
+
+/// Largest budget accepted in config, MiB (16 TiB: beyond any machine; keeps the bytes in range).
+pub const MAX_BUDGET_MB: u64 = 1 << 24;
+
+/// Checks a configured budget in MiB: unset is fine (no budget); zero and absurd values are not.
+pub fn check_budget_mb(mb: Option<u64>) -> Result<(), String> {
+    match mb {
+        Some(0) => Err("must be at least 1 (leave it unset for no budget)".into()),
+        Some(m) if m > MAX_BUDGET_MB => Err(format!("must be at most {MAX_BUDGET_MB}")),
+        _ => Ok(()),
+    }
+}
+
+/// Starts the sampler for `budget` (neither set: no guard), registering its metrics in
+/// `registry`; it stops with `stop`.
+pub fn start(budget: Budget, registry: &Registry, stop: CancellationToken) {
+    if budget.rss_bytes.is_none() && budget.buffered_bytes.is_none() {
         return;
-    };
+    }
     let level = IntGauge::new(
         "trellis_proxy_overload_level",
         "Memory pressure: 0 normal, 1 not accepting connections, 2 also shedding requests",
@@ -89,6 +134,11 @@ pub fn start(max_rss_bytes: Option<u64>, registry: &Registry, stop: Cancellation
         "trellis_proxy_overload_rss_bytes",
         "Resident memory of the proxy as the overload guard last sampled it",
     );
+    let buffered = IntGauge::new(
+        "trellis_proxy_overload_buffered_bytes",
+        "Bytes held in the proxy's own buffers (copy buffers, splice pipes, HTTP and TLS \
+         buffers by their cap) as the overload guard last sampled them",
+    );
     let shed = IntCounterVec::new(
         Opts::new(
             "trellis_proxy_overload_shed_total",
@@ -96,12 +146,13 @@ pub fn start(max_rss_bytes: Option<u64>, registry: &Registry, stop: Cancellation
         ),
         &["work"],
     );
-    let (Ok(level), Ok(rss), Ok(shed)) = (level, rss, shed) else {
+    let (Ok(level), Ok(rss), Ok(buffered), Ok(shed)) = (level, rss, buffered, shed) else {
         return;
     };
     for c in [
         Box::new(level.clone()) as Box<dyn prometheus::core::Collector>,
         Box::new(rss.clone()),
+        Box::new(buffered.clone()),
         Box::new(shed.clone()),
     ] {
         let _ = registry.register(c);
@@ -117,16 +168,20 @@ pub fn start(max_rss_bytes: Option<u64>, registry: &Registry, stop: Cancellation
                 }
                 _ = tick.tick() => {}
             }
-            let Some(now) = rss_bytes() else { continue };
-            rss.set(i64::try_from(now).unwrap_or(i64::MAX));
-            let next = next_level(pressure(), now as f64 / budget as f64);
+            let now = rss_bytes();
+            if let Some(now) = now {
+                rss.set(i64::try_from(now).unwrap_or(i64::MAX));
+            }
+            let held = crate::buffered::buffered_bytes() as u64;
+            buffered.set(i64::try_from(held).unwrap_or(i64::MAX));
+            let next = next_level(pressure(), budget.fill(now, held));
             LEVEL.store(next as u8, Ordering::Relaxed);
             level.set(next as i64);
         }
     });
 }
 
-/// The level for a fill ratio (RSS / budget), with hysteresis from `current`.
+/// The level for a fill ratio (used / budget), with hysteresis from `current`.
 pub fn next_level(current: Pressure, fill: f64) -> Pressure {
     if fill >= 1.0 || (current == Pressure::ShedRequests && fill >= RELAX_SHEDDING) {
         Pressure::ShedRequests
@@ -161,5 +216,16 @@ mod tests {
         assert_eq!(next_level(ShedRequests, 0.97), ShedRequests);
         assert_eq!(next_level(ShedRequests, 0.93), StopAccepting);
         assert!(rss_bytes().is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn the_fuller_budget_decides() {
+        let b = Budget::from_mib(Some(100), Some(1));
+        assert_eq!(b.rss_bytes, Some(100 << 20));
+        assert!((b.fill(Some(50 << 20), 0) - 0.5).abs() < 1e-9);
+        assert!((b.fill(Some(50 << 20), 2 << 20) - 2.0).abs() < 1e-9);
+        let only_buffered = Budget::from_mib(None, Some(4));
+        assert!((only_buffered.fill(Some(u64::MAX), 1 << 20) - 0.25).abs() < 1e-9);
+        assert_eq!(Budget::from_mib(Some(0), None), Budget::default());
     }
 }

@@ -1,28 +1,26 @@
 //! HTTP/1.1 keep-alive connections to plaintext endpoints (the sidecar → local app hop, and
-//! plaintext upstreams), on hyper's connection API directly.
+//! plaintext upstreams), driven inline by the downstream task ([`crate::h1`]).
 //!
-//! hyper-util's legacy client costs, per request, a SipHash of the pool key, several boxed
-//! futures, a oneshot and a spawned task that waits for the connection to become idle again
-//! (callgrind: ~8k instructions of a ~45k-instruction proxied request). Here a connection goes
-//! back to its endpoint's idle list when the response body ends ([`ProxyBody::Pooled`]), the key
-//! is the endpoint's `SocketAddr` under a cheap FNV hash, and checkout is a pop under a lock held
-//! for a few instructions. Connections that closed while idle are skipped; a request that could
-//! not be written to a reused connection is retried on a fresh one (it was never sent).
+//! hyper's client puts every request through a dispatch channel to a connection task and the
+//! response back through a oneshot: several task wake-ups per request. Here the task serving the
+//! downstream request writes to and reads from the upstream socket itself. A connection goes back
+//! to its endpoint's idle list when the response body ends, the key is the endpoint's
+//! `SocketAddr` under a cheap FNV hash, and checkout is a pop under a lock held for a few
+//! instructions. Connections that closed while idle are skipped; a request that could not be
+//! written to a reused connection is retried on a fresh one (it was never sent).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body::Body as _;
-use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::h1::{self, Conn, SendError};
 
 /// Idle connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
@@ -30,12 +28,13 @@ const MAX_IDLE_PER_ENDPOINT: usize = 256;
 const MAX_STALE_RETRIES: usize = 4;
 
 struct Idle {
-    tx: SendRequest<ProxyBody>,
+    conn: Conn,
     since: Instant,
 }
 
 pub struct H1Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>, crate::fnv::FnvBuild>>,
+    /// Per endpoint, oldest first: checkout takes the newest, expiry drops from the front.
+    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>, crate::fnv::FnvBuild>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -50,16 +49,15 @@ impl std::fmt::Debug for H1Pool {
     }
 }
 
-/// Gives a connection back to its pool when the response body that used it ends.
+/// Where a connection goes back to when the response body that used it ends.
 pub struct Release {
     pool: Arc<H1Pool>,
     addr: SocketAddr,
-    tx: SendRequest<ProxyBody>,
 }
 
 impl Release {
-    pub fn release(self) {
-        self.pool.put(self.addr, self.tx);
+    pub fn release(self, conn: Conn) {
+        self.pool.put(self.addr, conn);
     }
 }
 
@@ -80,99 +78,78 @@ impl H1Pool {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let mut stale = 0;
         loop {
-            let (mut tx, reused) = match self.checkout(addr, &mut stale).await {
-                Some(tx) => (tx, true),
+            let (conn, reused) = match self.checkout(addr) {
+                Some(conn) => (conn, true),
                 // Boxed: connecting is the rare path; its state stays out of every request's
                 // future, which hyper moves into place per request.
                 None => (Box::pin(self.connect(addr)).await?, false),
             };
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    if resp.body().is_end_stream() {
-                        self.put(addr, tx);
-                        return Ok(resp.map(ProxyBody::from));
-                    }
-                    let release = Release {
-                        pool: Arc::clone(self),
-                        addr,
-                        tx,
-                    };
-                    return Ok(resp.map(|body| ProxyBody::pooled(body, release)));
+            let release = Release {
+                pool: Arc::clone(self),
+                addr,
+            };
+            match h1::exchange(conn, req, release).await {
+                Ok(resp) => return Ok(resp),
+                // Never written: the idle connection had closed. Try another one.
+                Err(SendError::NotSent(back)) if reused && stale < MAX_STALE_RETRIES => {
+                    stale += 1;
+                    req = *back;
                 }
-                Err(mut e) => match e.take_message() {
-                    // Never written: the idle connection had closed. Try another one.
-                    Some(back) if reused && stale < MAX_STALE_RETRIES => {
-                        stale += 1;
-                        req = back;
-                    }
-                    _ => {
-                        tracing::debug!(endpoint = %addr, error = %e.error(), "upstream connection failed");
-                        return Err(ProxyError::UpstreamReset);
-                    }
-                },
+                Err(SendError::NotSent(_)) => return Err(ProxyError::UpstreamReset),
+                Err(SendError::Failed(e)) => {
+                    tracing::debug!(endpoint = %addr, error = %e, "upstream exchange failed");
+                    return Err(e);
+                }
             }
         }
     }
 
-    /// A live idle connection to `addr`, waiting briefly for one whose last response just ended.
-    async fn checkout(
-        &self,
-        addr: SocketAddr,
-        stale: &mut usize,
-    ) -> Option<SendRequest<ProxyBody>> {
-        while *stale <= MAX_STALE_RETRIES {
-            let entry = {
-                let mut idle = self.idle.lock();
-                idle.get_mut(&addr).and_then(Vec::pop)
-            }?;
-            let Idle { mut tx, since } = entry;
-            if tx.is_closed() || since.elapsed() > self.idle_timeout {
-                continue;
+    /// The newest live idle connection to `addr`.
+    fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
+        let mut idle = self.idle.lock();
+        let list = idle.get_mut(&addr)?;
+        while let Some(Idle { mut conn, since }) = list.pop_back() {
+            if since.elapsed() > self.idle_timeout {
+                // Everything older is expired too.
+                list.clear();
+                return None;
             }
-            if tx.is_ready() || tx.ready().await.is_ok() {
-                return Some(tx);
+            if conn.is_idle_usable() {
+                return Some(conn);
             }
-            *stale += 1;
         }
         None
     }
 
-    fn put(&self, addr: SocketAddr, tx: SendRequest<ProxyBody>) {
-        if tx.is_closed() {
-            return;
-        }
+    fn put(&self, addr: SocketAddr, conn: Conn) {
+        let now = Instant::now();
         let mut idle = self.idle.lock();
         let list = idle.entry(addr).or_default();
+        // Expired connections leave from the front (oldest first), closing their sockets.
+        while list
+            .front()
+            .is_some_and(|e| now.duration_since(e.since) > self.idle_timeout)
+        {
+            list.pop_front();
+        }
         if list.len() >= MAX_IDLE_PER_ENDPOINT {
             // Full: drop the closed ones, else refuse this one (it closes when dropped).
-            list.retain(|e| !e.tx.is_closed());
+            list.retain_mut(|e| e.conn.is_idle_usable());
             if list.len() >= MAX_IDLE_PER_ENDPOINT {
                 return;
             }
         }
-        list.push(Idle {
-            tx,
-            since: Instant::now(),
-        });
+        list.push_back(Idle { conn, since: now });
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<ProxyBody>, ProxyError> {
+    async fn connect(&self, addr: SocketAddr) -> Result<Conn, ProxyError> {
         let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(_)) => return Err(ProxyError::ConnectFailed),
             Err(_) => return Err(ProxyError::ConnectTimeout),
         };
         let _ = tcp.set_nodelay(true);
-        let (tx, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|_| ProxyError::ConnectFailed)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %addr, error = %e, "upstream connection closed");
-            }
-        });
-        Ok(tx)
+        Ok(Conn::new(tcp))
     }
 }
 

@@ -6,6 +6,8 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::buffered::Held;
+
 /// Buffer per direction for the copying fallback (reused for the connection's lifetime).
 pub const COPY_BUF_SIZE: usize = 64 * 1024;
 
@@ -13,6 +15,7 @@ pub const COPY_BUF_SIZE: usize = 64 * 1024;
 pub async fn relay_tcp(mut a: TcpStream, mut b: TcpStream) -> io::Result<(u64, u64)> {
     match crate::splice::relay(&a, &b).await {
         Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+            let _bufs = Held::new(2 * COPY_BUF_SIZE);
             tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF_SIZE, COPY_BUF_SIZE)
                 .await
         }
@@ -26,6 +29,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let _bufs = Held::new(2 * COPY_BUF_SIZE);
     tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF_SIZE, COPY_BUF_SIZE).await
 }
 

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
+use crate::buffered::{Held, HeldBody};
 use crate::config::LimitsConfig;
 
 /// Which protocol a connection speaks.
@@ -24,13 +25,33 @@ pub enum HttpMode {
     Http2,
 }
 
-/// A configured connection builder, cheap to clone and shared by all connections of a listener.
-pub fn builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+/// A configured connection builder, cheap to clone and shared by all connections of a listener,
+/// with the cap of hyper's buffers that [`crate::buffered`] counts per connection and response.
+#[derive(Clone)]
+pub struct HttpServer {
+    builder: auto::Builder<TokioExecutor>,
+    buffer_cap: usize,
+}
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("buffer_cap", &self.buffer_cap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// hyper's smallest HTTP/1 buffer.
+const MIN_BUF_SIZE: usize = 8192;
+
+/// The connection builder for `limits`.
+pub fn builder(limits: &LimitsConfig) -> HttpServer {
+    let buffer_cap = limits.max_header_bytes.max(MIN_BUF_SIZE);
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_buf_size(buffer_cap)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
@@ -38,14 +59,17 @@ pub fn builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
         .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
         .max_local_error_reset_streams(limits.h2_max_pending_resets)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    b
+    HttpServer {
+        builder: b,
+        buffer_cap,
+    }
 }
 
 /// Serves one connection until it closes, or until `stop` (then finishes in-flight requests).
 /// Under memory pressure ([`crate::overload`]) new requests get 503 + `Retry-After`.
 pub async fn serve<IO, H, Fut>(
     io: IO,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &HttpServer,
     mode: HttpMode,
     stop: CancellationToken,
     handler: H,
@@ -60,7 +84,7 @@ pub async fn serve<IO, H, Fut>(
 /// [`serve`] for the admin port (HTTP/1.1): never shed, so health and metrics stay visible.
 pub async fn serve_admin<IO, H, Fut>(
     io: IO,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &HttpServer,
     stop: CancellationToken,
     handler: H,
 ) where
@@ -73,7 +97,7 @@ pub async fn serve_admin<IO, H, Fut>(
 
 async fn serve_with<IO, H, Fut>(
     io: IO,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &HttpServer,
     mode: HttpMode,
     stop: CancellationToken,
     shed: bool,
@@ -83,15 +107,19 @@ async fn serve_with<IO, H, Fut>(
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
+    // hyper's read buffer, for the connection's lifetime.
+    let _read_buf = Held::new(builder.buffer_cap);
+    let cap = builder.buffer_cap;
     let svc = service_fn(move |req| {
         // Under memory pressure new requests are refused before any work is done for them.
         let fut = match shed.then(crate::overload::shed_request).flatten() {
             Some(shed) => futures_util::future::Either::Left(std::future::ready(shed)),
             None => futures_util::future::Either::Right(handler(req)),
         };
-        async move { Ok::<_, Infallible>(fut.await) }
+        // The write queue a streamed response may fill, while it streams.
+        async move { Ok::<_, Infallible>(fut.await.map(|b| HeldBody::new(b, cap))) }
     });
-    let mut b = builder.clone();
+    let mut b = builder.builder.clone();
     match mode {
         HttpMode::Auto => {}
         HttpMode::Http1 => b = b.http1_only(),

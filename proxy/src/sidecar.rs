@@ -157,7 +157,7 @@ pub async fn start_with(
     let limits = &config.limits;
     let builder = crate::server::builder(limits);
     crate::overload::start(
-        limits.max_rss_mb.map(|mb| mb << 20),
+        crate::overload::Budget::from_mib(limits.max_rss_mb, limits.max_buffered_mb),
         &metrics.registry,
         stop.clone(),
     );
@@ -633,6 +633,8 @@ pub(crate) async fn relay_to_cluster(
         if let Some(tls) = &target.tcp_tls {
             match tls.connect_addr(ep.addr).await {
                 Ok(mut up) => {
+                    let _tls_buffers =
+                        crate::buffered::Held::new(crate::buffered::TLS_BUFFER_BYTES);
                     cluster.record(&ep, false, &snapshot);
                     cluster.metrics.response(Some(200));
                     let mut down = down;
@@ -670,7 +672,7 @@ pub(crate) async fn relay_to_cluster(
 /// Everything one inbound connection needs.
 struct InboundConn {
     target: Target,
-    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    builder: crate::server::HttpServer,
     stop: CancellationToken,
     header: HeaderName,
     intentions: Arc<ArcSwap<Intentions>>,
@@ -716,6 +718,8 @@ impl InboundConn {
             Protocol::Http => &tls.http,
             Protocol::Tcp => &tls.tcp,
         };
+        // rustls' buffers, by their cap, while the connection lives.
+        let _tls_buffers = crate::buffered::Held::new(crate::buffered::TLS_BUFFER_BYTES);
         let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -805,11 +809,38 @@ async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError
             ));
         }
     };
+    let pinned = match &cp.trust_bundle {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                StartError::Identity(format!(
+                    "control_plane.trust_bundle {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let roots = trellis_ca::parse_certs(&pem).map_err(|e| {
+                StartError::Identity(format!(
+                    "control_plane.trust_bundle {}: {e}",
+                    path.display()
+                ))
+            })?;
+            Some(roots)
+        }
+        None => {
+            if !cp.address.ip().is_loopback() {
+                tracing::warn!(
+                    control_plane = %cp.address,
+                    "control_plane.trust_bundle is not set: the mesh's root certificates are taken from the control plane unverified (trust on first use); set it when the network to the control plane is not trusted"
+                );
+            }
+            None
+        }
+    };
     Identity::bootstrap(
         &format!("http://{}", cp.address),
         &token,
         config.identity.trust_domain.clone(),
         None,
+        pinned,
     )
     .await
     .map_err(|e| StartError::Identity(format!("bootstrap from {}: {e}", cp.address)))

@@ -8,6 +8,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::buffered::Held;
+
 /// Bytes moved per splice call; the pipe is grown to this size when the kernel allows.
 const PIPE_SIZE: usize = 1 << 20;
 
@@ -61,8 +63,10 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// Moves bytes from `from` to `to` until EOF, then shuts `to`'s write side. Returns bytes moved.
+/// Bytes in the pipe (read, not yet written: a slow reader on `to`) count as buffered.
 async fn one_way(from: &TcpStream, to: &TcpStream, pipe: Pipe) -> io::Result<u64> {
     let mut total = 0u64;
+    let mut in_pipe = Held::new(0);
     loop {
         let n = loop {
             from.readable().await?;
@@ -84,13 +88,17 @@ async fn one_way(from: &TcpStream, to: &TcpStream, pipe: Pipe) -> io::Result<u64
             let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
             return Ok(total);
         }
+        in_pipe.grow(n);
         let mut left = n;
         while left > 0 {
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || {
                 splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)
             }) {
-                Ok(m) => left -= m,
+                Ok(m) => {
+                    left -= m;
+                    in_pipe.shrink(m);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }

@@ -20,6 +20,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use trellis_ca::Identity;
 use trellis_core::SpiffeId;
 
+use crate::buffered::{Held, TLS_BUFFER_BYTES};
 use crate::error::StartError;
 
 pub const ALPN_H2: &[u8] = b"h2";
@@ -124,6 +125,7 @@ impl tower::Service<Uri> for MtlsConnector {
             Ok(MtlsIo {
                 io: TokioIo::new(stream),
                 h2,
+                _buffers: Held::new(TLS_BUFFER_BYTES),
             })
         })
     }
@@ -134,6 +136,8 @@ impl tower::Service<Uri> for MtlsConnector {
 pub struct MtlsIo {
     io: TokioIo<TlsStream<TcpStream>>,
     h2: bool,
+    /// rustls' buffers, counted by their cap while the connection lives.
+    _buffers: Held,
 }
 
 impl Connection for MtlsIo {

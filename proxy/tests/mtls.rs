@@ -379,14 +379,38 @@ async fn bootstraps_its_certificate_from_the_sign_api_with_a_token() {
     .unwrap_err();
     assert!(err.to_string().contains("identity"), "{err}");
 
-    let stop = CancellationToken::new();
-    let api = trellis_proxy::start(
-        Config::from_toml(&toml("join-t0ken")).unwrap(),
-        stop.clone(),
+    // Pinned trust anchors (`control_plane.trust_bundle`): a control plane whose certificates do
+    // not chain to them is refused at start, naming the problem.
+    let dir = tempfile::tempdir().unwrap();
+    let impostor = EphemeralCa::new("mesh.local").unwrap();
+    let wrong = dir.path().join("wrong-root.pem");
+    std::fs::write(&wrong, impostor.roots_pem()).unwrap();
+    let pinned = |path: &std::path::Path| {
+        format!(
+            "{}trust_bundle = \"{}\"\n",
+            toml("join-t0ken"),
+            path.display()
+        )
+    };
+    let err = trellis_proxy::start(
+        Config::from_toml(&pinned(&wrong)).unwrap(),
+        CancellationToken::new(),
     )
     .await
-    .unwrap();
-    assert_eq!(signed.load(std::sync::atomic::Ordering::SeqCst), 1);
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("does not chain to the trusted roots"),
+        "{err}"
+    );
+    let right = dir.path().join("root.pem");
+    std::fs::write(&right, ca.roots_pem()).unwrap();
+
+    let stop = CancellationToken::new();
+    let api = trellis_proxy::start(Config::from_toml(&pinned(&right)).unwrap(), stop.clone())
+        .await
+        .unwrap();
+    assert_eq!(signed.load(std::sync::atomic::Ordering::SeqCst), 2);
     assert_eq!(
         api.identity().unwrap().spiffe_id().service().as_str(),
         "api"

@@ -204,9 +204,7 @@ fn rate_of(rows: &[crate::report::Row]) -> Option<f64> {
 }
 
 fn cpu_of(rows: &[crate::report::Row]) -> Option<f64> {
-    let row = rows.iter().find(|row| row.subject == "trellis")?;
-    row.runs
-        .iter()
-        .all(|s| s.cpu_us_per_req.is_some())
-        .then(|| row.median(|s| s.cpu_us_per_req.unwrap_or(0.0)))
+    rows.iter()
+        .find(|row| row.subject == "trellis")?
+        .cpu_median()
 }

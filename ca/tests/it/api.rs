@@ -233,6 +233,7 @@ async fn identity_bootstraps_over_http_and_renews() {
         &tok,
         "mesh.local".parse().unwrap(),
         Some(Duration::from_secs(3600)),
+        None,
     )
     .await
     .unwrap();
@@ -245,11 +246,74 @@ async fn identity_bootstraps_over_http_and_renews() {
     assert_ne!(id.leaf(), first);
     // A bad token fails to bootstrap.
     assert!(
-        Identity::bootstrap(&ca.url, "TRL00.00", "mesh.local".parse().unwrap(), None)
-            .await
-            .is_err()
+        Identity::bootstrap(
+            &ca.url,
+            "TRL00.00",
+            "mesh.local".parse().unwrap(),
+            None,
+            None
+        )
+        .await
+        .is_err()
     );
     let _: Arc<TrustBundle> = id.trust_bundle().clone();
+}
+
+/// With configured trust anchors the identity trusts only them, ignores the roots the CA serves,
+/// and refuses a CA whose certificates do not chain to them (a CA impersonated on the network).
+#[tokio::test]
+async fn pinned_trust_anchors_refuse_an_impostor_ca() {
+    let ca = start().await;
+    let tok = ca
+        .api
+        .tokens()
+        .create(ws("my-app", "api"))
+        .unwrap()
+        .bearer();
+    let real_roots = ca.api.authority().roots().to_vec();
+    let id = Identity::bootstrap(
+        &ca.url,
+        &tok,
+        "mesh.local".parse().unwrap(),
+        None,
+        Some(real_roots.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(*id.trust_bundle().roots(), real_roots);
+    // The CA starts serving an extra root: a pinned identity does not pick it up.
+    let other = trellis_ca::EphemeralCa::new("mesh.local").unwrap();
+    let dir = CaDir::new(ca.api.authority().dir().unwrap());
+    dir.bundle_add(&other.roots_pem()).unwrap();
+    assert_eq!(ca.api.reload_trust_bundle().unwrap(), 2);
+    id.rotate_now().await.unwrap();
+    assert_eq!(*id.trust_bundle().roots(), real_roots);
+    // Pinned to another root, the real CA's certificates are refused with a clear error.
+    let Err(err) = Identity::bootstrap(
+        &ca.url,
+        &tok,
+        "mesh.local".parse().unwrap(),
+        None,
+        Some(trellis_ca::parse_certs(&other.roots_pem()).unwrap()),
+    )
+    .await
+    else {
+        panic!("an impostor CA is refused");
+    };
+    let err = err.to_string();
+    assert!(err.contains("does not chain to the trusted roots"), "{err}");
+    // An empty pinned bundle is a configuration error, not "trust nothing" at runtime.
+    assert!(
+        Identity::bootstrap(
+            &ca.url,
+            &tok,
+            "mesh.local".parse().unwrap(),
+            None,
+            Some(vec![])
+        )
+        .await
+        .is_err()
+    );
 }
 
 #[tokio::test]
@@ -269,7 +333,7 @@ async fn bundle_add_is_served_without_restart() {
         .create(ws("my-app", "api"))
         .unwrap()
         .bearer();
-    let id = Identity::bootstrap(&ca.url, &tok, "mesh.local".parse().unwrap(), None)
+    let id = Identity::bootstrap(&ca.url, &tok, "mesh.local".parse().unwrap(), None, None)
         .await
         .unwrap();
     assert_eq!(id.trust_bundle().roots().len(), 2);

@@ -99,6 +99,12 @@ pub struct LimitsConfig {
     /// Concurrent connections per listener; beyond it new ones are closed at accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Memory budget (resident MiB) of the overload guard ([`crate::overload`]); unset: none.
+    #[serde(default)]
+    pub max_rss_mb: Option<u64>,
+    /// Budget (MiB) of bytes held in the LB's own buffers ([`crate::buffered`]); unset: none.
+    #[serde(default)]
+    pub max_buffered_mb: Option<u64>,
 }
 
 impl Default for LimitsConfig {
@@ -110,6 +116,8 @@ impl Default for LimitsConfig {
             request_timeout: default_request_timeout(),
             drain_timeout: default_drain_timeout(),
             max_connections: default_max_connections(),
+            max_rss_mb: None,
+            max_buffered_mb: None,
         }
     }
 }
@@ -594,6 +602,33 @@ impl LbConfig {
         Self::from_str(&text)
     }
 
+    /// [`LbConfig::load`], then `TRELLIS_LIMITS__*` variables override `[limits]` (e.g.
+    /// `TRELLIS_LIMITS__MAX_BUFFERED_MB=64`). Only limits: other `TRELLIS_*` variables belong to
+    /// a sidecar that may share the environment.
+    pub fn load_with_env(path: &Path, env: &dyn crate::EnvSource) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_str_with_env(&text, env)
+    }
+
+    /// [`LbConfig::from_str`] with the `TRELLIS_LIMITS__*` overlay of [`LbConfig::load_with_env`].
+    pub fn from_str_with_env(text: &str, env: &dyn crate::EnvSource) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = text.parse()?;
+        let limits = crate::MapEnv(
+            env.vars()
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("TRELLIS_LIMITS__"))
+                .collect(),
+        );
+        crate::env::overlay(&mut table, &limits)
+            .map_err(|e| invalid("environment", "TRELLIS_LIMITS__*", e))?;
+        // Through text again, so errors point at the offending key like a file's would.
+        let text = toml::to_string(&table).map_err(|e| invalid("environment", "limits", e))?;
+        Self::from_str(&text)
+    }
+
     #[allow(clippy::should_implement_trait)]
     pub fn from_str(text: &str) -> Result<Self, ConfigError> {
         Ok(toml::from_str(text)?)
@@ -607,6 +642,13 @@ impl LbConfig {
                 "max_header_bytes",
                 format!("must be at least {MIN_HEADER_BYTES}"),
             ));
+        }
+        for (field, mb) in [
+            ("max_rss_mb", self.limits.max_rss_mb),
+            ("max_buffered_mb", self.limits.max_buffered_mb),
+        ] {
+            crate::overload::check_budget_mb(mb)
+                .map_err(|reason| invalid("limits", field, reason))?;
         }
         let mut groups = Vec::new();
         let mut seen = HashSet::new();
@@ -1016,6 +1058,32 @@ to = "green"
 strategy = { type = "canary", percent = 10, interval = "5m" }
 rollback = { window = "1m", max_5xx_rate = 0.05, max_p99 = "500ms" }
 "#;
+
+    #[test]
+    fn overload_budgets_from_file_and_env_are_checked() {
+        let env = crate::MapEnv::from([
+            ("TRELLIS_LIMITS__MAX_BUFFERED_MB", "32"),
+            // A sidecar's variable in a shared environment is not the LB's business.
+            ("TRELLIS_IDENTITY__SERVICE", "web"),
+        ]);
+        let text = format!("[limits]\nmax_rss_mb = 512\n{EXAMPLE}");
+        let c = LbConfig::from_str_with_env(&text, &env).unwrap();
+        assert_eq!(c.limits.max_buffered_mb, Some(32));
+        assert_eq!(c.limits.max_rss_mb, Some(512));
+        c.compile().unwrap();
+        let zero = crate::MapEnv::from([("TRELLIS_LIMITS__MAX_BUFFERED_MB", "0")]);
+        let err = LbConfig::from_str_with_env(EXAMPLE, &zero)
+            .unwrap()
+            .compile()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_buffered_mb"), "{err}");
+        let typo = crate::MapEnv::from([("TRELLIS_LIMITS__MAX_BUFERED_MB", "1")]);
+        let err = LbConfig::from_str_with_env(EXAMPLE, &typo)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_bufered_mb"), "{err}");
+    }
 
     fn err(text: &str) -> String {
         let cfg = match LbConfig::from_str(text) {

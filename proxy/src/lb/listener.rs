@@ -9,11 +9,9 @@ use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 use tokio::time::Instant;
@@ -23,9 +21,8 @@ use super::error::{ForwardError, WeightError};
 use super::metrics::{Metrics, RuleMetrics};
 use super::target::{InFlight, TargetGroup};
 use crate::route::{Action, Matched, RequestView, RuleIndex, STICKY_COOKIE, Weight};
-use crate::{ProxyBody, ProxyError, UpstreamClient};
+use crate::{BodyError, ProxyBody, ProxyError, UpstreamClient};
 
-pub type LbBody = UnsyncBoxBody<Bytes, hyper::Error>;
 pub type ForwardClient = UpstreamClient;
 
 pub struct ListenerState {
@@ -129,6 +126,26 @@ impl ListenerState {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The downstream end of a connection, its `x-forwarded-for` value formatted once per
+/// connection rather than per request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        Peer {
+            addr,
+            forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok(),
+        }
+    }
+}
+
 enum Decision {
     Respond(Response<LbBody>),
     Forward {
@@ -141,14 +158,14 @@ enum Decision {
 pub async fn handle(
     shared: Arc<Shared>,
     l: Arc<ListenerState>,
-    peer: SocketAddr,
+    peer: Peer,
     req: Request<Incoming>,
 ) -> Result<Response<LbBody>, Infallible> {
     let start = Instant::now();
     let routes = l.routes.load_full();
     let index = &routes.index;
     let (pos, decision) = {
-        let view = RequestView::of(&req, peer.ip());
+        let view = RequestView::of(&req, peer.addr.ip());
         let matched = index.route(&view);
         let pos = match matched {
             Matched::Rule(i, _) => i,
@@ -204,7 +221,7 @@ pub async fn handle(
         Decision::Respond(r) => r,
         Decision::Forward { slot, cookie } => {
             let mut resp = match shared.groups.get(slot) {
-                Some(g) => match forward(&shared, g, &l, peer, req).await {
+                Some(g) => match forward(&shared, g, &l, &peer, req).await {
                     Ok(r) => r,
                     Err(e) => error_response(&e),
                 },
@@ -224,7 +241,7 @@ async fn forward(
     shared: &Shared,
     group: &TargetGroup,
     l: &ListenerState,
-    peer: SocketAddr,
+    peer: &Peer,
     req: Request<Incoming>,
 ) -> Result<Response<LbBody>, ForwardError> {
     let (mut parts, body) = req.into_parts();
@@ -246,10 +263,10 @@ async fn forward(
     {
         h.insert(header::HOST, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-        h.append("x-forwarded-for", v);
+    if let Some(v) = &peer.forwarded_for {
+        h.append(X_FORWARDED_FOR, v.clone());
     }
-    h.insert("x-forwarded-proto", HeaderValue::from_static(l.scheme()));
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(l.scheme()));
 
     let attempts = if retryable { MAX_ATTEMPTS } else { 1 };
     let mut avoid = None;
@@ -283,12 +300,9 @@ async fn forward(
         let (status, out) = match result {
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
-                let resp = resp.map(|b| {
-                    GuardedBody {
-                        inner: b,
-                        _inflight: inflight,
-                    }
-                    .boxed_unsync()
+                let resp = resp.map(|inner| LbBody {
+                    inner,
+                    inflight: Some(inflight),
                 });
                 (status, Ok(resp))
             }
@@ -318,7 +332,15 @@ async fn forward(
 const MAX_ATTEMPTS: usize = 2;
 
 pub fn full(b: Bytes) -> LbBody {
-    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+    local(ProxyBody::full(b))
+}
+
+/// A body the LB answers itself (no target, nothing in flight).
+pub fn local(inner: ProxyBody) -> LbBody {
+    LbBody {
+        inner,
+        inflight: None,
+    }
 }
 
 pub fn error_response(e: &ForwardError) -> Response<LbBody> {
@@ -331,22 +353,24 @@ pub fn error_response(e: &ForwardError) -> Response<LbBody> {
 }
 
 pin_project_lite::pin_project! {
-    /// The upstream body, holding the target's in-flight count until it ends.
-    struct GuardedBody {
+    /// A response body of the LB: a local one (fixed responses, errors, admin) or a target's,
+    /// holding the target's in-flight count until it ends. A struct, not a boxed body: no
+    /// allocation per request.
+    pub struct LbBody {
         #[pin]
         inner: ProxyBody,
-        _inflight: InFlight,
+        inflight: Option<InFlight>,
     }
 }
 
-impl Body for GuardedBody {
+impl Body for LbBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.project().inner.poll_frame(cx)
     }
 

@@ -155,6 +155,11 @@ impl Metrics {
         }
     }
 
+    /// Where the overload guard registers its metrics.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

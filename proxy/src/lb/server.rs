@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -23,6 +24,7 @@ use super::metrics::Metrics;
 use super::target::TargetGroup;
 use super::tls::listener_tls;
 use super::{discovery, health};
+use crate::buffered::{Held, HeldBody, TLS_BUFFER_BYTES};
 
 /// A running LB.
 pub struct LbHandle {
@@ -83,6 +85,11 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
     let compiled = config.compile()?;
     let metrics = Metrics::new();
     let stop = shutdown;
+    crate::overload::start(
+        crate::overload::Budget::from_mib(config.limits.max_rss_mb, config.limits.max_buffered_mb),
+        metrics.registry(),
+        stop.clone(),
+    );
     let tasks = TaskTracker::new();
     let probe_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
@@ -197,6 +204,7 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
         let admission = Admission {
             max_connections: config.limits.max_connections,
             shed_on_pressure: true,
+            buffer_cap: config.limits.max_header_bytes,
         };
         tasks.spawn(accept_loop(
             tcp,
@@ -207,13 +215,15 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
             admission,
             move |peer| {
                 let (shared, state) = (Arc::clone(&shared), Arc::clone(&state));
+                let peer = listener::Peer::new(peer);
                 service_fn(move |req| {
-                    listener::handle(Arc::clone(&shared), Arc::clone(&state), peer, req)
+                    listener::handle(Arc::clone(&shared), Arc::clone(&state), peer.clone(), req)
                 })
             },
         ));
     }
     let drain = config.limits.drain_timeout;
+    let config_limits_header_bytes = config.limits.max_header_bytes;
     let admin = Arc::new(Admin {
         config: arc_swap::ArcSwap::from_pointee(config),
         listeners: states,
@@ -232,6 +242,7 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
         Admission {
             max_connections: ADMIN_CONNECTIONS,
             shed_on_pressure: false,
+            buffer_cap: config_limits_header_bytes,
         },
         move |_peer| {
             let admin = Arc::clone(&admin);
@@ -276,11 +287,14 @@ const MAX_PENDING_RESETS: usize = 64;
 const ADMIN_CONNECTIONS: usize = 256;
 
 /// Which connections an accept loop takes: at most `max_connections` at once, and none under
-/// memory pressure when `shed_on_pressure` (the admin port stays reachable).
+/// memory pressure when `shed_on_pressure` (the admin port stays reachable). `buffer_cap` is
+/// hyper's `max_buf_size`, counted as buffered ([`crate::buffered`]) per connection (read
+/// buffer) and per streamed response (write queue).
 #[derive(Clone, Copy)]
 struct Admission {
     max_connections: usize,
     shed_on_pressure: bool,
+    buffer_cap: usize,
 }
 
 async fn accept_loop<F, S>(
@@ -329,14 +343,17 @@ async fn accept_loop<F, S>(
         let _ = sock.set_nodelay(true);
         let svc = make_service(peer);
         let (builder, stop, tls) = (Arc::clone(&builder), stop.clone(), tls.clone());
+        let (cap, shed) = (admission.buffer_cap, admission.shed_on_pressure);
         tasks.spawn(async move {
             let _permit = permit;
+            let _read_buf = Held::new(cap);
             match tls {
-                None => serve(&builder, TokioIo::new(sock), svc, stop).await,
+                None => serve(&builder, TokioIo::new(sock), svc, (cap, shed), stop).await,
                 Some(acc) => {
+                    let _tls_buffers = Held::new(TLS_BUFFER_BYTES);
                     let hs = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await;
                     if let Ok(Ok(s)) = hs {
-                        serve(&builder, TokioIo::new(s), svc, stop).await;
+                        serve(&builder, TokioIo::new(s), svc, (cap, shed), stop).await;
                     }
                 }
             }
@@ -346,8 +363,16 @@ async fn accept_loop<F, S>(
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn serve<I, S>(builder: &auto::Builder<TokioExecutor>, io: I, svc: S, stop: CancellationToken)
-where
+/// Serves one connection; each streamed response holds `cap` bytes (its write queue) while it
+/// streams. With `shed`, new requests under memory pressure get 503 + `Retry-After` before any
+/// work is done for them ([`crate::overload::shed_request`]).
+async fn serve<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    svc: S,
+    (cap, shed): (usize, bool),
+    stop: CancellationToken,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
@@ -357,6 +382,13 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    let svc = service_fn(move |req| {
+        let fut = match shed.then(crate::overload::shed_request).flatten() {
+            Some(r) => Either::Left(std::future::ready(Ok(r.map(listener::local)))),
+            None => Either::Right(hyper::service::Service::call(&svc, req)),
+        };
+        async move { fut.await.map(|r| r.map(|b| HeldBody::new(b, cap))) }
+    });
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     tokio::select! {

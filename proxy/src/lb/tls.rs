@@ -89,6 +89,7 @@ async fn from_ca(t: &TlsConfig) -> Result<Arc<Identity>, String> {
         &token,
         t.trust_domain.clone(),
         t.ttl,
+        None,
     )
     .await
     .map_err(|e| format!("certificate from the CA at {cp}: {e}"))?;

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use trellis_core::{Endpoint, EndpointSet, HealthStatus};
 use trellis_proxy::{Config, Running};
 
+pub mod slow;
+
 type Body = BoxBody<Bytes, hyper::Error>;
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -273,4 +275,77 @@ pub async fn wait_hits(app: &App, n: usize) {
         "app saw {} requests, expected {n}",
         app.hits.load(Ordering::SeqCst)
     );
+}
+
+/// Waits (up to 10 s) for the overload guard's pressure level `want`.
+pub async fn until_pressure(what: &str, want: trellis_proxy::overload::Pressure) {
+    use trellis_proxy::overload::pressure;
+    for _ in 0..200 {
+        if pressure() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{what}: pressure stayed {:?}, rss {:?}, buffered {}",
+        pressure(),
+        trellis_proxy::overload::rss_bytes(),
+        trellis_proxy::buffered::buffered_bytes()
+    );
+}
+
+/// One GET on an open keep-alive connection; returns the response head.
+pub async fn on(conn: &mut tokio::net::TcpStream, host: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+/// The admin port's `/metrics` text (the whole HTTP response).
+pub async fn admin_metrics(admin: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(admin).await.unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+/// Asserts that a new connection to `port` is closed at accept, before any answer.
+pub async fn assert_closed_at_accept(port: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut fresh = tokio::net::TcpStream::connect(port).await.unwrap();
+    let _ = fresh.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), fresh.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a new connection is closed at accept");
+}
+
+/// Asserts that a new request on the open connection is shed: 503 with `Retry-After: 1`.
+pub async fn assert_shed(open: &mut tokio::net::TcpStream, host: &str) {
+    let shed = on(open, host).await;
+    assert!(shed.starts_with("HTTP/1.1 503"), "{shed}");
+    assert!(
+        shed.to_ascii_lowercase().contains("retry-after: 1"),
+        "{shed}"
+    );
+}
+
+/// The value of one sample (`name` with its labels) in a Prometheus text page.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
 }

@@ -1,0 +1,345 @@
+//! Message heads on the upstream wire: the request head written into a reused buffer, the
+//! response head parsed with `httparse` into a `HeaderMap` whose values share the read buffer
+//! (no copy per header), and the body framing both imply (RFC 9112 §6).
+
+use std::io::Write as _;
+use std::mem::MaybeUninit;
+
+use bytes::{Buf, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, StatusCode, Version};
+
+use super::Malformed;
+
+/// Most response header fields accepted (hyper's default).
+pub const MAX_HEADERS: usize = 100;
+/// Largest response head accepted (offsets into it fit a `u16`).
+pub const MAX_HEAD_BYTES: usize = u16::MAX as usize;
+
+/// How a request body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqFraming {
+    /// No body bytes at all.
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RespFraming {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes (the connection is not reused).
+    UntilEof,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+impl ResponseHead {
+    /// The body framing for a response to `method`, and whether the connection stays usable
+    /// after it.
+    pub fn framing(&self, method: &Method) -> Result<(RespFraming, bool), Malformed> {
+        let mut keep_alive = match self.version {
+            Version::HTTP_11 => !has_token(&self.headers, header::CONNECTION, "close"),
+            _ => has_token(&self.headers, header::CONNECTION, "keep-alive"),
+        };
+        let status = self.status.as_u16();
+        if method == Method::HEAD || status == 204 || status == 304 {
+            return Ok((RespFraming::Empty, keep_alive));
+        }
+        if self.headers.contains_key(header::TRANSFER_ENCODING) {
+            // Both framings at once: decode by Transfer-Encoding, then close (RFC 9112 §6.3).
+            if self.headers.contains_key(header::CONTENT_LENGTH) {
+                keep_alive = false;
+            }
+            return Ok(if last_coding_is_chunked(&self.headers) {
+                (RespFraming::Chunked, keep_alive)
+            } else {
+                (RespFraming::UntilEof, false)
+            });
+        }
+        match content_length(&self.headers)? {
+            Some(0) => Ok((RespFraming::Empty, keep_alive)),
+            Some(n) => Ok((RespFraming::Length(n), keep_alive)),
+            None => Ok((RespFraming::UntilEof, false)),
+        }
+    }
+}
+
+/// The request body framing hyper's client would choose (upstreams see the same bytes as
+/// before), and whether a `content-length` header must be added.
+pub fn request_framing(
+    parts: &Parts,
+    body_ended: bool,
+    exact_len: Option<u64>,
+) -> (ReqFraming, bool) {
+    if body_ended {
+        return (ReqFraming::Empty, false);
+    }
+    if let Ok(Some(n)) = content_length(&parts.headers) {
+        return (ReqFraming::Length(n), false);
+    }
+    match exact_len {
+        Some(n) => (ReqFraming::Length(n), true),
+        None if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) => {
+            (ReqFraming::Empty, false)
+        }
+        None => (ReqFraming::Chunked, false),
+    }
+}
+
+/// Appends the request head to `dst`. Transfer-Encoding is the framing's to write; a
+/// Content-Length that the framing replaces is left out.
+pub fn encode_request(parts: &Parts, framing: ReqFraming, add_length: bool, dst: &mut Vec<u8>) {
+    dst.extend_from_slice(parts.method.as_str().as_bytes());
+    dst.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    dst.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+    dst.extend_from_slice(b" HTTP/1.1\r\n");
+    let drop_length = add_length || framing == ReqFraming::Chunked;
+    for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING || (drop_length && name == header::CONTENT_LENGTH) {
+            continue;
+        }
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::Chunked => dst.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        ReqFraming::Length(n) if add_length => {
+            let _ = write!(dst, "content-length: {n}\r\n");
+        }
+        _ => {}
+    }
+    dst.extend_from_slice(b"\r\n");
+}
+
+/// Parses a final response head from the front of `buf` (skipping 1xx interim responses), or
+/// `None` when more bytes are needed. The head's bytes are split off `buf`; header values
+/// share them.
+pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malformed> {
+    let mut config = httparse::ParserConfig::default();
+    config.allow_spaces_after_header_name_in_responses(true);
+    loop {
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let len = match config.parse_response_with_uninit_headers(&mut resp, buf, &mut fields) {
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => return Ok(None),
+            Ok(_) => return Err(Malformed("response head too large")),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Malformed("too many response headers"));
+            }
+            Err(_) => return Err(Malformed("bad response head")),
+        };
+        let code = resp.code.unwrap_or(0);
+        if code == 101 {
+            return Err(Malformed("protocol switch without an upgrade request"));
+        }
+        if (100..200).contains(&code) {
+            buf.advance(len);
+            continue;
+        }
+        let status = StatusCode::from_u16(code).map_err(|_| Malformed("bad status code"))?;
+        let version = match resp.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        // Offsets first (they borrow `buf`), then the head is frozen and sliced.
+        let base = buf.as_ptr() as usize;
+        let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u16;
+        let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
+        let count = resp.headers.len();
+        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+            let (n, v) = (offset(h.name.as_bytes()), offset(h.value));
+            *span = (n, n + h.name.len() as u16, v, v + h.value.len() as u16);
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[usize::from(ns)..usize::from(ne)])
+                .map_err(|_| Malformed("bad header name"))?;
+            let value =
+                HeaderValue::from_maybe_shared(head.slice(usize::from(vs)..usize::from(ve)))
+                    .map_err(|_| Malformed("bad header value"))?;
+            headers.append(name, value);
+        }
+        return Ok(Some(ResponseHead {
+            status,
+            version,
+            headers,
+        }));
+    }
+}
+
+/// The Content-Length, if present; several values must agree (RFC 9110 §8.6).
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
+    let mut found = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let digits = part.trim_ascii();
+            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(Malformed("bad content-length"));
+            }
+            let n = digits
+                .iter()
+                .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+            if found.is_some_and(|f| f != n) {
+                return Err(Malformed("conflicting content-length values"));
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(wire: &[u8]) -> (Result<Option<ResponseHead>, Malformed>, BytesMut) {
+        let mut buf = BytesMut::from(wire);
+        let r = parse_response(&mut buf);
+        (r, buf)
+    }
+
+    #[test]
+    fn parses_a_head_and_leaves_the_body() {
+        let (r, rest) =
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\nhi");
+        let head = r.unwrap().unwrap();
+        assert_eq!(head.status, 200);
+        assert_eq!(head.version, Version::HTTP_11);
+        assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(&rest[..], b"hi");
+        assert_eq!(
+            head.framing(&Method::GET).unwrap(),
+            (RespFraming::Length(2), true)
+        );
+        assert_eq!(
+            head.framing(&Method::HEAD).unwrap(),
+            (RespFraming::Empty, true)
+        );
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_partial_heads_wait() {
+        let (r, rest) = parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n");
+        let head = r.unwrap().unwrap();
+        assert_eq!(head.status, 204);
+        assert!(rest.is_empty());
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le").0.unwrap().is_none());
+        assert!(
+            parse(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+                .0
+                .is_err()
+        );
+        assert!(parse(b"HTTP/1.1 2000 OK\r\n\r\n").0.is_err());
+        assert!(parse(b"garbage\r\n\r\n").0.is_err());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let framing = |wire: &[u8]| {
+            let head = parse(wire).0.unwrap().unwrap();
+            head.framing(&Method::GET)
+        };
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Ok((RespFraming::Chunked, true))
+        );
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"),
+            Ok((RespFraming::Chunked, false))
+        );
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Ok((RespFraming::UntilEof, false))
+        );
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\n\r\n"),
+            Ok((RespFraming::UntilEof, false))
+        );
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\n"),
+            Ok((RespFraming::Length(5), false))
+        );
+        assert_eq!(
+            framing(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            Ok((RespFraming::Length(5), false))
+        );
+        assert_eq!(
+            framing(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\n"),
+            Ok((RespFraming::Length(5), true))
+        );
+        assert_eq!(
+            framing(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"),
+            Ok((RespFraming::Empty, true))
+        );
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
+            Ok((RespFraming::Length(5), true))
+        );
+        assert!(framing(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n").is_err());
+        assert!(framing(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn request_heads_match_hyper_framing() {
+        let (mut parts, ()) = http::Request::post("http://a/x?y=1")
+            .header("host", "a")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut out = Vec::new();
+        let (framing, add) = request_framing(&parts, false, None);
+        encode_request(&parts, framing, add, &mut out);
+        assert_eq!(
+            out,
+            b"POST /x?y=1 HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        out.clear();
+        let (framing, add) = request_framing(&parts, false, Some(4));
+        encode_request(&parts, framing, add, &mut out);
+        assert!(out.ends_with(b"host: a\r\ncontent-length: 4\r\n\r\n"));
+        parts.method = Method::GET;
+        assert_eq!(
+            request_framing(&parts, false, None),
+            (ReqFraming::Empty, false)
+        );
+        assert_eq!(
+            request_framing(&parts, true, None),
+            (ReqFraming::Empty, false)
+        );
+    }
+}
