@@ -107,15 +107,13 @@ impl Batch {
                 iov_base: self.rx[i * self.size..].as_mut_ptr().cast(),
                 iov_len: self.size,
             };
-            let h = &mut self.hdrs[i];
-            h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut self.iov[i];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = std::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
+            let namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            point(
+                &mut self.hdrs[i],
+                &mut self.addrs[i],
+                namelen,
+                &mut self.iov[i],
+            );
         }
         // SAFETY: `hdrs` holds BATCH initialised headers whose name and iovec pointers point into
         // buffers owned by `self` (each iovec covers exactly one `size`-byte region of `rx`) and
@@ -166,15 +164,12 @@ impl Batch {
                 iov_base: self.tx[i * self.size..].as_mut_ptr().cast(),
                 iov_len: len,
             };
-            let h = &mut self.hdrs[k];
-            h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_hdr.msg_namelen = self.addr_len[i];
-            h.msg_hdr.msg_iov = &mut self.iov[k];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = std::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
+            point(
+                &mut self.hdrs[k],
+                &mut self.addrs[i],
+                self.addr_len[i],
+                &mut self.iov[k],
+            );
         }
         // SAFETY: the first `pending.len()` (≤ BATCH) headers were just initialised with pointers
         // into `tx` (each within one `size`-byte slot, `len ≤ size` checked by `commit`) and
@@ -193,6 +188,23 @@ impl Batch {
             Ok(n as usize)
         }
     }
+}
+
+/// Points one message header at one peer address and one iovec (no control data, flags cleared).
+fn point(
+    h: &mut libc::mmsghdr,
+    addr: &mut libc::sockaddr_storage,
+    namelen: libc::socklen_t,
+    iov: &mut libc::iovec,
+) {
+    h.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
+    h.msg_hdr.msg_namelen = namelen;
+    h.msg_hdr.msg_iov = iov;
+    h.msg_hdr.msg_iovlen = 1;
+    h.msg_hdr.msg_control = std::ptr::null_mut();
+    h.msg_hdr.msg_controllen = 0;
+    h.msg_hdr.msg_flags = 0;
+    h.msg_len = 0;
 }
 
 /// A raw socket address as the kernel filled it in, as a `SocketAddr`.
