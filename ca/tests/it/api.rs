@@ -68,6 +68,15 @@ fn ws(ns: &str, svc: &str) -> Scope {
     }
 }
 
+/// A bearer token for the `my-app/api` workload.
+fn api_token(ca: &Running) -> String {
+    ca.api
+        .tokens()
+        .create(ws("my-app", "api"))
+        .unwrap()
+        .bearer()
+}
+
 #[tokio::test]
 async fn sign_roots_crl_metrics_and_scoped_tokens() {
     let ca = start().await;
@@ -222,12 +231,7 @@ async fn sign_roots_crl_metrics_and_scoped_tokens() {
 #[tokio::test]
 async fn identity_bootstraps_over_http_and_renews() {
     let ca = start().await;
-    let tok = ca
-        .api
-        .tokens()
-        .create(ws("my-app", "api"))
-        .unwrap()
-        .bearer();
+    let tok = api_token(&ca);
     let id = Identity::bootstrap(
         &ca.url,
         &tok,
@@ -264,12 +268,7 @@ async fn identity_bootstraps_over_http_and_renews() {
 #[tokio::test]
 async fn pinned_trust_anchors_refuse_an_impostor_ca() {
     let ca = start().await;
-    let tok = ca
-        .api
-        .tokens()
-        .create(ws("my-app", "api"))
-        .unwrap()
-        .bearer();
+    let tok = api_token(&ca);
     let real_roots = ca.api.authority().roots().to_vec();
     let id = Identity::bootstrap(
         &ca.url,
@@ -327,12 +326,7 @@ async fn bundle_add_is_served_without_restart() {
     assert_eq!(st, 200);
     assert_eq!(trellis_ca::parse_certs(&roots).unwrap().len(), 2);
     // A renewing identity picks the new bundle up at its next renewal.
-    let tok = ca
-        .api
-        .tokens()
-        .create(ws("my-app", "api"))
-        .unwrap()
-        .bearer();
+    let tok = api_token(&ca);
     let id = Identity::bootstrap(&ca.url, &tok, "mesh.local".parse().unwrap(), None, None)
         .await
         .unwrap();
@@ -346,14 +340,7 @@ async fn bundle_add_is_served_without_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hundred_concurrent_http_issuances_unique_and_durable() {
     let ca = start().await;
-    let tok = format!(
-        "Bearer {}",
-        ca.api
-            .tokens()
-            .create(ws("my-app", "api"))
-            .unwrap()
-            .bearer()
-    );
+    let tok = format!("Bearer {}", api_token(&ca));
     let tasks: Vec<_> = (0..100)
         .map(|_| {
             let url = format!("{}/v1/ca/sign", ca.url);
