@@ -107,7 +107,20 @@ impl Identity {
         ttl: Option<Duration>,
         pinned: Option<Vec<CertificateDer<'static>>>,
     ) -> Result<Arc<Self>, CaError> {
-        let renewer = crate::renewer::HttpRenewer::new(ca_url, token, ttl)?;
+        Self::bootstrap_replicas(&[ca_url], token, trust_domain, ttl, pinned).await
+    }
+
+    /// [`Identity::bootstrap`] against several replicas of one CA (control-plane replicas on
+    /// etcd): the first certificate and every renewal come from whichever replica answers,
+    /// trying them in order (see [`crate::renewer::HttpRenewer`]).
+    pub async fn bootstrap_replicas(
+        ca_urls: &[impl AsRef<str>],
+        token: &str,
+        trust_domain: trellis_core::TrustDomain,
+        ttl: Option<Duration>,
+        pinned: Option<Vec<CertificateDer<'static>>>,
+    ) -> Result<Arc<Self>, CaError> {
+        let renewer = crate::renewer::HttpRenewer::replicas(ca_urls, token, ttl)?;
         let roots = match pinned {
             Some(roots) => {
                 if roots.is_empty() {

@@ -1,6 +1,7 @@
 //! [`Renewer`] implementations: over HTTP against a trellis CA, and in-process.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,8 +39,14 @@ fn key_der(key: &KeyPair) -> PrivateKeyDer<'static> {
 
 /// Renews by calling `POST /v1/ca/sign` with a bearer token; refreshes the trust bundle from
 /// `GET /v1/ca/roots` each time.
+///
+/// With several control-plane replicas, each call goes to the replica that answered last and
+/// moves on to the next when one is unreachable, times out or answers 5xx; a 4xx (a refused
+/// token, a bad CSR) is every replica's answer and is returned at once.
 pub struct HttpRenewer {
-    base: String,
+    bases: Vec<String>,
+    /// Index into `bases` of the replica that answered last.
+    preferred: AtomicUsize,
     token: String,
     ttl: Option<Duration>,
     /// Roots from configuration: never fetched; every chain the CA returns must verify against
@@ -48,14 +55,41 @@ pub struct HttpRenewer {
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
+/// One replica's failure: whether the next replica may answer differently.
+enum CallError {
+    /// Unreachable, timed out or 5xx: try the next replica.
+    Replica(String),
+    /// 4xx: the request itself is refused; every replica would say the same.
+    Refused(String),
+}
+
 impl HttpRenewer {
     /// `ca_url` like `http://127.0.0.1:7000` (no trailing path).
     pub fn new(ca_url: &str, token: &str, ttl: Option<Duration>) -> Result<Self, CaError> {
-        let base = ca_url.trim_end_matches('/').to_owned();
-        base.parse::<http::Uri>()
-            .map_err(|e| CaError::InvalidRequest(format!("CA URL {ca_url:?}: {e}")))?;
+        Self::replicas(&[ca_url], token, ttl)
+    }
+
+    /// Several replicas of the same CA (control-plane replicas on one etcd), in order of
+    /// preference.
+    pub fn replicas(
+        ca_urls: &[impl AsRef<str>],
+        token: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Self, CaError> {
+        let mut bases = Vec::with_capacity(ca_urls.len());
+        for url in ca_urls {
+            let url = url.as_ref();
+            let base = url.trim_end_matches('/').to_owned();
+            base.parse::<http::Uri>()
+                .map_err(|e| CaError::InvalidRequest(format!("CA URL {url:?}: {e}")))?;
+            bases.push(base);
+        }
+        if bases.is_empty() {
+            return Err(CaError::InvalidRequest("no CA URL given".into()));
+        }
         Ok(Self {
-            base,
+            bases,
+            preferred: AtomicUsize::new(0),
             token: token.to_owned(),
             ttl,
             pinned: None,
@@ -72,38 +106,78 @@ impl HttpRenewer {
         }
     }
 
-    async fn call(&self, req: http::Request<Full<Bytes>>) -> Result<Bytes, CaError> {
+    /// Sends the request `build` makes for a replica's base URL, replica after replica from the
+    /// preferred one, until one answers.
+    async fn call(
+        &self,
+        build: impl Fn(&str) -> Result<http::Request<Full<Bytes>>, CaError>,
+    ) -> Result<Bytes, CaError> {
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..self.bases.len() {
+            let at = (first + i) % self.bases.len();
+            let base = &self.bases[at];
+            match self.call_one(build(base)?).await {
+                Ok(body) => {
+                    if at != first {
+                        self.preferred.store(at, Ordering::Relaxed);
+                        tracing::info!(ca = %base, "CA calls moved to another control-plane replica");
+                    }
+                    return Ok(body);
+                }
+                Err(CallError::Refused(msg)) => return Err(CaError::Internal(msg)),
+                Err(CallError::Replica(msg)) => {
+                    if self.bases.len() > 1 {
+                        tracing::warn!(ca = %base, error = %msg, "CA replica failed; trying the next");
+                    }
+                    failures.push(format!("{base}: {msg}"));
+                }
+            }
+        }
+        Err(CaError::Internal(if failures.len() == 1 {
+            failures.remove(0)
+        } else {
+            format!("no CA replica answered ({})", failures.join("; "))
+        }))
+    }
+
+    async fn call_one(&self, req: http::Request<Full<Bytes>>) -> Result<Bytes, CallError> {
         let fut = async {
             let resp = self
                 .client
                 .request(req)
                 .await
-                .map_err(|e| CaError::Internal(format!("CA unreachable: {e}")))?;
+                .map_err(|e| CallError::Replica(format!("CA unreachable: {e}")))?;
             let status = resp.status();
             let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
                 .collect()
                 .await
-                .map_err(|e| CaError::Internal(format!("CA response: {e}")))?
+                .map_err(|e| CallError::Replica(format!("CA response: {e}")))?
                 .to_bytes();
             if !status.is_success() {
-                return Err(CaError::Internal(format!(
-                    "CA answered {status}: {}",
-                    String::from_utf8_lossy(&body)
-                )));
+                let msg = format!("CA answered {status}: {}", String::from_utf8_lossy(&body));
+                return Err(if status.is_server_error() {
+                    CallError::Replica(msg)
+                } else {
+                    CallError::Refused(msg)
+                });
             }
             Ok(body)
         };
         tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await
-            .map_err(|_| CaError::Internal("CA request timed out".into()))?
+            .map_err(|_| CallError::Replica("CA request timed out".into()))?
     }
 
     /// `GET /v1/ca/roots`.
     pub async fn fetch_roots(&self) -> Result<Vec<CertificateDer<'static>>, CaError> {
-        let req = http::Request::get(format!("{}/v1/ca/roots", self.base))
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| CaError::Internal(e.to_string()))?;
-        let body = self.call(req).await?;
+        let body = self
+            .call(|base| {
+                http::Request::get(format!("{base}/v1/ca/roots"))
+                    .body(Full::new(Bytes::new()))
+                    .map_err(|e| CaError::Internal(e.to_string()))
+            })
+            .await?;
         let text = std::str::from_utf8(&body)
             .map_err(|_| CaError::InvalidRequest("roots are not UTF-8 PEM".into()))?;
         crate::ca_dir::parse_certs(text).map_err(CaError::InvalidRequest)
@@ -111,19 +185,23 @@ impl HttpRenewer {
 
     /// `POST /v1/ca/sign` with a CSR; returns the chain.
     pub async fn sign(&self, csr_pem: String) -> Result<Vec<CertificateDer<'static>>, CaError> {
-        let mut uri = format!("{}/v1/ca/sign", self.base);
-        if let Some(ttl) = self.ttl {
-            uri.push_str(&format!("?ttl={}", ttl.as_secs().max(1)));
-        }
-        let req = http::Request::post(uri)
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
-            .header(http::header::CONTENT_TYPE, "application/pkcs10")
-            .body(Full::new(Bytes::from(csr_pem)))
-            .map_err(|e| CaError::Internal(e.to_string()))?;
-        let body = self.call(req).await?;
+        let query = self
+            .ttl
+            .map(|ttl| format!("?ttl={}", ttl.as_secs().max(1)))
+            .unwrap_or_default();
+        let csr = Bytes::from(csr_pem);
+        let body = self
+            .call(|base| {
+                http::Request::post(format!("{base}/v1/ca/sign{query}"))
+                    .header(
+                        http::header::AUTHORIZATION,
+                        format!("Bearer {}", self.token),
+                    )
+                    .header(http::header::CONTENT_TYPE, "application/pkcs10")
+                    .body(Full::new(csr.clone()))
+                    .map_err(|e| CaError::Internal(e.to_string()))
+            })
+            .await?;
         let text = std::str::from_utf8(&body)
             .map_err(|_| CaError::InvalidRequest("chain is not UTF-8 PEM".into()))?;
         crate::ca_dir::parse_certs(text).map_err(CaError::InvalidRequest)

@@ -826,24 +826,27 @@ async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError
             Some(roots)
         }
         None => {
-            if !cp.address.ip().is_loopback() {
+            if !cp.addresses.iter().all(|a| a.ip().is_loopback()) {
                 tracing::warn!(
-                    control_plane = %cp.address,
+                    control_plane = ?cp.addresses,
                     "control_plane.trust_bundle is not set: the mesh's root certificates are taken from the control plane unverified (trust on first use); set it when the network to the control plane is not trusted"
                 );
             }
             None
         }
     };
-    Identity::bootstrap(
-        &format!("http://{}", cp.address),
+    // Every replica serves the CA: the first certificate and each renewal come from whichever
+    // answers, as the watch does.
+    let urls: Vec<String> = cp.addresses.iter().map(|a| format!("http://{a}")).collect();
+    Identity::bootstrap_replicas(
+        &urls,
         &token,
         config.identity.trust_domain.clone(),
         None,
         pinned,
     )
     .await
-    .map_err(|e| StartError::Identity(format!("bootstrap from {}: {e}", cp.address)))
+    .map_err(|e| StartError::Identity(format!("bootstrap from {}: {e}", urls.join(", "))))
 }
 
 /// Keeps the cert-expiry gauge current across rotations.

@@ -1119,6 +1119,11 @@ async fn https_listener_with_a_certificate_from_the_built_in_ca() {
     cp_cfg.data_dir = Some(dir.path().to_owned());
     let cp = trellis_discovery::Server::start(cp_cfg).await.unwrap();
     let cp_addr = cp.api_addr;
+    // A replica listed first that is down: the certificate comes from the next one.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
 
     let a = upstream("a").await;
     let listener = |dns: &str, extra: &str| {
@@ -1131,7 +1136,7 @@ listen = "127.0.0.1:0"
 name = "tls"
 listen = "127.0.0.1:0"
 protocol = "https"
-tls = {{ source = "ca", control_plane = "{cp_addr}", token = "{token}", dns_names = ["{dns}"]{extra} }}
+tls = {{ source = "ca", control_plane = ["{dead}", "{cp_addr}"], token = "{token}", dns_names = ["{dns}"]{extra} }}
 default_action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
 "#,
             group("a", &[&a], ""),

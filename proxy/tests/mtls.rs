@@ -364,9 +364,14 @@ async fn bootstraps_its_certificate_from_the_sign_api_with_a_token() {
     let ca = Arc::new(EphemeralCa::new("mesh.local").unwrap());
     let (cp, signed) = sign_api(ca.clone(), "join-t0ken", "api").await;
     let app = app("api-app", None).await;
+    // The first control-plane replica listed is down: the certificate comes from the next one.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let toml = |token: &str| {
         format!(
-            "{}\n[control_plane]\naddress = \"{cp}\"\ntoken = \"{token}\"\n",
+            "{}\n[control_plane]\naddresses = [\"{dead}\", \"{cp}\"]\ntoken = \"{token}\"\n",
             server_config("api", app.addr, "http", "web")
         )
     };

@@ -263,6 +263,93 @@ async fn identity_bootstraps_over_http_and_renews() {
     let _: Arc<TrustBundle> = id.trust_bundle().clone();
 }
 
+/// A control plane of several replicas: the identity bootstraps and renews from whichever answers
+/// (a dead replica and one answering 503 are skipped), sticks to it, and moves on when it goes;
+/// a refused token is every replica's answer and is not retried around.
+#[tokio::test]
+async fn identity_fails_over_between_ca_replicas() {
+    let ca = start().await;
+    let tok = api_token(&ca);
+    // A replica that is down, and one that answers 503 to everything.
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let unavailable = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let unavailable_url = format!("http://{}", unavailable.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = unavailable.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    // A second real replica serving the same CA.
+    let second = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second_url = format!("http://{}", second.local_addr().unwrap());
+    let (stop_second, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(second, ca.api.clone(), async move {
+        let _ = stopped.await;
+    }));
+
+    let id = Identity::bootstrap_replicas(
+        &[&dead, &unavailable_url, &second_url, &ca.url],
+        &tok,
+        "mesh.local".parse().unwrap(),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        id.spiffe_id().to_string(),
+        "spiffe://mesh.local/ns/my-app/svc/api"
+    );
+    // The replica that answered goes away: the renewal comes from the next one.
+    let _ = stop_second.send(());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = id.leaf();
+    id.rotate_now().await.unwrap();
+    assert_ne!(id.leaf(), before);
+    assert_eq!(id.renewals(), 1);
+
+    // A refused token is returned as it is, not as "no replica answered".
+    let Err(err) = Identity::bootstrap_replicas(
+        &[&ca.url, &dead],
+        "TRL00.00",
+        "mesh.local".parse().unwrap(),
+        None,
+        None,
+    )
+    .await
+    else {
+        panic!("a bad token is refused");
+    };
+    let err = err.to_string();
+    assert!(err.contains("401") || err.contains("403"), "{err}");
+    assert!(!err.contains("no CA replica answered"), "{err}");
+    // Every replica down: the error names each one.
+    let Err(err) = Identity::bootstrap_replicas(
+        &[&dead, &unavailable_url],
+        &tok,
+        "mesh.local".parse().unwrap(),
+        None,
+        None,
+    )
+    .await
+    else {
+        panic!("no replica answers");
+    };
+    let err = err.to_string();
+    assert!(err.contains("no CA replica answered"), "{err}");
+    assert!(err.contains(&dead) && err.contains("503"), "{err}");
+}
+
 /// With configured trust anchors the identity trusts only them, ignores the roots the CA serves,
 /// and refuses a CA whose certificates do not chain to them (a CA impersonated on the network).
 #[tokio::test]

@@ -192,9 +192,10 @@ pub struct TlsConfig {
     pub cert: Option<PathBuf>,
     #[serde(default)]
     pub key: Option<PathBuf>,
-    /// `source = "ca"`: `host:port` of the control plane (sign API).
+    /// `source = "ca"`: `ip:port` of the control plane (sign API), or a list of its replicas
+    /// (tried in order; the certificate and each renewal come from whichever answers).
     #[serde(default)]
-    pub control_plane: Option<SocketAddr>,
+    pub control_plane: Option<Replicas>,
     /// `source = "ca"`: join token (redacted in `/config`), or a file holding it.
     #[serde(default, serialize_with = "redact")]
     pub token: Option<String>,
@@ -211,6 +212,48 @@ pub struct TlsConfig {
     /// renewal happens at about 2/3 of it.
     #[serde(default, with = "humantime_serde")]
     pub ttl: Option<Duration>,
+}
+
+/// One `ip:port` or a list of them (control-plane replicas, in order of preference).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Replicas(pub Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for Replicas {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Replicas;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"ip:port\" or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Replicas, E> {
+                let a = v
+                    .parse()
+                    .map_err(|_| E::custom(format!("`{v}` is not an ip:port")))?;
+                Ok(Replicas(vec![a]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Replicas, A::Error> {
+                let mut all: Vec<SocketAddr> = Vec::new();
+                while let Some(v) = seq.next_element::<String>()? {
+                    let a = v.parse().map_err(|_| {
+                        serde::de::Error::custom(format!("`{v}` is not an ip:port"))
+                    })?;
+                    if !all.contains(&a) {
+                        all.push(a);
+                    }
+                }
+                if all.is_empty() {
+                    return Err(serde::de::Error::custom("the list of replicas is empty"));
+                }
+                Ok(Replicas(all))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -1206,6 +1249,26 @@ rollback = { window = "1m", max_5xx_rate = 0.05, max_p99 = "500ms" }
         for (tls, want) in cases {
             let e = err(&https(tls));
             assert!(e.contains(want) && e.contains("listener"), "{tls} → {e}");
+        }
+        // Several control-plane replicas, or one: both read as a list.
+        let replicas = https(
+            r#"tls = { source = "ca", control_plane = ["127.0.0.1:8500", "127.0.0.2:8500"], token = "t", dns_names = ["a"] }"#,
+        );
+        let c = LbConfig::from_str(&replicas).unwrap();
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.control_plane.as_ref().unwrap().0.len(), 2);
+        for (bad, want) in [
+            (r#"control_plane = []"#, "empty"),
+            (
+                r#"control_plane = ["cp.local:8500"]"#,
+                "`cp.local:8500` is not an ip:port",
+            ),
+            (r#"control_plane = 8500"#, "ip:port"),
+        ] {
+            let e = err(&https(&format!(
+                r#"tls = {{ source = "ca", {bad}, token = "t", dns_names = ["a"] }}"#
+            )));
+            assert!(e.contains(want), "{bad} → {e}");
         }
         let e = err(&https(r#"tls = { source = "vault" }"#));
         assert!(e.contains("vault") && e.contains("source"), "{e}");

@@ -74,9 +74,10 @@ fn from_files(t: &TlsConfig) -> Result<TlsAcceptor, String> {
 
 /// A first certificate from the CA, checked to carry every configured DNS name.
 async fn from_ca(t: &TlsConfig) -> Result<Arc<Identity>, String> {
-    let Some(cp) = t.control_plane else {
+    let Some(cp) = &t.control_plane else {
         return Err("tls.control_plane is required".into());
     };
+    let urls: Vec<String> = cp.0.iter().map(|a| format!("http://{a}")).collect();
     let token = match (&t.token, &t.token_file) {
         (Some(tok), _) => tok.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
@@ -84,15 +85,9 @@ async fn from_ca(t: &TlsConfig) -> Result<Arc<Identity>, String> {
             .map_err(|e| format!("tls.token_file {}: {e}", path.display()))?,
         (None, None) => return Err("tls.token or tls.token_file is required".into()),
     };
-    let id = Identity::bootstrap(
-        &format!("http://{cp}"),
-        &token,
-        t.trust_domain.clone(),
-        t.ttl,
-        None,
-    )
-    .await
-    .map_err(|e| format!("certificate from the CA at {cp}: {e}"))?;
+    let id = Identity::bootstrap_replicas(&urls, &token, t.trust_domain.clone(), t.ttl, None)
+        .await
+        .map_err(|e| format!("certificate from the CA at {}: {e}", urls.join(", ")))?;
     let leaf = id.leaf();
     let cert = webpki::EndEntityCert::try_from(&leaf)
         .map_err(|e| format!("CA-issued certificate: {e}"))?;
