@@ -7,6 +7,7 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
@@ -107,15 +108,23 @@ impl UpstreamClient {
     }
 
     /// Sends to the endpoint at `addr` (the request's URI names the same endpoint).
-    pub async fn send_to(
+    ///
+    /// Not an `async fn`: the plaintext HTTP/1.1 path returns the pool's future as it is, and
+    /// hyper's client (HTTP/2, mTLS, CONNECT) is boxed, so the future every request carries is
+    /// no bigger than the pool's (it is moved into place per request).
+    pub fn send_to(
         &self,
         addr: std::net::SocketAddr,
         req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + '_ {
         match &self.h1 {
             // CONNECT tunnels keep hyper's client, like upgrades.
-            Some(pool) if req.method() != hyper::Method::CONNECT => pool.send(addr, req).await,
-            _ => Ok(self.send(req).await?.map(ProxyBody::from)),
+            Some(pool) if req.method() != hyper::Method::CONNECT => {
+                Either::Left(pool.send(addr, req))
+            }
+            _ => Either::Right(Box::pin(async move {
+                Ok(self.send(req).await?.map(ProxyBody::from))
+            })),
         }
     }
 

@@ -112,29 +112,34 @@ pub async fn forward(
             std::mem::take(&mut parts.headers)
         };
 
-        let now = Instant::now();
+        // One clock read per try (the first try starts when the request did).
+        let now = if attempt == 0 { start } else { Instant::now() };
         let budget = deadline
             .saturating_duration_since(now)
             .min(policy.per_try_timeout);
         let guard = ep.start();
-        let send = async {
-            if downstream_upgrade.is_some() {
-                Ok(client.send_upgrade(up).await?.map(ProxyBody::from))
-            } else {
-                client.send_to(ep.addr, up).await
-            }
+        // The exchange is pinned where it is built: the timeout then wraps a pointer instead of
+        // moving the exchange future twice more (into `Timeout`, then into this state). The
+        // rare upgrade path is boxed so it adds nothing to every request's state.
+        let sent = if downstream_upgrade.is_some() {
+            let upgrade =
+                Box::pin(async { Ok(client.send_upgrade(up).await?.map(ProxyBody::from)) });
+            tokio::time::timeout(budget, upgrade).await
+        } else {
+            tokio::time::timeout(budget, std::pin::pin!(client.send_to(ep.addr, up))).await
         };
-        let result = match tokio::time::timeout(budget, send).await {
+        let result = match sent {
             Ok(r) => r,
             Err(_) if now + budget >= deadline => Err(ProxyError::RequestTimeout),
             Err(_) => Err(ProxyError::UpstreamTimeout),
         };
         drop(guard);
-        let can_retry = replayable && attempt < policy.max_retries && Instant::now() < deadline;
+        let end = Instant::now();
+        let can_retry = replayable && attempt < policy.max_retries && end < deadline;
         match result {
             Ok(mut resp) => {
                 let status = resp.status();
-                ep.observe_latency(now.elapsed());
+                ep.observe_latency(end.saturating_duration_since(now));
                 cluster.record(&ep, status.is_server_error(), &snapshot);
                 if status.is_server_error() && can_retry && cluster.budget.withdraw() {
                     cluster.metrics.retries.inc();
@@ -146,7 +151,7 @@ pub async fn forward(
                 cluster
                     .metrics
                     .latency
-                    .observe(start.elapsed().as_secs_f64());
+                    .observe(end.saturating_duration_since(start).as_secs_f64());
                 if status == StatusCode::SWITCHING_PROTOCOLS
                     && let Some(down) = downstream_upgrade
                 {
@@ -205,10 +210,8 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_index(name) {
             present |= 1 << i;
-        } else if name == header::UPGRADE {
-            present |= 1 << HOP_BY_HOP.len();
         }
     }
     if present == 0 {
@@ -243,6 +246,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present & (1 << HOP_BY_HOP.len()) != 0 {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// Index of a hop-by-hop name in `HOP_BY_HOP` (`HOP_BY_HOP.len()` for `upgrade`). A string match
+/// compiles to a length switch and at most two compares, cheaper than comparing the name with each
+/// of the nine.
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => HOP_BY_HOP.len(),
+        _ => return None,
+    })
 }
 
 fn endpoint_uri(authority: &Authority, path: &PathAndQuery) -> Uri {
@@ -313,6 +334,16 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert!(!h.contains_key("close") && !h.contains_key(header::UPGRADE));
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn hop_index_matches_the_table() {
+        for (i, h) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_index(h), Some(i), "{h}");
+        }
+        assert_eq!(hop_index(&header::UPGRADE), Some(HOP_BY_HOP.len()));
+        assert_eq!(hop_index(&header::USER_AGENT), None);
+        assert_eq!(hop_index(&HeaderName::from_static("x-te")), None);
     }
 
     #[test]

@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use trellis_proxy::{Config, ProcessEnv};
 
+/// mimalloc: the request path allocates a few small objects per request (header maps, boxed
+/// futures); glibc's malloc/free cost ~1.8k instructions per proxied request in callgrind.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "trellis-proxy", version, about = "Trellis data plane")]
 struct Cli {

@@ -583,24 +583,22 @@ pub(crate) async fn route_and_proxy(
     access_log: bool,
 ) -> Response<ProxyBody> {
     match router.route(pos, &req, peer.ip()) {
-        Some(t) => proxy_logged(t, req, access_log, None).await,
+        Some(t) => proxy(t, req, access_log).await,
         None => error_response(&ProxyError::NoRoute),
     }
 }
 
-async fn proxy_logged(
-    target: &Target,
-    req: Request<Incoming>,
-    access_log: bool,
-    identity: Option<(&HeaderName, &HeaderValue)>,
-) -> Response<ProxyBody> {
-    let mut req = req;
-    if let Some((name, value)) = identity {
-        req.headers_mut().insert(name.clone(), value.clone());
+/// Forwards `req` through `target`. The forwarding future is awaited directly (its size is what
+/// hyper's service and our box move per request); the access-log path boxes it instead, so no
+/// logging state rides along on the common path.
+async fn proxy(target: &Target, req: Request<Incoming>, access_log: bool) -> Response<ProxyBody> {
+    if access_log {
+        return Box::pin(logged(target, req)).await;
     }
-    if !access_log {
-        return forward(&target.client, &target.cluster, target.policy, req).await;
-    }
+    forward(&target.client, &target.cluster, target.policy, req).await
+}
+
+async fn logged(target: &Target, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let resp = forward(&target.client, &target.cluster, target.policy, req).await;
@@ -688,16 +686,16 @@ impl InboundConn {
         match self.protocol {
             Protocol::Tcp => relay_to_cluster(stream, &self.target, self.connect_timeout).await,
             Protocol::Http => {
-                let (target, header, log) = (self.target, self.header, self.access_log);
+                let (target, header, log) = (Arc::new(self.target), self.header, self.access_log);
                 serve(
                     stream,
                     &self.builder,
                     HttpMode::Auto,
                     self.stop,
                     move |mut req| {
-                        let target = target.clone();
+                        let target = Arc::clone(&target);
                         req.headers_mut().remove(&header);
-                        async move { proxy_logged(&target, req, log, None).await }
+                        async move { proxy(&target, req, log).await }
                     },
                 )
                 .await;
@@ -763,14 +761,14 @@ impl InboundConn {
             (Protocol::Http, Decision::Allow) => {
                 let peer_uri = peer.map(|p| p.to_uri()).unwrap_or_default();
                 let value = HeaderValue::from_str(&format!("By={own};URI={peer_uri}")).ok();
-                let (target, header, log) = (self.target, self.header, self.access_log);
+                let (target, header, log) = (Arc::new(self.target), self.header, self.access_log);
                 serve(stream, &self.builder, mode, self.stop, move |mut req| {
-                    let target = target.clone();
+                    let target = Arc::clone(&target);
                     req.headers_mut().remove(&header);
                     if let Some(v) = &value {
                         req.headers_mut().insert(header.clone(), v.clone());
                     }
-                    async move { proxy_logged(&target, req, log, None).await }
+                    async move { proxy(&target, req, log).await }
                 })
                 .await;
             }
