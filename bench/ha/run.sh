@@ -91,7 +91,9 @@ kill "$emb_pid"; wait "$emb_pid" 2>/dev/null || true
 sleep 0.5
 perf() { taskset -c 1 dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries.txt" -l "$DURATION" -c 10 -q 200 2>&1 \
   | awk '/Queries per second/ {print $4}'; }
-pinned() { TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$bin" serve --api-listen 127.0.0.1:0 \
+# `exec`: the server replaces the backgrounded function's subshell, so $! is its pid and the
+# cleanup trap stops it.
+pinned() { TOKIO_WORKER_THREADS=1 RUST_LOG=warn exec taskset -c 0 "$bin" serve --api-listen 127.0.0.1:0 \
   --dns-listen 127.0.0.1:0 "$@"; }
 # Both servers run side by side on core 0 and are measured in turn, ROUNDS times (median), so a
 # burst of background load hits both alike instead of deciding the ratio.

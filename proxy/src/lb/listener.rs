@@ -292,9 +292,10 @@ async fn forward(
         };
 
         let t0 = Instant::now();
+        // Pinned in place: the timeout wraps a pointer instead of moving the exchange future.
         let result = tokio::time::timeout(
             shared.limits.request_timeout,
-            shared.client.send_to(addr, req),
+            std::pin::pin!(shared.client.send_to(addr, req)),
         )
         .await;
         let (status, out) = match result {

@@ -385,7 +385,9 @@ async fn serve<I, S>(
     let svc = service_fn(move |req| {
         let fut = match shed.then(crate::overload::shed_request).flatten() {
             Some(r) => Either::Left(std::future::ready(Ok(r.map(listener::local)))),
-            None => Either::Right(hyper::service::Service::call(&svc, req)),
+            // Boxed once here: hyper moves the service future into place per request, and the
+            // routing + forwarding future is kilobytes.
+            None => Either::Right(Box::pin(hyper::service::Service::call(&svc, req))),
         };
         async move { fut.await.map(|r| r.map(|b| HeldBody::new(b, cap))) }
     });
