@@ -7,10 +7,12 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use trellis_proxy::{Config, ProcessEnv};
 
+mod alloc;
+
 /// mimalloc: the request path allocates a few small objects per request (header maps, boxed
 /// futures); glibc's malloc/free cost ~1.8k instructions per proxied request in callgrind.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::MiMalloc = alloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(name = "trellis-proxy", version, about = "Trellis data plane")]
@@ -299,10 +301,16 @@ fn lb(path: PathBuf, log_json: bool, check: bool) -> ExitCode {
         println!("config ok");
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `TOKIO_WORKER_THREADS=1`: a current-thread runtime, as the sidecar uses for one worker (no
+    // work-stealing scheduler, no cross-thread wake-ups); otherwise tokio's multi-thread runtime
+    // with that many workers (default: one per CPU).
+    let one_worker = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    let mut rt = if one_worker {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("trellis-proxy lb: cannot start runtime: {e}");
