@@ -275,3 +275,101 @@ async fn detect(data: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// What an upstream response decodes to: status, header fields, framing, body bytes, trailers,
+/// whether the body was complete. `Err` carries the rejection.
+type Decoded = Result<Option<(u16, Vec<(String, Vec<u8>)>, String, Vec<u8>, usize, bool)>, String>;
+
+/// The upstream HTTP/1.1 response codec (`h1`: head parser, framing rules, chunked decoder): `data`
+/// is what an upstream sends back to a GET, its first byte choosing where the bytes are split
+/// into two reads. Properties: nothing panics, and the result is the same whether the bytes
+/// arrive in one read or in two.
+pub fn h1_response(data: &[u8]) {
+    let Some((&cut, data)) = data.split_first() else {
+        return;
+    };
+    let cut = usize::from(cut) * data.len() / 256;
+    let whole = decode_response(&[data]);
+    let split = decode_response(&[&data[..cut], &data[cut..]]);
+    assert_eq!(whole, split, "one read vs split at {cut}");
+}
+
+fn decode_response(pieces: &[&[u8]]) -> Decoded {
+    use bytes::BytesMut;
+
+    use crate::h1::chunked::{Decoder, Step};
+    use crate::h1::head::{RespFraming, parse_response};
+
+    let mut pieces = pieces.iter();
+    let mut buf = BytesMut::new();
+    let head = loop {
+        match parse_response(&mut buf) {
+            Ok(Some(head)) => break head,
+            Ok(None) => match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => return Ok(None),
+            },
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let (framing, _keep_alive) = head
+        .framing(&http::Method::GET)
+        .map_err(|e| e.to_string())?;
+    let mut body = Vec::new();
+    let mut trailers = 0;
+    let complete = match framing {
+        RespFraming::Empty => true,
+        RespFraming::Length(n) => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            for p in pieces.by_ref() {
+                buf.extend_from_slice(p);
+            }
+            let take = n.min(buf.len());
+            body.extend_from_slice(&buf.split_to(take));
+            take == n
+        }
+        RespFraming::UntilEof => {
+            for p in pieces.by_ref() {
+                buf.extend_from_slice(p);
+            }
+            body.extend_from_slice(&buf);
+            true
+        }
+        RespFraming::Chunked => {
+            let mut dec = Decoder::new();
+            loop {
+                match dec.step(&mut buf).map_err(|e| e.to_string())? {
+                    Step::Data(n) => {
+                        body.extend_from_slice(&buf.split_to(n));
+                        dec.consumed(n);
+                        if dec.try_finish(&mut buf) {
+                            break true;
+                        }
+                    }
+                    Step::NeedMore => match pieces.next() {
+                        Some(p) => buf.extend_from_slice(p),
+                        None => break false,
+                    },
+                    Step::Trailers(t) => {
+                        trailers = t.len();
+                        break true;
+                    }
+                    Step::End => break true,
+                }
+            }
+        }
+    };
+    let fields = head
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect();
+    Ok(Some((
+        head.status.as_u16(),
+        fields,
+        format!("{framing:?}"),
+        body,
+        trailers,
+        complete,
+    )))
+}

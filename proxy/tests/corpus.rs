@@ -25,3 +25,8 @@ fn http_detect_corpus() {
         let _ = fuzz::http_detect(d);
     });
 }
+
+#[test]
+fn h1_response_corpus() {
+    replay("h1_response", fuzz::h1_response);
+}

@@ -848,10 +848,16 @@ fn write_report(
         .sum();
     let least = certs.values().filter_map(|c| c.least_left_s).min();
     let p99_max = s.iter().map(|x| x.p99_ms).fold(0.0, f64::max);
+    // The soak starts the binaries beside its own, built in the same profile.
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let mut md = format!(
         "# Soak: {} s, {} load clients through the LB and the sidecars, every component its own process\n\n\
          Processes: the control plane (`trellis-discovery`, with the CA), {} sidecars (`trellis-proxy \
-         sidecar`), the LB (`trellis-proxy lb`) and {} demo apps (`demo-service`), debug builds. Churn \
+         sidecar`), the LB (`trellis-proxy lb`) and {} demo apps (`demo-service`), {build} builds. Churn \
          all the time: an extra `api` instance registered/deregistered every 2 s, a dead instance \
          registered (health check flips it UNHEALTHY) and removed every 7 s, LB `/api/*` weights \
          shifted 90/10 <-> 70/30 every 15 s, leaf certificates issued for {ttl} s and renewed by \

@@ -7,9 +7,9 @@
 //! What it does not do: upgrades and CONNECT (hyper's client keeps those), HTTP/2, TLS.
 
 mod body;
-mod chunked;
+pub(crate) mod chunked;
 mod conn;
-mod head;
+pub(crate) mod head;
 
 pub use body::UpstreamBody;
 pub use conn::{Conn, SendError, exchange};
