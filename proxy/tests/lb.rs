@@ -968,6 +968,16 @@ action = { type = "forward", target_groups = [{ name = "a", weight = 0 }] }
 
 #[tokio::test]
 async fn binary_serves_then_drains_on_sigterm() {
+    serves_then_drains(None).await;
+}
+
+/// `TOKIO_WORKER_THREADS=1`: the LB runs on a current-thread runtime; it serves and drains alike.
+#[tokio::test]
+async fn binary_on_one_worker_serves_then_drains_on_sigterm() {
+    serves_then_drains(Some("1")).await;
+}
+
+async fn serves_then_drains(workers: Option<&str>) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let a = upstream("a").await;
     let dir = tempfile::tempdir().unwrap();
@@ -982,11 +992,16 @@ action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
         group("a", &[&a], "")
     );
     std::fs::write(&path, cfg).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis-proxy"))
-        .args(["lb", "--config"])
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis-proxy"));
+    cmd.args(["lb", "--config"])
         .arg(&path)
         .env("TRELLIS_LOG", "info")
         .env("NO_COLOR", "1")
+        .env_remove("TOKIO_WORKER_THREADS");
+    if let Some(n) = workers {
+        cmd.env("TOKIO_WORKER_THREADS", n);
+    }
+    let mut child = cmd
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

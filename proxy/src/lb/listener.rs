@@ -220,13 +220,88 @@ pub async fn handle(
     let resp = match decision {
         Decision::Respond(r) => r,
         Decision::Forward { slot, cookie } => {
-            let mut resp = match shared.groups.get(slot) {
-                Some(g) => match forward(&shared, g, &l, &peer, req).await {
-                    Ok(r) => r,
-                    Err(e) => error_response(&e),
-                },
-                None => error_response(&ForwardError::NoTarget(String::new())),
+            // Forwarding is written out here rather than in an async helper: each async layer
+            // is one more copy of its future (and of the request) per request.
+            let result = match shared.groups.get(slot) {
+                Some(group) => 'forward: {
+                    let (mut parts, body) = req.into_parts();
+                    // A bodiless request that never reached a target (connect failed) may go to
+                    // another one.
+                    let retryable = body.is_end_stream();
+                    let mut body = Some(ProxyBody::from(body));
+                    let pq = parts
+                        .uri
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+                    prepare_headers(&mut parts, &peer, l.scheme());
+                    let attempts = if retryable { MAX_ATTEMPTS } else { 1 };
+                    let mut avoid = None;
+                    let mut last_err = ForwardError::NoTarget(group.name.to_string());
+                    for attempt in 1..=attempts {
+                        let Some(inflight) = group.pick(rand::random(), avoid) else {
+                            break 'forward Err(ForwardError::NoTarget(group.name.to_string()));
+                        };
+                        let addr = inflight.target().addr;
+                        let uri = match http::Uri::builder()
+                            .scheme(http::uri::Scheme::HTTP)
+                            .authority(inflight.target().authority.clone())
+                            .path_and_query(pq.clone())
+                            .build()
+                        {
+                            Ok(uri) => uri,
+                            Err(e) => break 'forward Err(ForwardError::BadRequest(e.to_string())),
+                        };
+                        let mut up = Request::new(body.take().unwrap_or_else(ProxyBody::empty));
+                        *up.method_mut() = parts.method.clone();
+                        *up.uri_mut() = uri;
+                        *up.headers_mut() = if attempt == attempts {
+                            std::mem::take(&mut parts.headers)
+                        } else {
+                            parts.headers.clone()
+                        };
+
+                        let t0 = Instant::now();
+                        // Pinned in place: the timeout wraps a pointer instead of moving the
+                        // exchange future.
+                        let result = tokio::time::timeout(
+                            shared.limits.request_timeout,
+                            std::pin::pin!(shared.client.send_to(addr, up)),
+                        )
+                        .await;
+                        let (status, out) = match result {
+                            Ok(Ok(resp)) => {
+                                let status = resp.status().as_u16();
+                                let resp = resp.map(|inner| LbBody {
+                                    inner,
+                                    inflight: Some(inflight),
+                                });
+                                (status, Ok(resp))
+                            }
+                            Ok(Err(
+                                e @ (ProxyError::ConnectFailed | ProxyError::ConnectTimeout),
+                            )) if attempt < attempts => {
+                                tracing::debug!(target = %addr, error = %e, "connect failed; trying another target");
+                                avoid = Some(addr);
+                                last_err = ForwardError::Upstream(e.to_string());
+                                continue;
+                            }
+                            Ok(Err(ProxyError::ConnectTimeout)) | Err(_) => {
+                                (504, Err(ForwardError::UpstreamTimeout))
+                            }
+                            Ok(Err(e)) => (502, Err(ForwardError::Upstream(e.to_string()))),
+                        };
+                        let elapsed = t0.elapsed();
+                        group.metrics.record_status(status);
+                        group.metrics.latency.observe(elapsed.as_secs_f64());
+                        group.window.record(Instant::now(), status, elapsed);
+                        break 'forward out;
+                    }
+                    Err(last_err)
+                }
+                None => Err(ForwardError::NoTarget(String::new())),
             };
+            let mut resp = result.unwrap_or_else(|e| error_response(&e));
             if let Some(c) = cookie {
                 resp.headers_mut().append(header::SET_COOKIE, c);
             }
@@ -237,22 +312,9 @@ pub async fn handle(
     Ok(resp)
 }
 
-async fn forward(
-    shared: &Shared,
-    group: &TargetGroup,
-    l: &ListenerState,
-    peer: &Peer,
-    req: Request<Incoming>,
-) -> Result<Response<LbBody>, ForwardError> {
-    let (mut parts, body) = req.into_parts();
-    // A bodiless request that never reached a target (connect failed) may go to another one.
-    let retryable = body.is_end_stream();
-    let mut body = Some(ProxyBody::from(body));
-    let pq = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+/// The request head as it goes to a target: hop-by-hop headers out, `Host` from the URI when
+/// missing, `X-Forwarded-For` / `X-Forwarded-Proto` added.
+fn prepare_headers(parts: &mut http::request::Parts, peer: &Peer, scheme: &'static str) {
     let h = &mut parts.headers;
     crate::forward::strip_hop_by_hop(h);
     if !h.contains_key(header::HOST)
@@ -266,67 +328,7 @@ async fn forward(
     if let Some(v) = &peer.forwarded_for {
         h.append(X_FORWARDED_FOR, v.clone());
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(l.scheme()));
-
-    let attempts = if retryable { MAX_ATTEMPTS } else { 1 };
-    let mut avoid = None;
-    let mut last_err = ForwardError::NoTarget(group.name.to_string());
-    for attempt in 1..=attempts {
-        let inflight = group
-            .pick(rand::random(), avoid)
-            .ok_or_else(|| ForwardError::NoTarget(group.name.to_string()))?;
-        let addr = inflight.target().addr;
-        let uri = http::Uri::builder()
-            .scheme(http::uri::Scheme::HTTP)
-            .authority(inflight.target().authority.clone())
-            .path_and_query(pq.clone())
-            .build()
-            .map_err(|e| ForwardError::BadRequest(e.to_string()))?;
-        let mut req = Request::new(body.take().unwrap_or_else(ProxyBody::empty));
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
-        *req.headers_mut() = if attempt == attempts {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
-        };
-
-        let t0 = Instant::now();
-        // Pinned in place: the timeout wraps a pointer instead of moving the exchange future.
-        let result = tokio::time::timeout(
-            shared.limits.request_timeout,
-            std::pin::pin!(shared.client.send_to(addr, req)),
-        )
-        .await;
-        let (status, out) = match result {
-            Ok(Ok(resp)) => {
-                let status = resp.status().as_u16();
-                let resp = resp.map(|inner| LbBody {
-                    inner,
-                    inflight: Some(inflight),
-                });
-                (status, Ok(resp))
-            }
-            Ok(Err(e @ (ProxyError::ConnectFailed | ProxyError::ConnectTimeout)))
-                if attempt < attempts =>
-            {
-                tracing::debug!(target = %addr, error = %e, "connect failed; trying another target");
-                avoid = Some(addr);
-                last_err = ForwardError::Upstream(e.to_string());
-                continue;
-            }
-            Ok(Err(ProxyError::ConnectTimeout)) | Err(_) => {
-                (504, Err(ForwardError::UpstreamTimeout))
-            }
-            Ok(Err(e)) => (502, Err(ForwardError::Upstream(e.to_string()))),
-        };
-        let elapsed = t0.elapsed();
-        group.metrics.record_status(status);
-        group.metrics.latency.observe(elapsed.as_secs_f64());
-        group.window.record(Instant::now(), status, elapsed);
-        return out;
-    }
-    Err(last_err)
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
 }
 
 /// Tries per request when a connect fails (bodiless requests only).
