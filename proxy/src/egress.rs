@@ -164,8 +164,7 @@ impl Egress {
                 async move {
                     match fixed.or_else(|| upstream_by_host(&me.hosts, &req)) {
                         Some(pos) => {
-                            route_and_proxy(Arc::clone(&me.router), pos, req, peer, me.access_log)
-                                .await
+                            route_and_proxy(&me.router, pos, req, peer, me.access_log).await
                         }
                         None => error_response(&ProxyError::NoRoute),
                     }

@@ -296,7 +296,8 @@ pub async fn start_with(
                     let (builder, stop) = (builder.clone(), stop.clone());
                     async move {
                         serve(stream, &builder, HttpMode::Auto, stop, move |req| {
-                            route_and_proxy(Arc::clone(&router), pos, req, peer, log)
+                            let router = Arc::clone(&router);
+                            async move { route_and_proxy(&router, pos, req, peer, log).await }
                         })
                         .await;
                     }
@@ -575,7 +576,7 @@ fn local_addr(listeners: &[tokio::net::TcpListener], fallback: SocketAddr) -> So
 
 /// An outbound request for upstream `pos`: its routes pick the cluster, then forward.
 pub(crate) async fn route_and_proxy(
-    router: Arc<Router>,
+    router: &Router,
     pos: usize,
     req: Request<Incoming>,
     peer: SocketAddr,
