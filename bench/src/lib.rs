@@ -5,6 +5,7 @@
 //! ([`resources`]) and reporting ([`report`]: Markdown tables with ratios, raw JSON, SVG plots).
 //! Each scenario lives in its own module under [`scenarios`].
 
+pub mod cgroup;
 pub mod load;
 pub mod proc;
 pub mod report;
@@ -36,9 +37,21 @@ pub struct Ctx {
     /// A command every subject runs under (e.g. `valgrind --tool=callgrind`), none normally.
     /// Subjects then run as a single process (nginx without its master).
     pub wrap: Vec<String>,
+    /// A cgroup's `cgroup.procs` that every subject joins before it starts ([`cgroup::CpuCap`]),
+    /// none normally.
+    pub cpu_cap: Option<PathBuf>,
 }
 
 impl Ctx {
+    /// This context with its own work dir `<work>/<name>` (created).
+    pub fn in_subdir(&self, name: &str) -> std::io::Result<Ctx> {
+        let work = self.work.join(name);
+        std::fs::create_dir_all(&work)?;
+        Ok(Ctx {
+            work,
+            ..self.clone()
+        })
+    }
     pub fn bin(&self, name: &str) -> PathBuf {
         self.bin_dir.join(name)
     }

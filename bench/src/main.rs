@@ -60,6 +60,10 @@ struct Args {
     /// Use the release binaries already in target/release instead of building them.
     #[arg(long)]
     no_build: bool,
+    /// The dns scenario also measures every server capped at this percentage of its core (a
+    /// cgroup CPU quota), where one dnsperf cannot saturate an uncapped server; 0 skips it.
+    #[arg(long, default_value_t = 50)]
+    dns_cpu_cap: u32,
     /// Rewrite the tables and plots of a results directory from its results.json; runs nothing.
     #[arg(long, value_name = "DIR")]
     replot: Option<PathBuf>,
@@ -116,6 +120,7 @@ fn run(args: Args) -> Result<()> {
             .canonicalize()
             .unwrap_or(root.join("target/release")),
         wrap: Vec::new(),
+        cpu_cap: None,
     };
     let out = args.out.clone().unwrap_or_else(|| {
         root.join("bench/results")
@@ -123,9 +128,14 @@ fn run(args: Args) -> Result<()> {
     });
     let mut results: Vec<ScenarioResult> = Vec::new();
     for s in selected {
-        if s == "lb-rules" || s == "resources" || s == "control-plane" {
+        if s == "lb-rules" || s == "resources" || s == "control-plane" || s == "dns" {
             let many = match s {
                 "lb-rules" => lb::run(&ctx)?,
+                "dns" => dns::run(
+                    &ctx,
+                    dns::standard_subjects(),
+                    (args.dns_cpu_cap > 0).then_some(args.dns_cpu_cap),
+                )?,
                 "resources" => memory::run(&ctx, http_subjects())?,
                 _ => control::run(&ctx)?,
             };
@@ -148,7 +158,6 @@ fn run(args: Args) -> Result<()> {
             "mtls-pair" => mtls::run(&ctx)?,
             "instructions" => instructions::run(&ctx, http_subjects())?,
             "tcp" => tcp::run(&ctx, "trellis", tcp_subjects())?,
-            "dns" => dns::run(&ctx, dns::standard_subjects())?,
             _ => unreachable!("checked above"),
         };
         print!("{}", r.to_markdown());

@@ -34,16 +34,19 @@ impl Proc {
         env: &[(&str, &str)],
     ) -> Result<Proc> {
         let log = std::fs::File::create(ctx.work.join(format!("{name}.log")))?;
-        // [taskset -c CPU] [wrapper...] program args
-        let mut argv: Vec<&std::ffi::OsStr> = Vec::new();
+        // [taskset -c CPU] [join the CPU cap's cgroup] [wrapper...] program args
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
         if let Some(cpu) = ctx.cpu_for(role) {
-            argv.extend(["taskset", "-c", cpu].map(std::ffi::OsStr::new));
+            argv.extend(["taskset", "-c", cpu].map(std::ffi::OsString::from));
         }
         if role == Role::Subject {
-            argv.extend(ctx.wrap.iter().map(std::ffi::OsStr::new));
+            if let Some(procs) = &ctx.cpu_cap {
+                argv.extend(crate::cgroup::join_prefix(procs));
+            }
+            argv.extend(ctx.wrap.iter().map(std::ffi::OsString::from));
         }
-        argv.push(program.as_os_str());
-        let mut cmd = Command::new(argv[0]);
+        argv.push(program.as_os_str().to_owned());
+        let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .args(args)
             .envs(env.iter().copied())

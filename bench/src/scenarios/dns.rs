@@ -6,7 +6,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Subject, measure};
+use super::{Subject, measure_all};
+use crate::cgroup::CpuCap;
 use crate::proc::{CONFIG, Launch, Proc, free_port};
 use crate::report::ScenarioResult;
 use crate::{Ctx, Role, load};
@@ -116,7 +117,14 @@ pub fn standard_subjects() -> Vec<Subject<'static>> {
     ]
 }
 
-pub fn run(ctx: &Ctx, subjects: Vec<Subject<'_>>) -> Result<ScenarioResult> {
+/// Measures every subject at full speed (where one dnsperf on one core is usually the limit),
+/// then, when `cap_percent` is set and cgroups are writable, again with every server capped at
+/// the same share of its core, so that the servers are the bottleneck.
+pub fn run(
+    ctx: &Ctx,
+    subjects: Vec<Subject<'_>>,
+    cap_percent: Option<u32>,
+) -> Result<Vec<ScenarioResult>> {
     eprintln!("scenario dns");
     let queries = ctx.work.join("queries.txt");
     let text: String = (0..NAMES).map(|i| format!("svc{i}.{ZONE} A\n")).collect();
@@ -124,10 +132,7 @@ pub fn run(ctx: &Ctx, subjects: Vec<Subject<'_>>) -> Result<ScenarioResult> {
     let load = |ctx: &Ctx, addr: SocketAddr, d| load::dnsperf(ctx, addr, &queries, d);
     // No origin: the subjects answer themselves.
     let unused = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut rows = Vec::new();
-    for s in &subjects {
-        rows.push(measure(ctx, s, unused, &load)?);
-    }
+    let rows = measure_all(ctx, "dns", &subjects, unused, &load)?;
     let mut notes = vec![format!(
         "dnsperf: 4 clients, up to 200 outstanding, {}s × {} runs; every server {} worker thread(s){}; target: trellis ≥ 1.2× unbound. Latency is dnsperf's average (p50 column), no percentiles.",
         ctx.duration.as_secs(),
@@ -139,26 +144,64 @@ pub fn run(ctx: &Ctx, subjects: Vec<Subject<'_>>) -> Result<ScenarioResult> {
             ""
         }
     )];
-    notes.push(busy_note(&rows));
-    Ok(ScenarioResult {
+    notes.push(busy_note(&rows, 100));
+    let mut results = vec![ScenarioResult {
         name: "dns".into(),
         title: format!("Authoritative DNS, {NAMES} names (A), UDP"),
         unit: "queries/s".into(),
         ours: "trellis".into(),
         rows,
         notes,
-    })
+    }];
+    let Some(percent) = cap_percent else {
+        return Ok(results);
+    };
+    let cap = match CpuCap::create(percent) {
+        Ok(cap) => cap,
+        Err(e) => {
+            eprintln!("  dns capped: skipped ({e:#})");
+            results[0]
+                .notes
+                .push(format!("The capped measurement was skipped: {e:#}."));
+            return Ok(results);
+        }
+    };
+    eprintln!("scenario dns, every server capped at {percent}% of its core");
+    let capped = Ctx {
+        cpu_cap: Some(cap.procs_file()),
+        ..ctx.clone()
+    };
+    let rows = measure_all(&capped, "dns-capped", &subjects, unused, &load)?;
+    let notes = vec![
+        format!(
+            "The same servers and load, each server in a cgroup capped at {percent}% of one core (CFS quota), so that the servers, not the one dnsperf, are the bottleneck: queries/s compares what each server answers with the same CPU. Target: trellis ≥ 1.2× unbound."
+        ),
+        busy_note(&rows, percent),
+    ];
+    results.push(ScenarioResult {
+        name: "dns-capped".into(),
+        title: format!(
+            "Authoritative DNS, {NAMES} names (A), UDP, every server capped at {}% of its core",
+            cap.percent()
+        ),
+        unit: "queries/s".into(),
+        ours: "trellis".into(),
+        rows,
+        notes,
+    });
+    Ok(results)
 }
 
-/// How busy each server's core was (queries/s × CPU per query) and its queries per CPU-second: a
-/// server well below 100% busy was held back by the load generator (one dnsperf on one core),
-/// not by its own speed, and its queries/s understates what it can serve.
-fn busy_note(rows: &[crate::report::Row]) -> String {
+/// How busy each server was, as a share of the CPU it may use (`allowed_percent` of its core),
+/// and its queries per CPU-second: a server well below its allowance was held back by the load
+/// generator (one dnsperf on one core), not by its own speed, and its queries/s understates what
+/// it can serve.
+fn busy_note(rows: &[crate::report::Row], allowed_percent: u32) -> String {
     let parts: Vec<String> = rows
         .iter()
         .filter_map(|r| {
             let cpu = r.cpu_median().filter(|c| *c > 0.0)?;
-            let busy = r.median(|s| s.rate) * cpu / 1e4;
+            let busy = r.median(|s| s.rate) * cpu / 1e4 * 100.0 / f64::from(allowed_percent);
             Some(format!(
                 "{} {busy:.0}% busy, {:.0}k queries per CPU-second",
                 r.subject,
@@ -166,8 +209,13 @@ fn busy_note(rows: &[crate::report::Row]) -> String {
             ))
         })
         .collect();
+    let of = if allowed_percent == 100 {
+        "its core".to_owned()
+    } else {
+        format!("its {allowed_percent}% cap")
+    };
     format!(
-        "Server core use: {}. A server well below 100% busy was limited by the load generator, not by itself.",
+        "Server use of {of}: {}. A server well below 100% busy was limited by the load generator, not by itself.",
         parts.join("; ")
     )
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-use super::{Subject, measure, peers};
+use super::{Subject, measure_all, peers};
 use crate::Ctx;
 use crate::load;
 use crate::proc::free_port;
@@ -68,10 +68,7 @@ pub fn run(
     let load = move |ctx: &Ctx, addr: SocketAddr, d| {
         load::wrk(ctx, &format!("http://{addr}{path}"), conns, d, headers)
     };
-    let mut rows = Vec::new();
-    for s in &subjects {
-        rows.push(measure(ctx, s, origin, &load)?);
-    }
+    let rows = measure_all(ctx, name, &subjects, origin, &load)?;
     Ok(ScenarioResult {
         name: name.into(),
         title: title.into(),
@@ -118,10 +115,7 @@ pub fn run_h2(ctx: &Ctx, ours: &str, subjects: Vec<Subject<'_>>) -> Result<Scena
     let load = |ctx: &Ctx, addr: SocketAddr, d| {
         load::h2load(ctx, &format!("http://{addr}/"), CLIENTS, STREAMS, d)
     };
-    let mut rows = Vec::new();
-    for s in &subjects {
-        rows.push(measure(ctx, s, origin, &load)?);
-    }
+    let rows = measure_all(ctx, "http2", &subjects, origin, &load)?;
     Ok(ScenarioResult {
         name: "http2".into(),
         title: "HTTP/2 (h2c), small responses".into(),

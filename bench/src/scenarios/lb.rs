@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-use super::{Subject, measure, peers};
+use super::{Entry, Load, Subject, measure_interleaved, peers};
 use crate::proc::{CONFIG, Launch, Proc, free_port};
 use crate::report::ScenarioResult;
 use crate::{Ctx, Role, load};
@@ -150,21 +150,42 @@ pub fn run(ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
     eprintln!("scenario lb-rules");
     let (_origin_proc, origin) = peers::nginx_origin(ctx, free_port()?)?;
     let conns = ctx.connections;
-    let mut out: Vec<ScenarioResult> = Vec::new();
-    for &n in RULE_COUNTS {
-        let path = format!("/svc{n}/item");
-        let load = |ctx: &Ctx, addr: SocketAddr, d| {
-            load::wrk(ctx, &format!("http://{addr}{path}"), conns, d, &[])
-        };
-        let mut rows = Vec::new();
-        for s in &subjects(n) {
-            rows.push(measure(ctx, s, origin, &load)?);
+    // Every subject at every rule count runs side by side and is measured in alternating rounds,
+    // so that trellis at 1,000 rules and at 1 rule meet the same machine.
+    let subjects: Vec<(usize, Vec<Subject<'static>>)> =
+        RULE_COUNTS.iter().map(|&n| (n, subjects(n))).collect();
+    let loads: Vec<Box<Load<'_>>> = RULE_COUNTS
+        .iter()
+        .map(|&n| {
+            let path = format!("/svc{n}/item");
+            Box::new(move |ctx: &Ctx, addr: SocketAddr, d| {
+                load::wrk(ctx, &format!("http://{addr}{path}"), conns, d, &[])
+            }) as Box<Load<'_>>
+        })
+        .collect();
+    let mut entries = Vec::new();
+    for ((n, group), load) in subjects.iter().zip(&loads) {
+        for subject in group {
+            entries.push(Entry {
+                ctx: ctx.in_subdir(&format!("rules-{n}-{}", subject.name))?,
+                subject,
+                origin,
+                load: load.as_ref(),
+            });
         }
+    }
+    let mut all_rows = measure_interleaved(&entries)?.into_iter();
+    let mut out: Vec<ScenarioResult> = Vec::new();
+    for (n, group) in &subjects {
+        let n = *n;
+        let path = format!("/svc{n}/item");
+        let rows: Vec<_> = all_rows.by_ref().take(group.len()).collect();
         let mut notes = vec![format!(
-            "wrk: 1 thread, {conns} connections at `{path}` (the last of {n} rule(s)), {}s × {} runs; every proxy {} worker(s). Target: trellis ≥ 1.2× HAProxy.",
+            "wrk: 1 thread, {conns} connections at `{path}` (the last of {n} rule(s)), {}s × {} rounds; every proxy {} worker(s); all {} subjects of the three rule counts run side by side and are measured in alternating rounds. Target: trellis ≥ 1.2× HAProxy.",
             ctx.duration.as_secs(),
             ctx.runs,
-            ctx.workers
+            ctx.workers,
+            entries.len()
         )];
         let cpu_one = out.first().and_then(|first| cpu_of(&first.rows));
         if let (Some(now), Some(one)) = (cpu_of(&rows), cpu_one)

@@ -58,32 +58,17 @@ pub fn measure(
 ) -> Result<Row> {
     let port = free_port()?;
     let (proc, addr) = (subject.start)(ctx, port, origin)?;
-    let pids = proc.as_ref().map(Proc::pids);
     eprintln!("  {}: warm-up", subject.name);
     load(ctx, addr, warmup(ctx))?;
     let mut runs = Vec::new();
     for i in 0..ctx.runs {
-        let cpu_of = |pids: &[u32]| pids.iter().map(|p| resources::cpu_seconds(*p)).sum::<f64>();
-        let cpu0 = pids.as_deref().map(cpu_of);
-        let mut s = load(ctx, addr, ctx.duration)?;
-        if let (Some(pids), Some(cpu0)) = (&pids, cpu0) {
-            let cpu = cpu_of(pids) - cpu0;
-            if s.total > 0 {
-                s.cpu_us_per_req = Some(cpu * 1e6 / s.total as f64);
-            }
-            s.rss_kib = Some(pids.iter().map(|p| resources::rss_kib(*p)).sum());
-        }
+        let s = run_once(proc.as_ref(), &|| load(ctx, addr, ctx.duration))?;
         eprintln!(
-            "  {}: run {}/{}: {:.0}/s p99 {:.0}µs errors {}{}",
+            "  {}: run {}/{}: {}",
             subject.name,
             i + 1,
             ctx.runs,
-            s.rate,
-            s.p99_us,
-            s.errors,
-            s.cpu_us_per_req
-                .map(|c| format!(" cpu {c:.1}µs/req"))
-                .unwrap_or_default()
+            describe(&s)
         );
         runs.push(s);
     }
@@ -100,4 +85,110 @@ fn warmup(ctx: &Ctx) -> Duration {
     } else {
         Duration::from_secs(2)
     }
+}
+
+/// The load a subject is measured with: `(ctx, address, duration)`.
+pub type Load<'a> = dyn Fn(&Ctx, SocketAddr, Duration) -> Result<Sample> + 'a;
+
+/// One subject of an interleaved measurement, with its own context (e.g. its own work dir) and
+/// load.
+pub struct Entry<'a> {
+    pub ctx: Ctx,
+    pub subject: &'a Subject<'a>,
+    pub origin: SocketAddr,
+    pub load: &'a Load<'a>,
+}
+
+/// Like [`measure`] for several subjects at once, measured in alternating rounds: every subject
+/// is started and warmed up, then each round runs the load once against each subject (the order
+/// rotates from round to round). A burst of noise on this shared machine then lands on every
+/// subject alike instead of on whichever was measured last. Idle subjects wait on the same CPU
+/// and use none of it.
+pub fn measure_interleaved(entries: &[Entry<'_>]) -> Result<Vec<Row>> {
+    let mut started = Vec::with_capacity(entries.len());
+    for e in entries {
+        let port = free_port()?;
+        let (proc, addr) = (e.subject.start)(&e.ctx, port, e.origin)?;
+        started.push((proc, addr));
+    }
+    for (e, (_, addr)) in entries.iter().zip(&started) {
+        eprintln!("  {}: warm-up", e.subject.name);
+        (e.load)(&e.ctx, *addr, warmup(&e.ctx))?;
+    }
+    let runs = entries.first().map_or(0, |e| e.ctx.runs);
+    let mut rows: Vec<Row> = entries
+        .iter()
+        .map(|e| Row {
+            subject: e.subject.name.clone(),
+            runs: Vec::with_capacity(runs),
+        })
+        .collect();
+    for round in 0..runs {
+        for k in 0..entries.len() {
+            let i = (round + k) % entries.len();
+            let (e, (proc, addr)) = (&entries[i], &started[i]);
+            let s = run_once(proc.as_ref(), &|| (e.load)(&e.ctx, *addr, e.ctx.duration))?;
+            eprintln!(
+                "  {}: round {}/{runs}: {}",
+                e.subject.name,
+                round + 1,
+                describe(&s)
+            );
+            rows[i].runs.push(s);
+        }
+    }
+    drop(started);
+    Ok(rows)
+}
+
+/// [`measure_interleaved`] for `subjects` behind one origin with one load; each subject gets its
+/// own work dir (`<work>/<label>`), so that configs, logs and pid files of subjects running side
+/// by side never meet.
+pub fn measure_all(
+    ctx: &Ctx,
+    label: &str,
+    subjects: &[Subject<'_>],
+    origin: SocketAddr,
+    load: &Load<'_>,
+) -> Result<Vec<Row>> {
+    let entries = subjects
+        .iter()
+        .map(|subject| {
+            Ok(Entry {
+                ctx: ctx.in_subdir(&format!("{label}-{}", subject.name))?,
+                subject,
+                origin,
+                load,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    measure_interleaved(&entries)
+}
+
+/// One measured run: the load's sample plus the subject's CPU per request and RSS.
+fn run_once(proc: Option<&Proc>, load: &dyn Fn() -> Result<Sample>) -> Result<Sample> {
+    let pids = proc.map(Proc::pids);
+    let cpu_of = |pids: &[u32]| pids.iter().map(|p| resources::cpu_seconds(*p)).sum::<f64>();
+    let cpu0 = pids.as_deref().map(cpu_of);
+    let mut s = load()?;
+    if let (Some(pids), Some(cpu0)) = (&pids, cpu0) {
+        let cpu = cpu_of(pids) - cpu0;
+        if s.total > 0 {
+            s.cpu_us_per_req = Some(cpu * 1e6 / s.total as f64);
+        }
+        s.rss_kib = Some(pids.iter().map(|p| resources::rss_kib(*p)).sum());
+    }
+    Ok(s)
+}
+
+fn describe(s: &Sample) -> String {
+    format!(
+        "{:.0}/s p99 {:.0}µs errors {}{}",
+        s.rate,
+        s.p99_us,
+        s.errors,
+        s.cpu_us_per_req
+            .map(|c| format!(" cpu {c:.1}µs/req"))
+            .unwrap_or_default()
+    )
 }
