@@ -36,40 +36,60 @@ pub enum RespFraming {
     UntilEof,
 }
 
-/// A parsed response head.
+/// A parsed response head. Hop-by-hop fields (RFC 9110 §7.6.1: `Connection` and the names it
+/// lists, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
+/// `Proxy-Authenticate`, `Proxy-Authorization`) never enter `headers`: what they say about this
+/// hop is kept in [`Delimiting`], read in the same pass.
 #[derive(Debug)]
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
     pub headers: HeaderMap,
+    delimiting: Delimiting,
+}
+
+/// What the hop-by-hop and length fields of a response head say about its body and connection.
+#[derive(Debug, Default, Clone, Copy)]
+struct Delimiting {
+    /// `Connection: close` seen.
+    close: bool,
+    /// `Connection: keep-alive` seen.
+    keep_alive: bool,
+    /// A `Transfer-Encoding` field seen, and whether its last coding is `chunked`.
+    transfer_encoding: bool,
+    chunked: bool,
+    /// The `Content-Length` (all values agreeing), or why it is unusable.
+    content_length: Option<Result<u64, Malformed>>,
 }
 
 impl ResponseHead {
     /// The body framing for a response to `method`, and whether the connection stays usable
     /// after it.
     pub fn framing(&self, method: &Method) -> Result<(RespFraming, bool), Malformed> {
+        let d = &self.delimiting;
         let mut keep_alive = match self.version {
-            Version::HTTP_11 => !has_token(&self.headers, header::CONNECTION, "close"),
-            _ => has_token(&self.headers, header::CONNECTION, "keep-alive"),
+            Version::HTTP_11 => !d.close,
+            _ => d.keep_alive && !d.close,
         };
         let status = self.status.as_u16();
         if method == Method::HEAD || status == 204 || status == 304 {
             return Ok((RespFraming::Empty, keep_alive));
         }
-        if self.headers.contains_key(header::TRANSFER_ENCODING) {
+        if d.transfer_encoding {
             // Both framings at once: decode by Transfer-Encoding, then close (RFC 9112 §6.3).
-            if self.headers.contains_key(header::CONTENT_LENGTH) {
+            if d.content_length.is_some() {
                 keep_alive = false;
             }
-            return Ok(if last_coding_is_chunked(&self.headers) {
+            return Ok(if d.chunked {
                 (RespFraming::Chunked, keep_alive)
             } else {
                 (RespFraming::UntilEof, false)
             });
         }
-        match content_length(&self.headers)? {
-            Some(0) => Ok((RespFraming::Empty, keep_alive)),
-            Some(n) => Ok((RespFraming::Length(n), keep_alive)),
+        match d.content_length {
+            Some(Err(e)) => Err(e),
+            Some(Ok(0)) => Ok((RespFraming::Empty, keep_alive)),
+            Some(Ok(n)) => Ok((RespFraming::Length(n), keep_alive)),
             None => Ok((RespFraming::UntilEof, false)),
         }
     }
@@ -167,19 +187,135 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malfor
         }
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
+        let mut d = Delimiting::default();
+        // Names `Connection` lists beyond the usual tokens: removed once the map is built.
+        let mut listed = false;
         for &(ns, ne, vs, ve) in &spans[..count] {
-            let name = HeaderName::from_bytes(&head[usize::from(ns)..usize::from(ne)])
-                .map_err(|_| Malformed("bad header name"))?;
+            let raw_name = &head[usize::from(ns)..usize::from(ne)];
+            let raw_value = &head[usize::from(vs)..usize::from(ve)];
+            match Field::of(raw_name) {
+                Field::Connection => {
+                    for token in raw_value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                        if token.eq_ignore_ascii_case(b"close") {
+                            d.close = true;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                            d.keep_alive = true;
+                        } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
+                            listed = true;
+                        }
+                    }
+                    continue;
+                }
+                Field::TransferEncoding => {
+                    d.transfer_encoding = true;
+                    // The last field's last coding decides.
+                    d.chunked = raw_value
+                        .rsplit(|&b| b == b',')
+                        .next()
+                        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                    continue;
+                }
+                Field::HopByHop => continue,
+                Field::ContentLength => {
+                    d.content_length = Some(match d.content_length {
+                        None => parse_length(raw_value, None),
+                        Some(Ok(n)) => parse_length(raw_value, Some(n)),
+                        Some(Err(e)) => Err(e),
+                    });
+                }
+                Field::Other => {}
+            }
+            let name =
+                HeaderName::from_bytes(raw_name).map_err(|_| Malformed("bad header name"))?;
             let value =
                 HeaderValue::from_maybe_shared(head.slice(usize::from(vs)..usize::from(ve)))
                     .map_err(|_| Malformed("bad header value"))?;
             headers.append(name, value);
         }
+        if d.transfer_encoding {
+            // Transfer-Encoding overrides Content-Length; a proxy removes the latter before
+            // forwarding (RFC 9112 §6.3).
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        if listed {
+            strip_listed(&mut headers, &head, &spans[..count]);
+        }
         return Ok(Some(ResponseHead {
             status,
             version,
             headers,
+            delimiting: d,
         }));
+    }
+}
+
+/// How a response header field is treated while the head is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Connection,
+    TransferEncoding,
+    ContentLength,
+    /// Another hop-by-hop field: dropped.
+    HopByHop,
+    Other,
+}
+
+impl Field {
+    /// Classifies a raw field name (ASCII case-insensitive), by length first.
+    fn of(name: &[u8]) -> Field {
+        let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+        match name.len() {
+            2 if is(b"te") => Field::HopByHop,
+            7 if is(b"trailer") || is(b"upgrade") => Field::HopByHop,
+            10 if is(b"connection") => Field::Connection,
+            10 if is(b"keep-alive") => Field::HopByHop,
+            14 if is(b"content-length") => Field::ContentLength,
+            16 if is(b"proxy-connection") => Field::HopByHop,
+            17 if is(b"transfer-encoding") => Field::TransferEncoding,
+            18 if is(b"proxy-authenticate") => Field::HopByHop,
+            19 if is(b"proxy-authorization") => Field::HopByHop,
+            _ => Field::Other,
+        }
+    }
+}
+
+/// One `Content-Length` field's value: a comma list whose values must agree with each other and
+/// with the previous fields' `seen` (RFC 9110 §8.6).
+fn parse_length(value: &[u8], seen: Option<u64>) -> Result<u64, Malformed> {
+    let mut seen = seen;
+    for part in value.split(|&b| b == b',') {
+        let digits = part.trim_ascii();
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return Err(Malformed("bad content-length"));
+        }
+        let n = digits
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if seen.is_some_and(|f| f != n) {
+            return Err(Malformed("conflicting content-length values"));
+        }
+        seen = Some(n);
+    }
+    // `split` yields at least one part, so `seen` is set here.
+    seen.ok_or(Malformed("bad content-length"))
+}
+
+/// Removes the fields the head's `Connection` fields name (rare: the usual tokens are
+/// `keep-alive`, `close` and `upgrade`).
+#[cold]
+fn strip_listed(headers: &mut HeaderMap, head: &[u8], spans: &[(u16, u16, u16, u16)]) {
+    for &(ns, ne, vs, ve) in spans {
+        if Field::of(&head[usize::from(ns)..usize::from(ne)]) != Field::Connection {
+            continue;
+        }
+        for token in head[usize::from(vs)..usize::from(ve)]
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+        {
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                headers.remove(name);
+            }
+        }
     }
 }
 
@@ -187,38 +323,9 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malfor
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
     let mut found = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let digits = part.trim_ascii();
-            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                return Err(Malformed("bad content-length"));
-            }
-            let n = digits
-                .iter()
-                .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-            if found.is_some_and(|f| f != n) {
-                return Err(Malformed("conflicting content-length values"));
-            }
-            found = Some(n);
-        }
+        found = Some(parse_length(v.as_bytes(), found)?);
     }
     Ok(found)
-}
-
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
-}
-
-fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
-        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 #[cfg(test)]
@@ -311,6 +418,54 @@ mod tests {
         );
         assert!(framing(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n").is_err());
         assert!(framing(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_fields_never_enter_the_map() {
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n\
+              X-Hop: 1\r\nTE: trailers\r\nTrailer: x\r\nUpgrade: h2c\r\n\
+              Proxy-Connection: close\r\nProxy-Authenticate: Basic\r\nX-Kept: 2\r\n\
+              Content-Length: 2\r\n\r\nhi",
+        )
+        .0
+        .unwrap()
+        .unwrap();
+        let mut names: Vec<&str> = head.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert_eq!(
+            head.framing(&Method::GET).unwrap(),
+            (RespFraming::Length(2), true)
+        );
+        // Transfer-Encoding wins over Content-Length, which is not forwarded (RFC 9112 §6.3).
+        let head =
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .0
+                .unwrap()
+                .unwrap();
+        assert!(head.headers.is_empty());
+        assert_eq!(
+            head.framing(&Method::GET).unwrap(),
+            (RespFraming::Chunked, false)
+        );
+        // Agreeing values over several fields; a close in any Connection field counts.
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: x\r\nconnection: Close\r\nContent-Length: 4, 4\r\n\r\n",
+        )
+        .0
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            head.framing(&Method::GET).unwrap(),
+            (RespFraming::Length(4), false)
+        );
+        let head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n")
+            .0
+            .unwrap()
+            .unwrap();
+        assert!(head.framing(&Method::GET).is_err());
+        assert!(head.framing(&Method::HEAD).is_ok());
     }
 
     #[test]
