@@ -126,7 +126,16 @@ impl Cluster {
         snapshot: &[Arc<EndpointState>],
         avoid: Option<SocketAddr>,
     ) -> Option<Arc<EndpointState>> {
-        let now = now_ms();
+        self.pick_at(snapshot, avoid, now_ms())
+    }
+
+    /// [`Cluster::pick`] at `now` ([`crate::clock::now_ms`] of a clock read the caller made).
+    pub fn pick_at(
+        &self,
+        snapshot: &[Arc<EndpointState>],
+        avoid: Option<SocketAddr>,
+        now: u64,
+    ) -> Option<Arc<EndpointState>> {
         let total = snapshot.len();
         let available = snapshot.iter().filter(|e| !e.is_ejected_at(now)).count();
         let panic = available * 100 < total * usize::from(self.panic_threshold_percent);

@@ -141,7 +141,11 @@ impl EndpointState {
 
     /// Peak-EWMA: a slower sample replaces the average at once; faster ones decay into it.
     pub fn observe_latency(&self, rtt: Duration) {
-        let now = now_ms();
+        self.observe_latency_at(rtt, now_ms());
+    }
+
+    /// [`EndpointState::observe_latency`] for a sample that ended at `now` (`now_ms` units).
+    pub fn observe_latency_at(&self, rtt: Duration, now: u64) {
         let sample = rtt.as_nanos() as f64;
         let prev = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let last = self.ewma_at_ms.swap(now, Ordering::Relaxed);

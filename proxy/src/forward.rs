@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::client::UpstreamClient;
+use crate::clock;
 use crate::cluster::Cluster;
 use crate::error::ProxyError;
 use crate::retry::is_idempotent;
@@ -92,8 +93,11 @@ pub async fn forward(
     let mut attempt = 0u32;
 
     loop {
+        // One clock read per try (the first try starts when the request did); the pick, the
+        // timeout and the latency sample all use it.
+        let now = if attempt == 0 { start } else { Instant::now() };
         let snapshot = cluster.snapshot();
-        let Some(ep) = cluster.pick(&snapshot, avoid) else {
+        let Some(ep) = cluster.pick_at(&snapshot, avoid, clock::ms_at(now)) else {
             cluster.metrics.response(None);
             return error_response(&ProxyError::NoEndpoint);
         };
@@ -112,8 +116,6 @@ pub async fn forward(
             std::mem::take(&mut parts.headers)
         };
 
-        // One clock read per try (the first try starts when the request did).
-        let now = if attempt == 0 { start } else { Instant::now() };
         let budget = deadline
             .saturating_duration_since(now)
             .min(policy.per_try_timeout);
@@ -124,9 +126,9 @@ pub async fn forward(
         let sent = if downstream_upgrade.is_some() {
             let upgrade =
                 Box::pin(async { Ok(client.send_upgrade(up).await?.map(ProxyBody::from)) });
-            tokio::time::timeout(budget, upgrade).await
+            tokio::time::timeout_at(now + budget, upgrade).await
         } else {
-            tokio::time::timeout(budget, std::pin::pin!(client.send_to(ep.addr, up))).await
+            tokio::time::timeout_at(now + budget, std::pin::pin!(client.send_to(ep.addr, up))).await
         };
         let result = match sent {
             Ok(r) => r,
@@ -139,7 +141,7 @@ pub async fn forward(
         match result {
             Ok(mut resp) => {
                 let status = resp.status();
-                ep.observe_latency(end.saturating_duration_since(now));
+                ep.observe_latency_at(end.saturating_duration_since(now), clock::ms_at(end));
                 cluster.record(&ep, status.is_server_error(), &snapshot);
                 if status.is_server_error() && can_retry && cluster.budget.withdraw() {
                     cluster.metrics.retries.inc();

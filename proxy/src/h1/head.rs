@@ -193,7 +193,7 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malfor
         for &(ns, ne, vs, ve) in &spans[..count] {
             let raw_name = &head[usize::from(ns)..usize::from(ne)];
             let raw_value = &head[usize::from(vs)..usize::from(ve)];
-            match Field::of(raw_name) {
+            let name = match Field::of(raw_name) {
                 Field::Connection => {
                     for token in raw_value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                         if token.eq_ignore_ascii_case(b"close") {
@@ -222,11 +222,13 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malfor
                         Some(Ok(n)) => parse_length(raw_value, Some(n)),
                         Some(Err(e)) => Err(e),
                     });
+                    header::CONTENT_LENGTH
                 }
-                Field::Other => {}
-            }
-            let name =
-                HeaderName::from_bytes(raw_name).map_err(|_| Malformed("bad header name"))?;
+                Field::Known(i) => KNOWN[usize::from(i)].clone(),
+                Field::Other => {
+                    HeaderName::from_bytes(raw_name).map_err(|_| Malformed("bad header name"))?
+                }
+            };
             let value =
                 HeaderValue::from_maybe_shared(head.slice(usize::from(vs)..usize::from(ve)))
                     .map_err(|_| Malformed("bad header value"))?;
@@ -257,8 +259,27 @@ enum Field {
     ContentLength,
     /// Another hop-by-hop field: dropped.
     HopByHop,
+    /// A common end-to-end field: its name is `KNOWN[i]`, no need to parse it.
+    Known(u8),
     Other,
 }
+
+/// End-to-end names common in responses, recognized while classifying (`HeaderName::from_bytes`
+/// lowercases through a table and matches every standard name: ~150 instructions a field).
+static KNOWN: [HeaderName; 12] = [
+    header::DATE,
+    header::ETAG,
+    header::VARY,
+    header::SERVER,
+    header::EXPIRES,
+    header::LOCATION,
+    header::SET_COOKIE,
+    header::CONTENT_TYPE,
+    header::CACHE_CONTROL,
+    header::LAST_MODIFIED,
+    header::ACCEPT_RANGES,
+    header::CONTENT_ENCODING,
+];
 
 impl Field {
     /// Classifies a raw field name (ASCII case-insensitive), by length first.
@@ -266,11 +287,23 @@ impl Field {
         let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
         match name.len() {
             2 if is(b"te") => Field::HopByHop,
+            4 if is(b"date") => Field::Known(0),
+            4 if is(b"etag") => Field::Known(1),
+            4 if is(b"vary") => Field::Known(2),
+            6 if is(b"server") => Field::Known(3),
+            7 if is(b"expires") => Field::Known(4),
             7 if is(b"trailer") || is(b"upgrade") => Field::HopByHop,
+            8 if is(b"location") => Field::Known(5),
             10 if is(b"connection") => Field::Connection,
             10 if is(b"keep-alive") => Field::HopByHop,
+            10 if is(b"set-cookie") => Field::Known(6),
+            12 if is(b"content-type") => Field::Known(7),
+            13 if is(b"cache-control") => Field::Known(8),
+            13 if is(b"last-modified") => Field::Known(9),
+            13 if is(b"accept-ranges") => Field::Known(10),
             14 if is(b"content-length") => Field::ContentLength,
             16 if is(b"proxy-connection") => Field::HopByHop,
+            16 if is(b"content-encoding") => Field::Known(11),
             17 if is(b"transfer-encoding") => Field::TransferEncoding,
             18 if is(b"proxy-authenticate") => Field::HopByHop,
             19 if is(b"proxy-authorization") => Field::HopByHop,
@@ -466,6 +499,21 @@ mod tests {
             .unwrap();
         assert!(head.framing(&Method::GET).is_err());
         assert!(head.framing(&Method::HEAD).is_ok());
+    }
+
+    #[test]
+    fn known_names_are_recognized_in_any_case() {
+        for (i, name) in KNOWN.iter().enumerate() {
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(Field::of(upper.as_bytes()), Field::Known(i as u8), "{name}");
+        }
+        assert_eq!(Field::of(b"X-Date"), Field::Other);
+        let head = parse(b"HTTP/1.1 200 OK\r\nSERVER: x\r\nDate: y\r\nContent-Length: 0\r\n\r\n")
+            .0
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.headers[header::SERVER], "x");
+        assert_eq!(head.headers[header::DATE], "y");
     }
 
     #[test]

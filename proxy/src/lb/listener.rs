@@ -217,6 +217,8 @@ pub async fn handle(
     };
     let m = &routes.metrics[pos.min(routes.metrics.len() - 1)];
     m.requests.inc();
+    // When the response head arrived (the last try's clock read), for the rule's latency.
+    let mut answered = None;
     let resp = match decision {
         Decision::Respond(r) => r,
         Decision::Forward { slot, cookie } => {
@@ -261,11 +263,12 @@ pub async fn handle(
                             parts.headers.clone()
                         };
 
-                        let t0 = Instant::now();
+                        // One clock read per try (the first starts when the request did).
+                        let t0 = if attempt == 1 { start } else { Instant::now() };
                         // Pinned in place: the timeout wraps a pointer instead of moving the
                         // exchange future.
-                        let result = tokio::time::timeout(
-                            shared.limits.request_timeout,
+                        let result = tokio::time::timeout_at(
+                            t0 + shared.limits.request_timeout,
                             std::pin::pin!(shared.client.send_to(addr, up)),
                         )
                         .await;
@@ -291,10 +294,12 @@ pub async fn handle(
                             }
                             Ok(Err(e)) => (502, Err(ForwardError::Upstream(e.to_string()))),
                         };
-                        let elapsed = t0.elapsed();
+                        let end = Instant::now();
+                        answered = Some(end);
+                        let elapsed = end.saturating_duration_since(t0);
                         group.metrics.record_status(status);
                         group.metrics.latency.observe(elapsed.as_secs_f64());
-                        group.window.record(Instant::now(), status, elapsed);
+                        group.window.record(end, status, elapsed);
                         break 'forward out;
                     }
                     Err(last_err)
@@ -308,7 +313,9 @@ pub async fn handle(
             resp
         }
     };
-    m.latency.observe(start.elapsed().as_secs_f64());
+    let answered = answered.unwrap_or_else(Instant::now);
+    m.latency
+        .observe(answered.saturating_duration_since(start).as_secs_f64());
     Ok(resp)
 }
 

@@ -185,7 +185,12 @@ impl TargetGroup {
             self.metrics.fail_open.inc();
         }
         let eligible = |e: &EndpointState| live(e) && (!any_healthy || e.is_healthy());
-        let now = now_ms();
+        // The clock matters only to slow start.
+        let now = if self.config.slow_start.is_some() {
+            now_ms()
+        } else {
+            0
+        };
         let i = self
             .balancer
             .pick(eps, &|e| eligible(e) && self.ramp_admits(e, now, rnd))
