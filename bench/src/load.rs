@@ -22,6 +22,9 @@ pub struct Sample {
     pub total: u64,
     /// CPU time of the subject per request, in microseconds (user + system, whole process tree).
     pub cpu_us_per_req: Option<f64>,
+    /// The kernel's part of `cpu_us_per_req` (system time).
+    #[serde(default)]
+    pub sys_us_per_req: Option<f64>,
     /// Resident memory of the subject after the run, in KiB.
     pub rss_kib: Option<u64>,
     /// Bytes per second, for throughput scenarios.

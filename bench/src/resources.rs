@@ -4,13 +4,20 @@ use std::collections::HashMap;
 
 /// CPU seconds (user + system) of `pid` and all its descendants.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    let (user, sys) = cpu_split(pid);
+    user + sys
+}
+
+/// User and system CPU seconds of `pid` and its descendants.
+pub fn cpu_split(pid: u32) -> (f64, f64) {
     // USER_HZ is 100 on every Linux this runs on (the kernel ABI fixes it for /proc).
     let ticks = 100.0;
     tree(pid)
         .iter()
         .filter_map(|p| stat_fields(*p))
-        .map(|f| (f.utime + f.stime) as f64 / ticks)
-        .sum()
+        .fold((0.0, 0.0), |(u, s), f| {
+            (u + f.utime as f64 / ticks, s + f.stime as f64 / ticks)
+        })
 }
 
 /// Resident set size in KiB of `pid` and its descendants.

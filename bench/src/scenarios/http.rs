@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-use super::{Subject, measure_all, peers};
+use super::{Subject, kernel_note, measure_all, peers};
 use crate::Ctx;
 use crate::load;
 use crate::proc::free_port;
@@ -69,23 +69,25 @@ pub fn run(
         load::wrk(ctx, &format!("http://{addr}{path}"), conns, d, headers)
     };
     let rows = measure_all(ctx, name, &subjects, origin, &load)?;
+    let mut notes = vec![format!(
+        "wrk: 1 thread, {conns} connections, {}s × {} rounds (subjects side by side, measured in alternating rounds); every proxy {} worker(s){}",
+        ctx.duration.as_secs(),
+        ctx.runs,
+        ctx.workers,
+        if ctx.pin {
+            "; subject pinned to CPU 1, load and origin to CPU 0"
+        } else {
+            ""
+        }
+    )];
+    notes.extend(kernel_note(&rows));
     Ok(ScenarioResult {
         name: name.into(),
         title: title.into(),
         unit: "req/s".into(),
         ours: ours.into(),
         rows,
-        notes: vec![format!(
-            "wrk: 1 thread, {conns} connections, {}s × {} runs; every proxy {} worker(s){}",
-            ctx.duration.as_secs(),
-            ctx.runs,
-            ctx.workers,
-            if ctx.pin {
-                "; subject pinned to CPU 1, load and origin to CPU 0"
-            } else {
-                ""
-            }
-        )],
+        notes,
     })
 }
 

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-use super::{Entry, Load, Subject, measure_interleaved, peers};
+use super::{Entry, Load, Subject, kernel_note, measure_interleaved, peers};
 use crate::proc::{CONFIG, Launch, Proc, free_port};
 use crate::report::ScenarioResult;
 use crate::{Ctx, Role, load};
@@ -187,6 +187,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
             ctx.workers,
             entries.len()
         )];
+        notes.extend(kernel_note(&rows));
         let cpu_one = out.first().and_then(|first| cpu_of(&first.rows));
         if let (Some(now), Some(one)) = (cpu_of(&rows), cpu_one)
             && now > 0.0

@@ -168,13 +168,19 @@ pub fn measure_all(
 /// One measured run: the load's sample plus the subject's CPU per request and RSS.
 fn run_once(proc: Option<&Proc>, load: &dyn Fn() -> Result<Sample>) -> Result<Sample> {
     let pids = proc.map(Proc::pids);
-    let cpu_of = |pids: &[u32]| pids.iter().map(|p| resources::cpu_seconds(*p)).sum::<f64>();
+    let cpu_of = |pids: &[u32]| {
+        pids.iter()
+            .map(|p| resources::cpu_split(*p))
+            .fold((0.0, 0.0), |(u, s), (pu, ps)| (u + pu, s + ps))
+    };
     let cpu0 = pids.as_deref().map(cpu_of);
     let mut s = load()?;
-    if let (Some(pids), Some(cpu0)) = (&pids, cpu0) {
-        let cpu = cpu_of(pids) - cpu0;
+    if let (Some(pids), Some((user0, sys0))) = (&pids, cpu0) {
+        let (user, sys) = cpu_of(pids);
         if s.total > 0 {
-            s.cpu_us_per_req = Some(cpu * 1e6 / s.total as f64);
+            let per_req = 1e6 / s.total as f64;
+            s.cpu_us_per_req = Some((user - user0 + sys - sys0) * per_req);
+            s.sys_us_per_req = Some((sys - sys0) * per_req);
         }
         s.rss_kib = Some(pids.iter().map(|p| resources::rss_kib(*p)).sum());
     }
@@ -191,4 +197,27 @@ fn describe(s: &Sample) -> String {
             .map(|c| format!(" cpu {c:.1}µs/req"))
             .unwrap_or_default()
     )
+}
+
+/// Where each subject's CPU per request went: user space vs the kernel (medians over the runs).
+/// Proxies that make the same syscalls per request pay about the same kernel time, so the
+/// kernel's share bounds how far user-space work can move the ratio.
+pub fn kernel_note(rows: &[Row]) -> Option<String> {
+    let parts: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let cpu = r.cpu_median()?;
+            if !r.runs.iter().all(|s| s.sys_us_per_req.is_some()) || cpu <= 0.0 {
+                return None;
+            }
+            let sys = r.median(|s| s.sys_us_per_req.unwrap_or(0.0));
+            Some(format!(
+                "{} {:.1} user + {sys:.1} kernel ({:.0}% kernel)",
+                r.subject,
+                (cpu - sys).max(0.0),
+                sys * 100.0 / cpu
+            ))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| format!("CPU µs per request: {}.", parts.join("; ")))
 }
