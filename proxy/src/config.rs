@@ -54,10 +54,11 @@ pub struct IdentityConfig {
 #[serde(try_from = "ControlPlaneFile")]
 pub struct ControlPlaneConfig {
     /// `host:port` of the control plane's HTTP API (watch + sign): the first of `addresses`.
-    pub address: SocketAddr,
+    pub address: HostPort,
     /// Every control-plane replica, in order of preference (`address` and/or `addresses` in the
-    /// file). Watches move to the next on error and resume from the last revision.
-    pub addresses: Vec<SocketAddr>,
+    /// file), as IP addresses or DNS names. Watches move to the next on error and resume from
+    /// the last revision.
+    pub addresses: Vec<HostPort>,
     /// Join token for the first certificate; redacted in `/config`.
     #[serde(serialize_with = "redact")]
     pub token: Option<String>,
@@ -79,14 +80,78 @@ pub struct ControlPlaneConfig {
     pub watch_wait: Duration,
 }
 
+/// `host:port` of a server the proxy dials (the control plane): an IP address or a DNS name,
+/// resolved at each connection (so a Cloud Map or compose service name follows its records).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPort(http::uri::Authority);
+
+impl HostPort {
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.0
+    }
+
+    /// Whether the host is a loopback address or `localhost`.
+    pub fn is_loopback(&self) -> bool {
+        let host = self.0.host().trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.is_loopback(),
+            Err(_) => host.eq_ignore_ascii_case("localhost"),
+        }
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not host:port (an IP address or DNS name, and a port)");
+        let a: http::uri::Authority = s.parse().map_err(|_| bad())?;
+        let host = a.host().trim_start_matches('[').trim_end_matches(']');
+        let name_ok = host.parse::<std::net::IpAddr>().is_ok()
+            || (!host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                }));
+        if s.contains('@') || !name_ok || !matches!(a.port_u16(), Some(p) if p > 0) {
+            return Err(bad());
+        }
+        Ok(HostPort(a))
+    }
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<HostPort> for String {
+    fn from(h: HostPort) -> String {
+        h.0.to_string()
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// `[control_plane]` as written: `address` (one replica) and/or `addresses` (several).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ControlPlaneFile {
     #[serde(default)]
-    address: Option<SocketAddr>,
+    address: Option<HostPort>,
     #[serde(default)]
-    addresses: Vec<SocketAddr>,
+    addresses: Vec<HostPort>,
     #[serde(default)]
     token: Option<String>,
     #[serde(default)]
@@ -104,13 +169,13 @@ struct ControlPlaneFile {
 impl TryFrom<ControlPlaneFile> for ControlPlaneConfig {
     type Error = String;
     fn try_from(f: ControlPlaneFile) -> Result<Self, String> {
-        let mut addresses: Vec<SocketAddr> = f.address.into_iter().collect();
+        let mut addresses: Vec<HostPort> = f.address.into_iter().collect();
         for a in f.addresses {
             if !addresses.contains(&a) {
                 addresses.push(a);
             }
         }
-        let Some(&address) = addresses.first() else {
+        let Some(address) = addresses.first().cloned() else {
             return Err("control_plane needs `address` or `addresses`".into());
         };
         Ok(ControlPlaneConfig {
@@ -748,6 +813,34 @@ endpoints = [{ address = "127.0.0.1:8081" }]
             "{MINIMAL}\n[control_plane]\naddress = \"127.0.0.1:9400\"\nadress = \"x\"\n"
         ));
         assert!(unknown.unwrap_err().to_string().contains("adress"));
+    }
+
+    #[test]
+    fn control_plane_addresses_may_be_dns_names() {
+        let named = Config::from_toml(&format!(
+            "{MINIMAL}\n[control_plane]\naddresses = [\"trellis-cp.internal:9400\", \"[::1]:9400\", \"localhost:1\"]\n"
+        ))
+        .unwrap();
+        let cp = named.control_plane.unwrap();
+        assert_eq!(cp.address.to_string(), "trellis-cp.internal:9400");
+        let loopback: Vec<bool> = cp.addresses.iter().map(HostPort::is_loopback).collect();
+        assert_eq!(loopback, [false, true, true]);
+        for bad in [
+            "trellis-cp.internal",
+            "host:0",
+            "host:99999",
+            "user@host:1",
+            "-host:1",
+            "a..b:1",
+            "",
+        ] {
+            let e = Config::from_toml(&format!(
+                "{MINIMAL}\n[control_plane]\naddress = \"{bad}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("is not host:port"), "{bad}: {e}");
+        }
     }
 
     #[test]

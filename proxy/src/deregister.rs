@@ -2,7 +2,6 @@
 //! `X-Amz-Target: Route53AutoNaming_v20170314.<Action>`, `application/x-amz-json-1.1`, unsigned on
 //! loopback). The service id is configured or looked up by namespace + service name.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,7 +22,7 @@ const MAX_PAGES: usize = 50;
 /// Which instance to remove, where.
 #[derive(Debug, Clone)]
 pub struct Deregistration {
-    pub control_plane: SocketAddr,
+    pub control_plane: crate::config::HostPort,
     pub namespace: NamespaceName,
     pub service: ServiceName,
     pub service_id: Option<String>,
@@ -69,7 +68,7 @@ impl Deregistration {
             None => self.lookup_service_id(&client).await?,
         };
         let body = json!({"ServiceId": service_id, "InstanceId": self.instance_id});
-        match call(&client, self.control_plane, "DeregisterInstance", &body).await {
+        match call(&client, &self.control_plane, "DeregisterInstance", &body).await {
             Ok(_) => Ok(()),
             Err(DeregisterError::Status { body, .. }) if body.contains("InstanceNotFound") => {
                 Ok(())
@@ -82,7 +81,7 @@ impl Deregistration {
         let ns = self.namespace.as_str();
         let v = call(
             client,
-            self.control_plane,
+            &self.control_plane,
             "ListNamespaces",
             &json!({"Filters": [{"Name": "NAME", "Values": [ns], "Condition": "EQ"}]}),
         )
@@ -99,7 +98,7 @@ impl Deregistration {
             if let Some(t) = &token {
                 req["NextToken"] = json!(t);
             }
-            let v = call(client, self.control_plane, "ListServices", &req).await?;
+            let v = call(client, &self.control_plane, "ListServices", &req).await?;
             let found = v["Services"].as_array().and_then(|a| {
                 a.iter()
                     .find(|s| s["Name"].as_str() == Some(self.service.as_str()))
@@ -119,7 +118,7 @@ impl Deregistration {
 
 async fn call(
     client: &ApiClient,
-    addr: SocketAddr,
+    addr: &crate::config::HostPort,
     action: &'static str,
     body: &Value,
 ) -> Result<Value, DeregisterError> {

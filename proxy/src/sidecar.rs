@@ -28,7 +28,8 @@ use crate::body::ProxyBody;
 use crate::client::UpstreamClient;
 use crate::cluster::{Cluster, EndpointSpec};
 use crate::config::{
-    Config, Decision, Intentions, Protocol, ResilienceConfig, StaticCluster, UpstreamConfig,
+    Config, Decision, HostPort, Intentions, Protocol, ResilienceConfig, StaticCluster,
+    UpstreamConfig,
 };
 use crate::deregister::Deregistration;
 use crate::egress::Egress;
@@ -514,7 +515,7 @@ const DEREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3
 fn deregistration(config: &Config) -> Option<Deregistration> {
     let cp = config.control_plane.as_ref()?;
     Some(Deregistration {
-        control_plane: cp.address,
+        control_plane: cp.address.clone(),
         namespace: config.identity.namespace.clone(),
         service: config.identity.service.clone(),
         service_id: cp.service_id.clone(),
@@ -529,11 +530,7 @@ fn feed(cluster: &Arc<Cluster>, u: &UpstreamConfig, config: &Config, stop: &Canc
         update_static(cluster, sc, 1);
     } else if let Some(cp) = &config.control_plane {
         let target = WatchTarget {
-            control_planes: cp
-                .addresses
-                .iter()
-                .filter_map(|a| a.to_string().parse().ok())
-                .collect(),
+            control_planes: cp.addresses.iter().map(|a| a.authority().clone()).collect(),
             namespace: u
                 .namespace
                 .clone()
@@ -829,7 +826,7 @@ async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError
             Some(roots)
         }
         None => {
-            if !cp.addresses.iter().all(|a| a.ip().is_loopback()) {
+            if !cp.addresses.iter().all(HostPort::is_loopback) {
                 tracing::warn!(
                     control_plane = ?cp.addresses,
                     "control_plane.trust_bundle is not set: the mesh's root certificates are taken from the control plane unverified (trust on first use); set it when the network to the control plane is not trusted"

@@ -74,9 +74,11 @@ async fn endpoints_follow_the_real_control_plane() {
     register(cp, &svc_id, "a", a.addr).await;
     register(cp, &svc_id, "b", b.addr).await;
 
+    // The control plane by name (resolved per connection), as a compose or ECS user would.
     let toml = format!(
-        "{}\n[control_plane]\naddress = \"{cp}\"\nwatch_wait = \"5s\"\n\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n",
-        base()
+        "{}\n[control_plane]\naddress = \"localhost:{}\"\nwatch_wait = \"5s\"\n\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n",
+        base(),
+        cp.port()
     );
     let (sc, stop) = sidecar(&toml).await;
     let c = h1_client();

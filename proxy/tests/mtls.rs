@@ -371,8 +371,9 @@ async fn bootstraps_its_certificate_from_the_sign_api_with_a_token() {
         .unwrap();
     let toml = |token: &str| {
         format!(
-            "{}\n[control_plane]\naddresses = [\"{dead}\", \"{cp}\"]\ntoken = \"{token}\"\n",
-            server_config("api", app.addr, "http", "web")
+            "{}\n[control_plane]\naddresses = [\"{dead}\", \"localhost:{}\"]\ntoken = \"{token}\"\n",
+            server_config("api", app.addr, "http", "web"),
+            cp.port()
         )
     };
     // A wrong token fails the start with a message about the identity.

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::HostPort;
+
 use crate::route::{
     Action, Condition, FixedResponse, Forward, IndexError, MAX_VALUES, Priority, QueryMatch,
     Redirect, RedirectParts, Rule, RuleIndex, Weight, WeightedGroup,
@@ -214,10 +216,11 @@ pub struct TlsConfig {
     pub ttl: Option<Duration>,
 }
 
-/// One `ip:port` or a list of them (control-plane replicas, in order of preference).
+/// One `host:port` or a list of them (control-plane replicas, in order of preference; IP
+/// addresses or DNS names).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
-pub struct Replicas(pub Vec<SocketAddr>);
+pub struct Replicas(pub Vec<HostPort>);
 
 impl<'de> Deserialize<'de> for Replicas {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -225,23 +228,18 @@ impl<'de> Deserialize<'de> for Replicas {
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = Replicas;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("\"ip:port\" or a list of them")
+                f.write_str("\"host:port\" or a list of them")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Replicas, E> {
-                let a = v
-                    .parse()
-                    .map_err(|_| E::custom(format!("`{v}` is not an ip:port")))?;
-                Ok(Replicas(vec![a]))
+                Ok(Replicas(vec![v.parse().map_err(E::custom)?]))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut seq: A,
             ) -> Result<Replicas, A::Error> {
-                let mut all: Vec<SocketAddr> = Vec::new();
+                let mut all: Vec<HostPort> = Vec::new();
                 while let Some(v) = seq.next_element::<String>()? {
-                    let a = v.parse().map_err(|_| {
-                        serde::de::Error::custom(format!("`{v}` is not an ip:port"))
-                    })?;
+                    let a: HostPort = v.parse().map_err(serde::de::Error::custom)?;
                     if !all.contains(&a) {
                         all.push(a);
                     }
@@ -1257,13 +1255,24 @@ rollback = { window = "1m", max_5xx_rate = 0.05, max_p99 = "500ms" }
         let c = LbConfig::from_str(&replicas).unwrap();
         let tls = c.listeners[0].tls.as_ref().unwrap();
         assert_eq!(tls.control_plane.as_ref().unwrap().0.len(), 2);
+        // DNS names are resolved when connecting (e.g. a compose or Cloud Map service name).
+        let named = https(
+            r#"tls = { source = "ca", control_plane = "cp.local:8500", token = "t", dns_names = ["a"] }"#,
+        );
+        let c = LbConfig::from_str(&named).unwrap();
+        let cp = &c.listeners[0].tls.as_ref().unwrap().control_plane;
+        assert_eq!(cp.as_ref().unwrap().0[0].to_string(), "cp.local:8500");
         for (bad, want) in [
             (r#"control_plane = []"#, "empty"),
             (
-                r#"control_plane = ["cp.local:8500"]"#,
-                "`cp.local:8500` is not an ip:port",
+                r#"control_plane = ["cp.local"]"#,
+                "`cp.local` is not host:port",
             ),
-            (r#"control_plane = 8500"#, "ip:port"),
+            (
+                r#"control_plane = ["-cp-.local:1"]"#,
+                "`-cp-.local:1` is not host:port",
+            ),
+            (r#"control_plane = 8500"#, "host:port"),
         ] {
             let e = err(&https(&format!(
                 r#"tls = {{ source = "ca", {bad}, token = "t", dns_names = ["a"] }}"#
