@@ -109,6 +109,8 @@ impl UpstreamClient {
 
     /// Sends to the endpoint at `addr` (the request's URI names the same endpoint).
     ///
+    /// The response comes without hop-by-hop fields on either path.
+    ///
     /// Not an `async fn`: the plaintext HTTP/1.1 path returns the pool's future as it is, and
     /// hyper's client (HTTP/2, mTLS, CONNECT) is boxed, so the future every request carries is
     /// no bigger than the pool's (it is moved into place per request).
@@ -122,8 +124,12 @@ impl UpstreamClient {
             Some(pool) if req.method() != hyper::Method::CONNECT => {
                 Either::Left(pool.send(addr, req))
             }
+            // Hop-by-hop fields leave here, where the response is made: the pool's parser never
+            // puts them in its header map.
             _ => Either::Right(Box::pin(async move {
-                Ok(self.send(req).await?.map(ProxyBody::from))
+                let mut resp = self.send(req).await?;
+                crate::forward::strip_hop_by_hop(resp.headers_mut());
+                Ok(resp.map(ProxyBody::from))
             })),
         }
     }

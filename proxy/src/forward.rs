@@ -154,13 +154,14 @@ pub async fn forward(
                     .metrics
                     .latency
                     .observe(end.saturating_duration_since(start).as_secs_f64());
-                if status == StatusCode::SWITCHING_PROTOCOLS
-                    && let Some(down) = downstream_upgrade
-                {
-                    let up = hyper::upgrade::on(&mut resp);
-                    tokio::spawn(splice_upgraded(down, up));
-                } else {
-                    strip_hop_by_hop(resp.headers_mut());
+                match downstream_upgrade {
+                    Some(down) if status == StatusCode::SWITCHING_PROTOCOLS => {
+                        let up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(splice_upgraded(down, up));
+                    }
+                    // The upgrade client's refusal; `send_to` answers arrive already stripped.
+                    Some(_) => strip_hop_by_hop(resp.headers_mut()),
+                    None => {}
                 }
                 return resp;
             }
