@@ -18,7 +18,6 @@ const PERIOD_US: u64 = 10_000;
 #[derive(Debug)]
 pub struct CpuCap {
     dir: PathBuf,
-    percent: u32,
 }
 
 impl CpuCap {
@@ -45,11 +44,7 @@ impl CpuCap {
             write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
             dir
         };
-        Ok(CpuCap { dir, percent })
-    }
-
-    pub fn percent(&self) -> u32 {
-        self.percent
+        Ok(CpuCap { dir })
     }
 
     /// The file a process writes its pid into to join.

@@ -181,8 +181,7 @@ pub fn run(
     results.push(ScenarioResult {
         name: "dns-capped".into(),
         title: format!(
-            "Authoritative DNS, {NAMES} names (A), UDP, every server capped at {}% of its core",
-            cap.percent()
+            "Authoritative DNS, {NAMES} names (A), UDP, every server capped at {percent}% of its core"
         ),
         unit: "queries/s".into(),
         ours: "trellis".into(),

@@ -15,7 +15,7 @@ pub mod trellis;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::load::Sample;
 use crate::proc::{Proc, free_port};
@@ -54,29 +54,16 @@ pub fn measure(
     ctx: &Ctx,
     subject: &Subject<'_>,
     origin: SocketAddr,
-    load: &dyn Fn(&Ctx, SocketAddr, Duration) -> Result<Sample>,
+    load: &Load<'_>,
 ) -> Result<Row> {
-    let port = free_port()?;
-    let (proc, addr) = (subject.start)(ctx, port, origin)?;
-    eprintln!("  {}: warm-up", subject.name);
-    load(ctx, addr, warmup(ctx))?;
-    let mut runs = Vec::new();
-    for i in 0..ctx.runs {
-        let s = run_once(proc.as_ref(), &|| load(ctx, addr, ctx.duration))?;
-        eprintln!(
-            "  {}: run {}/{}: {}",
-            subject.name,
-            i + 1,
-            ctx.runs,
-            describe(&s)
-        );
-        runs.push(s);
-    }
-    drop(proc);
-    Ok(Row {
-        subject: subject.name.clone(),
-        runs,
-    })
+    let entry = Entry {
+        ctx: ctx.clone(),
+        subject,
+        origin,
+        load,
+    };
+    let mut rows = measure_interleaved(std::slice::from_ref(&entry))?;
+    rows.pop().context("one subject measured, no row")
 }
 
 fn warmup(ctx: &Ctx) -> Duration {
