@@ -2,7 +2,7 @@
 # Registers the compose mesh through the Cloud Map API with the real aws CLI, as a user's pipeline
 # would. Idempotent (CreatorRequestId). Environment: ENDPOINT, AWS credentials, <SERVICE>_IP.
 set -eu
-EP=${ENDPOINT:-http://172.28.0.10:9400}
+EP=${ENDPOINT:-http://control-plane:9400}
 NAMESPACE=${NAMESPACE:-my-app.local}
 INBOUND_PORT=${INBOUND_PORT:-15443}
 sd() { aws --endpoint-url "$EP" --region "${AWS_REGION:-us-east-1}" --output text servicediscovery "$@"; }

@@ -202,22 +202,24 @@ fn sidecar(path: Option<PathBuf>, log_json: bool, check: bool) -> ExitCode {
                 shutdown.clone(),
             );
         }
-        spawn_signals(shutdown, std::sync::Arc::clone(&running), path);
-        // All handles but ours end with the signal task; wait for the drain.
+        spawn_signals(shutdown.clone(), std::sync::Arc::clone(&running), path);
+        // Nothing to do until SIGTERM/SIGINT; then every handle but ours ends and the drain runs.
+        shutdown.cancelled().await;
         wait(running).await;
         ExitCode::SUCCESS
     })
 }
 
+/// Waits for the drain once shutdown has started. The signal task has dropped its handle by
+/// then; a reload in flight (file watch) may still hold one for a moment.
 async fn wait(running: std::sync::Arc<trellis_proxy::Running>) {
-    // The signal task holds a clone until SIGTERM; poll until we own it, then wait for the drain.
     let mut running = running;
     loop {
         match std::sync::Arc::try_unwrap(running) {
             Ok(r) => return r.wait().await,
             Err(r) => {
                 running = r;
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
         }
     }
@@ -248,6 +250,8 @@ fn spawn_signals(
                 },
             }
         }
+        // Our handle goes first, so the drain can start as soon as shutdown is seen.
+        drop(running);
         shutdown.cancel();
     });
 }
