@@ -93,8 +93,11 @@ impl HealthChecker {
                 _ = stop.changed() => break,
             }
         }
+        // Wait for the aborted checks to drop their registry handles: a server restarted in the
+        // same process can then open the store again.
         for (_, (_, task)) in self.tasks.drain() {
             task.abort();
+            let _ = task.await;
         }
     }
 

@@ -345,10 +345,24 @@ pub(crate) const KNOWN_ACTIONS: &[&str] = &[
     "ListTagsForResource",
 ];
 
-/// Accepts connections until `shutdown` flips to true.
-pub async fn serve(listener: TcpListener, front: Arc<Front>, mut shutdown: watch::Receiver<bool>) {
+/// Accepts connections until `shutdown` flips to true, then returns once every connection has
+/// ended, so nothing holds the registry (and its store) after the server stops.
+pub async fn serve(listener: TcpListener, front: Arc<Front>, shutdown: watch::Receiver<bool>) {
+    let mut conns = tokio::task::JoinSet::new();
+    accept_loop(listener, front, shutdown, &mut conns).await;
+    while conns.join_next().await.is_some() {}
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    front: Arc<Front>,
+    mut shutdown: watch::Receiver<bool>,
+    conns: &mut tokio::task::JoinSet<()>,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // Reap finished connections so the set stays as small as the open ones.
+        while conns.try_join_next().is_some() {}
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = shutdown.changed() => return,
@@ -368,7 +382,7 @@ pub async fn serve(listener: TcpListener, front: Arc<Front>, mut shutdown: watch
         let _ = stream.set_nodelay(true);
         let front = front.clone();
         let mut stop = shutdown.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
                 let front = front.clone();

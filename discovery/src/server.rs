@@ -195,6 +195,11 @@ impl Server {
         for m in &self.maintenance {
             m.abort();
         }
+        // Aborting only asks; awaiting makes sure every task (and the store handle it holds) is
+        // gone when this returns.
+        for m in self.maintenance.drain(..) {
+            let _ = m.await;
+        }
         while self.tasks.join_next().await.is_some() {}
     }
 }
