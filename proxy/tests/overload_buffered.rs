@@ -90,8 +90,10 @@ async fn slow_readers_past_the_buffered_budget_are_shed_then_service_returns() {
     }
     assert!(settled <= idle + (64 << 10), "idle {idle}, now {settled}");
 
-    // A raw TCP relay to a reader that does not read: the splice pipe holds exact bytes.
-    let before = buffered_bytes();
+    // A raw TCP relay to a reader that does not read: the splice pipe holds exact bytes. The
+    // baseline is taken once the count is steady: the slow readers' connections may still be
+    // giving back their last buffers, which would hide the pipe's bytes.
+    let before = steady_buffered_bytes().await;
     let sock = TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let reader = sock.connect(sc.upstream_addrs["stream"]).await.unwrap();
@@ -118,4 +120,20 @@ async fn slow_readers_past_the_buffered_budget_are_shed_then_service_returns() {
     );
     stop.cancel();
     sc.wait().await;
+}
+
+/// [`buffered_bytes`] once it has not changed for 200 ms (or after 5 s).
+async fn steady_buffered_bytes() -> usize {
+    let mut last = buffered_bytes();
+    let mut same = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = buffered_bytes();
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+        if same >= 4 {
+            break;
+        }
+    }
+    last
 }
