@@ -346,30 +346,20 @@ pub(crate) const KNOWN_ACTIONS: &[&str] = &[
 ];
 
 /// Accepts connections until `shutdown` flips to true, then returns once every connection has
-/// ended, so nothing holds the registry (and its store) after the server stops.
-pub async fn serve(listener: TcpListener, front: Arc<Front>, shutdown: watch::Receiver<bool>) {
-    let mut conns = tokio::task::JoinSet::new();
-    accept_loop(listener, front, shutdown, &mut conns).await;
-    while conns.join_next().await.is_some() {}
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    front: Arc<Front>,
-    mut shutdown: watch::Receiver<bool>,
-    conns: &mut tokio::task::JoinSet<()>,
-) {
+/// ended (each ends on the same signal).
+pub async fn serve(listener: TcpListener, front: Arc<Front>, mut shutdown: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Connections end with the server: none may outlive it holding the registry (and its store).
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        // Reap finished connections so the set stays as small as the open ones.
-        while conns.try_join_next().is_some() {}
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.changed() => return,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.changed() => return,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            _ = shutdown.changed() => break,
         };
         let (stream, peer) = match accepted {
             Ok(s) => s,
@@ -399,4 +389,5 @@ async fn accept_loop(
             }
         });
     }
+    while conns.join_next().await.is_some() {}
 }

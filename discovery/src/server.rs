@@ -192,12 +192,10 @@ impl Server {
     /// Stops accepting, ends connections and background tasks.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        for m in &self.maintenance {
-            m.abort();
-        }
         // Aborting only asks; awaiting makes sure every task (and the store handle it holds) is
         // gone when this returns.
         for m in self.maintenance.drain(..) {
+            m.abort();
             let _ = m.await;
         }
         while self.tasks.join_next().await.is_some() {}
