@@ -639,6 +639,10 @@ fn health_checks_move_when_a_replica_dies() {
         "hc.local",
         json!({"HealthCheckConfig": {"Type": "TCP", "FailureThreshold": 1}}),
     );
+    // The service was created on a; b learns it through etcd's watch, which may lag a moment.
+    eventually(Duration::from_secs(10), "the service known to b", || {
+        api(b.api, "GetService", &json!({"Id": svc})).0 == 200
+    });
     // Eight instances (TCP checks: a listening socket is healthy): both replicas own some.
     let mut apps: Vec<std::net::TcpListener> = (0..8)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
