@@ -29,6 +29,10 @@ pub struct Sample {
     pub rss_kib: Option<u64>,
     /// Bytes per second, for throughput scenarios.
     pub bytes_per_sec: Option<f64>,
+    /// How busy the load generator's CPU was during the run (0–1), when processes are pinned:
+    /// near 1, the load generator and origin set the pace, not the subject.
+    #[serde(default)]
+    pub load_cpu_busy: Option<f64>,
 }
 
 const WRK_SCRIPT: &str = r#"

@@ -148,7 +148,9 @@ fn run(args: Args) -> Result<()> {
         }
         let r = match s {
             "http1-keepalive" => {
-                http::run(&ctx, http::Shape::KeepAlive, "trellis", http_subjects())?
+                let mut subjects = http_subjects();
+                subjects.push(Subject::floor());
+                http::run(&ctx, http::Shape::KeepAlive, "trellis", subjects)?
             }
             "http1-newconn" => {
                 http::run(&ctx, http::Shape::NewConnection, "trellis", http_subjects())?
@@ -215,6 +217,9 @@ fn build_trellis(root: &std::path::Path) -> Result<()> {
             "trellis-discovery",
             "-p",
             "trellis-ca",
+            // The floor subject of the keep-alive and LB scenarios (bench/src/floor.rs).
+            "-p",
+            "trellis-bench",
         ])
         .status()
         .context("running cargo build")?

@@ -20,6 +20,29 @@ pub fn cpu_split(pid: u32) -> (f64, f64) {
         })
 }
 
+/// Busy and total jiffies of one CPU so far (`/proc/stat`; idle and iowait are not busy).
+pub fn cpu_jiffies(cpu: &str) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&format!("cpu{cpu}")))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = f.iter().sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// The share of the time `cpu` was busy between two [`cpu_jiffies`] readings.
+pub fn busy_between(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let total = after.1.checked_sub(before.1)?;
+    let busy = after.0.checked_sub(before.0)?;
+    (total > 0).then(|| busy as f64 / total as f64)
+}
+
 /// Resident set size in KiB of `pid` and its descendants.
 pub fn rss_kib(pid: u32) -> u64 {
     tree(pid)

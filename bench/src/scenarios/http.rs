@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-use super::{Subject, kernel_note, measure_all, peers};
+use super::{Subject, ceiling_note, kernel_note, load_cpu_note, measure_all, peers};
 use crate::Ctx;
 use crate::load;
 use crate::proc::free_port;
@@ -81,6 +81,8 @@ pub fn run(
         }
     )];
     notes.extend(kernel_note(&rows));
+    notes.extend(load_cpu_note(&rows));
+    notes.extend(ceiling_note(&rows, "haproxy"));
     Ok(ScenarioResult {
         name: name.into(),
         title: title.into(),

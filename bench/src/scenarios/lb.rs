@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-use super::{Entry, Load, Subject, kernel_note, measure_interleaved, peers};
+use super::{
+    Entry, Load, Subject, ceiling_note, kernel_note, load_cpu_note, measure_interleaved, peers,
+};
 use crate::proc::{CONFIG, Launch, Proc, free_port};
 use crate::report::ScenarioResult;
 use crate::{Ctx, Role, load};
@@ -128,8 +130,10 @@ fn nginx(ctx: &Ctx, port: u16, origin: SocketAddr, n: usize) -> Result<Proc> {
     Ok(p)
 }
 
+/// trellis, HAProxy and nginx at `n` rules; at 1 rule also the floor (see `bench/src/floor.rs`),
+/// whose rate is the most any proxy could reach here.
 fn subjects(n: usize) -> Vec<Subject<'static>> {
-    vec![
+    let mut v = vec![
         Subject::new("trellis", move |ctx, port, origin| {
             trellis(ctx, port, origin, n)
                 .map(|p| (Some(p), SocketAddr::from(([127, 0, 0, 1], port))))
@@ -141,7 +145,11 @@ fn subjects(n: usize) -> Vec<Subject<'static>> {
         Subject::new("nginx", move |ctx, port, origin| {
             nginx(ctx, port, origin, n).map(|p| (Some(p), SocketAddr::from(([127, 0, 0, 1], port))))
         }),
-    ]
+    ];
+    if n == 1 {
+        v.push(Subject::floor());
+    }
+    v
 }
 
 /// One result per rule count (`lb-rules-1`, `lb-rules-100`, `lb-rules-1000`); the last one's notes
@@ -188,6 +196,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
             entries.len()
         )];
         notes.extend(kernel_note(&rows));
+        notes.extend(load_cpu_note(&rows));
+        notes.extend(ceiling_note(&rows, "haproxy"));
         let cpu_one = out.first().and_then(|first| cpu_of(&first.rows));
         if let (Some(now), Some(one)) = (cpu_of(&rows), cpu_one)
             && now > 0.0

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use crate::load::Sample;
 use crate::proc::{Proc, free_port};
 use crate::report::Row;
-use crate::{Ctx, resources};
+use crate::{Ctx, Role, resources};
 
 /// A way to start one subject in front of `origin`: returns its process (None for "direct") and the
 /// address the load generator should hit.
@@ -114,7 +114,10 @@ pub fn measure_interleaved(entries: &[Entry<'_>]) -> Result<Vec<Row>> {
         for k in 0..entries.len() {
             let i = (round + k) % entries.len();
             let (e, (proc, addr)) = (&entries[i], &started[i]);
-            let s = run_once(proc.as_ref(), &|| (e.load)(&e.ctx, *addr, e.ctx.duration))?;
+            let load_cpu = e.ctx.cpu_for(Role::Load);
+            let s = run_once(proc.as_ref(), load_cpu, &|| {
+                (e.load)(&e.ctx, *addr, e.ctx.duration)
+            })?;
             eprintln!(
                 "  {}: round {}/{runs}: {}",
                 e.subject.name,
@@ -152,8 +155,13 @@ pub fn measure_all(
     measure_interleaved(&entries)
 }
 
-/// One measured run: the load's sample plus the subject's CPU per request and RSS.
-fn run_once(proc: Option<&Proc>, load: &dyn Fn() -> Result<Sample>) -> Result<Sample> {
+/// One measured run: the load's sample plus the subject's CPU per request and RSS, and how busy
+/// the load generator's CPU (`load_cpu`, when pinned) was.
+fn run_once(
+    proc: Option<&Proc>,
+    load_cpu: Option<&str>,
+    load: &dyn Fn() -> Result<Sample>,
+) -> Result<Sample> {
     let pids = proc.map(Proc::pids);
     let cpu_of = |pids: &[u32]| {
         pids.iter()
@@ -161,7 +169,12 @@ fn run_once(proc: Option<&Proc>, load: &dyn Fn() -> Result<Sample>) -> Result<Sa
             .fold((0.0, 0.0), |(u, s), (pu, ps)| (u + pu, s + ps))
     };
     let cpu0 = pids.as_deref().map(cpu_of);
+    let jiffies = || load_cpu.and_then(resources::cpu_jiffies);
+    let load0 = jiffies();
     let mut s = load()?;
+    if let (Some(before), Some(after)) = (load0, jiffies()) {
+        s.load_cpu_busy = resources::busy_between(before, after);
+    }
     if let (Some(pids), Some((user0, sys0))) = (&pids, cpu0) {
         let (user, sys) = cpu_of(pids);
         if s.total > 0 {
@@ -207,4 +220,69 @@ pub fn kernel_note(rows: &[Row]) -> Option<String> {
         })
         .collect();
     (!parts.is_empty()).then(|| format!("CPU µs per request: {}.", parts.join("; ")))
+}
+
+/// How busy the load generator's CPU was behind each subject (medians over the runs), when the
+/// processes are pinned.
+pub fn load_cpu_note(rows: &[Row]) -> Option<String> {
+    let parts: Vec<String> = rows
+        .iter()
+        .filter(|r| r.runs.iter().all(|s| s.load_cpu_busy.is_some()))
+        .filter(|r| !r.runs.is_empty())
+        .map(|r| {
+            let busy = r.median(|s| s.load_cpu_busy.unwrap_or(0.0));
+            format!("{} {:.0}%", r.subject, busy * 100.0)
+        })
+        .collect();
+    (!parts.is_empty()).then(|| {
+        format!(
+            "Load CPU (wrk and the origin, CPU 0) busy: {}.",
+            parts.join(", ")
+        )
+    })
+}
+
+/// The ceiling the topology sets, from the `floor` subject: a pass-through that does almost
+/// nothing per request, so its rate is what the load generator and origin allow.
+pub fn ceiling_note(rows: &[Row], peer: &str) -> Option<String> {
+    let floor = rows.iter().find(|r| r.subject == FLOOR)?;
+    let peer_row = rows.iter().find(|r| r.subject == peer)?;
+    let (f, p) = (floor.rate(), peer_row.rate());
+    if p <= 0.0 {
+        return None;
+    }
+    let busy = floor.median(|s| s.load_cpu_busy.unwrap_or(0.0));
+    Some(format!(
+        "Ceiling: `{FLOOR}` (trellis-bench-floor: one pinned upstream connection per client, heads relayed raw, no routing, metrics or timeouts) reached {f:.0} req/s = {:.2}× {peer}{}; a proxy in the subject's seat cannot beat the load generator and origin that feed it, so {:.1}× {peer} ({:.0} req/s) is out of reach whenever the floor stays below it.",
+        f / p,
+        if busy > 0.0 {
+            format!(", with the load CPU {:.0}% busy", busy * 100.0)
+        } else {
+            String::new()
+        },
+        1.2,
+        1.2 * p,
+    ))
+}
+
+/// The name of the floor subject.
+pub const FLOOR: &str = "floor";
+
+impl Subject<'_> {
+    /// `trellis-bench-floor` in front of the origin (see `bench/src/floor.rs`).
+    pub fn floor() -> Self {
+        Subject::new(FLOOR, |ctx, port, origin| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let mut p = Proc::spawn_env(
+                ctx,
+                Role::Subject,
+                FLOOR,
+                &ctx.bin("trellis-bench-floor"),
+                &[&addr.to_string(), &origin.to_string()],
+                &[],
+            )?;
+            p.wait_tcp(ctx, addr)?;
+            Ok((Some(p), addr))
+        })
+    }
 }
