@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::Either;
+use http::Version;
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
@@ -107,30 +110,53 @@ impl UpstreamClient {
         self.main.send(req).await.map_err(classify)
     }
 
-    /// Sends to the endpoint at `addr` (the request's URI names the same endpoint).
+    /// Sends the request `parts` + `body` to the endpoint at `addr` (`authority` names it).
+    ///
+    /// On the plaintext HTTP/1.1 path the head is written from `parts` as they are, borrowed:
+    /// a caller that may retry keeps its head without a copy. Hyper's client (HTTP/2, mTLS,
+    /// CONNECT) gets a request of its own, addressed to `authority`, whose headers are cloned
+    /// when `keep` (another try may need them) and taken from `parts` otherwise.
     ///
     /// The response comes without hop-by-hop fields on either path.
     ///
-    /// Not an `async fn`: the plaintext HTTP/1.1 path returns the pool's future as it is, and
-    /// hyper's client (HTTP/2, mTLS, CONNECT) is boxed, so the future every request carries is
-    /// no bigger than the pool's (it is moved into place per request).
-    pub fn send_to(
-        &self,
+    /// Not an `async fn`: the plaintext path returns the pool's future as it is, and hyper's
+    /// client is boxed, so the future every request carries is no bigger than the pool's (it
+    /// is moved into place per request).
+    pub fn send_parts<'a>(
+        &'a self,
         addr: std::net::SocketAddr,
-        req: Request<ProxyBody>,
-    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + '_ {
+        authority: &Authority,
+        parts: &'a mut Parts,
+        body: ProxyBody,
+        keep: bool,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
         match &self.h1 {
             // CONNECT tunnels keep hyper's client, like upgrades.
-            Some(pool) if req.method() != hyper::Method::CONNECT => {
-                Either::Left(pool.send(addr, req))
+            Some(pool) if parts.method != hyper::Method::CONNECT => {
+                Either::Left(pool.send_parts(addr, parts, body))
             }
-            // Hop-by-hop fields leave here, where the response is made: the pool's parser never
-            // puts them in its header map.
-            _ => Either::Right(Box::pin(async move {
-                let mut resp = self.send(req).await?;
-                crate::forward::strip_hop_by_hop(resp.headers_mut());
-                Ok(resp.map(ProxyBody::from))
-            })),
+            _ => {
+                let mut up = Request::new(body);
+                *up.method_mut() = parts.method.clone();
+                *up.uri_mut() = endpoint_uri(authority, parts.uri.path_and_query());
+                *up.version_mut() = if self.h2_prior_knowledge {
+                    Version::HTTP_2
+                } else {
+                    Version::HTTP_11
+                };
+                *up.headers_mut() = if keep {
+                    parts.headers.clone()
+                } else {
+                    std::mem::take(&mut parts.headers)
+                };
+                // Hop-by-hop fields leave here, where the response is made: the pool's parser
+                // never puts them in its header map.
+                Either::Right(Box::pin(async move {
+                    let mut resp = self.send(up).await?;
+                    crate::forward::strip_hop_by_hop(resp.headers_mut());
+                    Ok(resp.map(ProxyBody::from))
+                }))
+            }
         }
     }
 
@@ -141,6 +167,18 @@ impl UpstreamClient {
     ) -> Result<Response<Incoming>, ProxyError> {
         self.upgrade.send(req).await.map_err(classify)
     }
+}
+
+/// `http://<authority><path and query>` (`/` when the request had none).
+pub fn endpoint_uri(authority: &Authority, path: Option<&PathAndQuery>) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(
+        path.cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"))
 }
 
 /// Decides by type: connect errors (refused, timed out, TLS refused) vs failures after sending.

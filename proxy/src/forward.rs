@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
-use crate::client::UpstreamClient;
+use crate::client::{UpstreamClient, endpoint_uri};
 use crate::clock;
 use crate::cluster::Cluster;
 use crate::error::ProxyError;
@@ -77,16 +76,6 @@ pub async fn forward(
         && policy.max_retries > 0
         && is_idempotent(&parts.method)
         && http_body::Body::is_end_stream(&body);
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let version = if client.is_h2() {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
     let mut body = Some(ProxyBody::from(body));
     let deadline = start + policy.request_timeout;
     let mut avoid: Option<SocketAddr> = None;
@@ -106,15 +95,6 @@ pub async fn forward(
         } else {
             body.take().unwrap_or_else(ProxyBody::empty)
         };
-        let mut up = Request::new(req_body);
-        *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = endpoint_uri(&ep.authority, &path);
-        *up.version_mut() = version;
-        *up.headers_mut() = if replayable {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
 
         let budget = deadline
             .saturating_duration_since(now)
@@ -122,13 +102,20 @@ pub async fn forward(
         let guard = ep.start();
         // The exchange is pinned where it is built: the timeout then wraps a pointer instead of
         // moving the exchange future twice more (into `Timeout`, then into this state). The
-        // rare upgrade path is boxed so it adds nothing to every request's state.
+        // rare upgrade path is boxed so it adds nothing to every request's state. The head
+        // stays in `parts` (borrowed by the exchange), ready for another try.
         let sent = if downstream_upgrade.is_some() {
+            let mut up = Request::new(req_body);
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = endpoint_uri(&ep.authority, parts.uri.path_and_query());
+            *up.headers_mut() = std::mem::take(&mut parts.headers);
             let upgrade =
                 Box::pin(async { Ok(client.send_upgrade(up).await?.map(ProxyBody::from)) });
             tokio::time::timeout_at(now + budget, upgrade).await
         } else {
-            tokio::time::timeout_at(now + budget, std::pin::pin!(client.send_to(ep.addr, up))).await
+            let exchange =
+                client.send_parts(ep.addr, &ep.authority, &mut parts, req_body, replayable);
+            tokio::time::timeout_at(now + budget, std::pin::pin!(exchange)).await
         };
         let result = match sent {
             Ok(r) => r,
@@ -267,14 +254,6 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
         "upgrade" => HOP_BY_HOP.len(),
         _ => return None,
     })
-}
-
-fn endpoint_uri(authority: &Authority, path: &PathAndQuery) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority.clone());
-    parts.path_and_query = Some(path.clone());
-    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"))
 }
 
 /// Copy buffer per direction of an upgraded connection (tokio's default size).

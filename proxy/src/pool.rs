@@ -14,7 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::{Request, Response};
+use http::request::Parts;
+use hyper::Response;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
@@ -70,11 +71,13 @@ impl H1Pool {
         })
     }
 
-    /// Sends `req` to `addr` over a pooled (or new) HTTP/1.1 connection.
-    pub async fn send(
+    /// Sends the request `parts` + `body` to `addr` over a pooled (or new) HTTP/1.1 connection.
+    /// The head is written from `parts` as they are (its URI's path and query, its headers).
+    pub async fn send_parts(
         self: &Arc<Self>,
         addr: SocketAddr,
-        mut req: Request<ProxyBody>,
+        parts: &Parts,
+        mut body: ProxyBody,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let mut stale = 0;
         loop {
@@ -88,12 +91,12 @@ impl H1Pool {
                 pool: Arc::clone(self),
                 addr,
             };
-            match h1::exchange(conn, req, release).await {
+            match h1::exchange(conn, parts, body, release).await {
                 Ok(resp) => return Ok(resp),
                 // Never written: the idle connection had closed. Try another one.
                 Err(SendError::NotSent(back)) if reused && stale < MAX_STALE_RETRIES => {
                     stale += 1;
-                    req = *back;
+                    body = *back;
                 }
                 Err(SendError::NotSent(_)) => return Err(ProxyError::UpstreamReset),
                 Err(SendError::Failed(e)) => {
@@ -158,6 +161,7 @@ impl H1Pool {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use hyper::Request;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -216,7 +220,8 @@ mod tests {
             .header("host", addr.to_string())
             .body(ProxyBody::full("ping"))
             .unwrap();
-        let resp = pool.send(addr, req).await?;
+        let (parts, body) = req.into_parts();
+        let resp = pool.send_parts(addr, &parts, body).await?;
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         Ok(String::from_utf8_lossy(&body).into_owned())
     }

@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::request::Parts;
-use http::{Request, Response};
+use http::{Method, Response};
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use tokio::io::AsyncWrite;
@@ -122,20 +122,22 @@ impl Wire {
 /// Why an exchange failed.
 pub enum SendError {
     /// Nothing of the request reached the connection (it had closed): it may go on another one.
-    NotSent(Box<Request<ProxyBody>>),
+    /// The body comes back; the head is the caller's still.
+    NotSent(Box<ProxyBody>),
     Failed(ProxyError),
 }
 
-/// Sends `req` on `conn` and resolves to the response once its head has arrived; the body
-/// follows from the same socket and hands the connection to `release` at its end.
-pub fn exchange(mut conn: Conn, req: Request<ProxyBody>, release: Release) -> Exchange {
-    let (parts, body) = req.into_parts();
+/// Sends the request `parts` + `body` on `conn` and resolves to the response once its head has
+/// arrived; the body follows from the same socket and hands the connection to `release` at its
+/// end. The head is written into the connection's buffer here, so `parts` is only borrowed for
+/// this call: a caller that may retry keeps its request head without copying it.
+pub fn exchange(mut conn: Conn, parts: &Parts, body: ProxyBody, release: Release) -> Exchange {
     let ended = body.is_end_stream();
-    let (framing, add_length) = head::request_framing(&parts, ended, body.size_hint().exact());
+    let (framing, add_length) = head::request_framing(parts, ended, body.size_hint().exact());
     let state = conn.state();
     state.wire.wbuf.clear();
     state.wire.wpos = 0;
-    head::encode_request(&parts, framing, add_length, &mut state.wire.wbuf);
+    head::encode_request(parts, framing, add_length, &mut state.wire.wbuf);
     let body = (!ended).then(|| match body {
         ProxyBody::Streamed { body } => ReqBody::Incoming(body),
         other => ReqBody::Other(Box::new(other)),
@@ -143,7 +145,7 @@ pub fn exchange(mut conn: Conn, req: Request<ProxyBody>, release: Release) -> Ex
     state.writer = Writer::new(body, framing);
     Exchange {
         conn: Some(conn),
-        parts: Some(parts),
+        method: parts.method.clone(),
         release: Some(release),
     }
 }
@@ -151,7 +153,8 @@ pub fn exchange(mut conn: Conn, req: Request<ProxyBody>, release: Release) -> Ex
 /// The future of [`exchange`].
 pub struct Exchange {
     conn: Option<Conn>,
-    parts: Option<Parts>,
+    /// The request's method: it decides whether the response has a body.
+    method: Method,
     release: Option<Release>,
 }
 
@@ -197,20 +200,15 @@ impl Exchange {
             Some(ReqBody::Other(b)) => *b,
             None => ProxyBody::empty(),
         };
-        match self.parts.take() {
-            Some(parts) => SendError::NotSent(Box::new(Request::from_parts(parts, body))),
-            None => SendError::Failed(ProxyError::UpstreamReset),
-        }
+        SendError::NotSent(Box::new(body))
     }
 
     fn respond(&mut self, head: head::ResponseHead) -> Result<Response<ProxyBody>, SendError> {
         let failed = || SendError::Failed(ProxyError::UpstreamReset);
-        let (Some(conn), Some(parts), Some(release)) =
-            (self.conn.take(), self.parts.take(), self.release.take())
-        else {
+        let (Some(conn), Some(release)) = (self.conn.take(), self.release.take()) else {
             return Err(failed());
         };
-        let (framing, keep_alive) = head.framing(&parts.method).map_err(|e| {
+        let (framing, keep_alive) = head.framing(&self.method).map_err(|e| {
             tracing::debug!(error = %e, "upstream response rejected");
             failed()
         })?;

@@ -128,7 +128,8 @@ async fn send(
         .header("host", addr.to_string())
         .body(body)
         .unwrap();
-    let resp = pool.send(addr, req).await?;
+    let (parts, body) = req.into_parts();
+    let resp = pool.send_parts(addr, &parts, body).await?;
     let (parts, body) = resp.into_parts();
     let body = body
         .collect()

@@ -231,11 +231,6 @@ pub async fn handle(
                     // another one.
                     let retryable = body.is_end_stream();
                     let mut body = Some(ProxyBody::from(body));
-                    let pq = parts
-                        .uri
-                        .path_and_query()
-                        .cloned()
-                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
                     prepare_headers(&mut parts, &peer, l.scheme());
                     let attempts = if retryable { MAX_ATTEMPTS } else { 1 };
                     let mut avoid = None;
@@ -245,23 +240,14 @@ pub async fn handle(
                             break 'forward Err(ForwardError::NoTarget(group.name.to_string()));
                         };
                         let addr = inflight.target().addr;
-                        let uri = match http::Uri::builder()
-                            .scheme(http::uri::Scheme::HTTP)
-                            .authority(inflight.target().authority.clone())
-                            .path_and_query(pq.clone())
-                            .build()
-                        {
-                            Ok(uri) => uri,
-                            Err(e) => break 'forward Err(ForwardError::BadRequest(e.to_string())),
-                        };
-                        let mut up = Request::new(body.take().unwrap_or_else(ProxyBody::empty));
-                        *up.method_mut() = parts.method.clone();
-                        *up.uri_mut() = uri;
-                        *up.headers_mut() = if attempt == attempts {
-                            std::mem::take(&mut parts.headers)
-                        } else {
-                            parts.headers.clone()
-                        };
+                        // The head stays in `parts` (borrowed by the exchange) for another try.
+                        let exchange = shared.client.send_parts(
+                            addr,
+                            &inflight.target().authority,
+                            &mut parts,
+                            body.take().unwrap_or_else(ProxyBody::empty),
+                            attempt < attempts,
+                        );
 
                         // One clock read per try (the first starts when the request did).
                         let t0 = if attempt == 1 { start } else { Instant::now() };
@@ -269,7 +255,7 @@ pub async fn handle(
                         // exchange future.
                         let result = tokio::time::timeout_at(
                             t0 + shared.limits.request_timeout,
-                            std::pin::pin!(shared.client.send_to(addr, up)),
+                            std::pin::pin!(exchange),
                         )
                         .await;
                         let (status, out) = match result {
