@@ -113,9 +113,14 @@ pub async fn forward(
                 Box::pin(async { Ok(client.send_upgrade(up).await?.map(ProxyBody::from)) });
             tokio::time::timeout_at(now + budget, upgrade).await
         } else {
-            let exchange =
-                client.send_parts(ep.addr, &ep.authority, &mut parts, req_body, replayable);
-            tokio::time::timeout_at(now + budget, std::pin::pin!(exchange)).await
+            let exchange = std::pin::pin!(client.send_parts(
+                ep.addr,
+                &ep.authority,
+                &mut parts,
+                req_body,
+                replayable
+            ));
+            tokio::time::timeout_at(now + budget, exchange).await
         };
         let result = match sent {
             Ok(r) => r,

@@ -241,23 +241,21 @@ pub async fn handle(
                         };
                         let addr = inflight.target().addr;
                         // The head stays in `parts` (borrowed by the exchange) for another try.
-                        let exchange = shared.client.send_parts(
+                        let exchange = std::pin::pin!(shared.client.send_parts(
                             addr,
                             &inflight.target().authority,
                             &mut parts,
                             body.take().unwrap_or_else(ProxyBody::empty),
                             attempt < attempts,
-                        );
+                        ));
 
                         // One clock read per try (the first starts when the request did).
                         let t0 = if attempt == 1 { start } else { Instant::now() };
                         // Pinned in place: the timeout wraps a pointer instead of moving the
                         // exchange future.
-                        let result = tokio::time::timeout_at(
-                            t0 + shared.limits.request_timeout,
-                            std::pin::pin!(exchange),
-                        )
-                        .await;
+                        let result =
+                            tokio::time::timeout_at(t0 + shared.limits.request_timeout, exchange)
+                                .await;
                         let (status, out) = match result {
                             Ok(Ok(resp)) => {
                                 let status = resp.status().as_u16();
