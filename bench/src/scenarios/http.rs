@@ -82,7 +82,7 @@ pub fn run(
     )];
     notes.extend(kernel_note(&rows));
     notes.extend(load_cpu_note(&rows));
-    notes.extend(ceiling_note(&rows, "haproxy"));
+    notes.extend(ceiling_note(&rows, "trellis", "haproxy", 1.2));
     Ok(ScenarioResult {
         name: name.into(),
         title: title.into(),

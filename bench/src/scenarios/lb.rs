@@ -197,7 +197,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
         )];
         notes.extend(kernel_note(&rows));
         notes.extend(load_cpu_note(&rows));
-        notes.extend(ceiling_note(&rows, "haproxy"));
+        notes.extend(ceiling_note(&rows, "trellis", "haproxy", 1.2));
         let cpu_one = out.first().and_then(|first| cpu_of(&first.rows));
         if let (Some(now), Some(one)) = (cpu_of(&rows), cpu_one)
             && now > 0.0

@@ -243,26 +243,43 @@ pub fn load_cpu_note(rows: &[Row]) -> Option<String> {
 }
 
 /// The ceiling the topology sets, from the `floor` subject: a pass-through that does almost
-/// nothing per request, so its rate is what the load generator and origin allow.
-pub fn ceiling_note(rows: &[Row], peer: &str) -> Option<String> {
-    let floor = rows.iter().find(|r| r.subject == FLOOR)?;
-    let peer_row = rows.iter().find(|r| r.subject == peer)?;
-    let (f, p) = (floor.rate(), peer_row.rate());
-    if p <= 0.0 {
+/// nothing per request, so its rate is what the load generator and origin allow. Says how close
+/// `ours` came to it and whether `target` × `peer` was within reach in this run.
+pub fn ceiling_note(rows: &[Row], ours: &str, peer: &str, target: f64) -> Option<String> {
+    let rate = |name: &str| rows.iter().find(|r| r.subject == name).map(Row::rate);
+    let (f, p) = (rate(FLOOR)?, rate(peer)?);
+    if p <= 0.0 || f <= 0.0 {
         return None;
     }
+    let floor = rows.iter().find(|r| r.subject == FLOOR)?;
     let busy = floor.median(|s| s.load_cpu_busy.unwrap_or(0.0));
-    Some(format!(
-        "Ceiling: `{FLOOR}` (trellis-bench-floor: one pinned upstream connection per client, heads relayed raw, no routing, metrics or timeouts) reached {f:.0} req/s = {:.2}× {peer}{}; a proxy in the subject's seat cannot beat the load generator and origin that feed it, so {:.1}× {peer} ({:.0} req/s) is out of reach whenever the floor stays below it.",
+    let goal = target * p;
+    let mut note = format!(
+        "Ceiling: `{FLOOR}` (trellis-bench-floor: one pinned upstream connection per client, heads relayed raw, no routing, metrics or timeouts) reached {f:.0} req/s = {:.2}× {peer}{}: no proxy in the subject's seat goes faster than the load generator and origin that feed it.",
         f / p,
         if busy > 0.0 {
             format!(", with the load CPU {:.0}% busy", busy * 100.0)
         } else {
             String::new()
         },
-        1.2,
-        1.2 * p,
-    ))
+    );
+    if let Some(o) = rate(ours) {
+        note.push_str(&format!(
+            " {ours} reached {:.0}% of the floor.",
+            o * 100.0 / f
+        ));
+    }
+    if goal > f {
+        note.push_str(&format!(
+            " The target, {target:.1}× {peer} ({goal:.0} req/s), was above this run's ceiling."
+        ));
+    } else {
+        note.push_str(&format!(
+            " The target, {target:.1}× {peer} ({goal:.0} req/s), needed {ours} at ≥ {:.0}% of the floor.",
+            goal * 100.0 / f
+        ));
+    }
+    Some(note)
 }
 
 /// The name of the floor subject.
@@ -284,5 +301,40 @@ impl Subject<'_> {
             p.wait_tcp(ctx, addr)?;
             Ok((Some(p), addr))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(subject: &str, rate: f64) -> Row {
+        Row {
+            subject: subject.into(),
+            runs: vec![Sample {
+                rate,
+                load_cpu_busy: Some(0.99),
+                ..Sample::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn ceiling_note_says_whether_the_target_was_reachable() {
+        let rows = vec![row("trellis", 81.0), row("haproxy", 76.0), row(FLOOR, 88.0)];
+        let note = ceiling_note(&rows, "trellis", "haproxy", 1.2).unwrap_or_default();
+        assert!(note.contains("1.16× haproxy"), "{note}");
+        assert!(note.contains("load CPU 99% busy"), "{note}");
+        assert!(note.contains("trellis reached 92% of the floor"), "{note}");
+        assert!(note.contains("above this run's ceiling"), "{note}");
+
+        let rows = vec![row("trellis", 80.0), row("haproxy", 72.0), row(FLOOR, 90.0)];
+        let note = ceiling_note(&rows, "trellis", "haproxy", 1.2).unwrap_or_default();
+        assert!(
+            note.contains("needed trellis at ≥ 96% of the floor"),
+            "{note}"
+        );
+
+        assert!(ceiling_note(&rows[..2], "trellis", "haproxy", 1.2).is_none());
     }
 }
