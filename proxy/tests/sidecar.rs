@@ -186,6 +186,19 @@ async fn retries_hide_a_failing_endpoint() {
         bad.hits.load(std::sync::atomic::Ordering::SeqCst) > 0,
         "the bad endpoint was tried"
     );
+    // A retried request arrives whole: the same path, query and headers as the first try (two
+    // of three first tries meet the bad or the closed endpoint).
+    for _ in 0..12 {
+        let req = Request::get(format!("http://{port}/headers?q=1"))
+            .header("x-probe", "kept")
+            .body(body(""))
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let echoed = resp.into_body().collect().await.unwrap().to_bytes();
+        let echoed = String::from_utf8_lossy(&echoed);
+        assert!(echoed.contains("x-probe: kept"), "{echoed}");
+    }
     // Non-idempotent requests are not retried.
     let mut saw_failure = false;
     for _ in 0..6 {
