@@ -158,7 +158,11 @@ fn run(args: Args) -> Result<()> {
             "http1-large" => http::run(&ctx, http::Shape::Large, "trellis", http_subjects())?,
             "http2" => http::run_h2(&ctx, "trellis", h2_subjects())?,
             "mtls-pair" => mtls::run(&ctx)?,
-            "instructions" => instructions::run(&ctx, http_subjects())?,
+            "instructions" => {
+                let mut subjects = http_subjects();
+                subjects.push(Subject::floor());
+                instructions::run(&ctx, subjects)?
+            }
             "tcp" => tcp::run(&ctx, "trellis", tcp_subjects())?,
             _ => unreachable!("checked above"),
         };
