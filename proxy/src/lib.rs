@@ -42,6 +42,7 @@ mod relay;
 mod retry;
 pub mod route;
 mod server;
+mod shared_timer;
 mod sidecar;
 mod splice;
 mod tls;

@@ -48,8 +48,10 @@ const MIN_BUF_SIZE: usize = 8192;
 pub fn builder(limits: &LimitsConfig) -> HttpServer {
     let buffer_cap = limits.max_header_bytes.max(MIN_BUF_SIZE);
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper arms the header-read timeout for every request head: a shared timer makes that a
+    // slot in one table instead of an entry in tokio's timer wheel (`shared_timer.rs`).
     b.http1()
-        .timer(TokioTimer::new())
+        .timer(crate::shared_timer::SharedTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(buffer_cap)
         .keep_alive(true);

@@ -263,8 +263,10 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
 
 fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper arms the header-read timeout for every request head: a shared timer makes that a
+    // slot in one table instead of an entry in tokio's timer wheel (`shared_timer.rs`).
     b.http1()
-        .timer(TokioTimer::new())
+        .timer(crate::shared_timer::SharedTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
         .max_headers(MAX_HEADERS);
