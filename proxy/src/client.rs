@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::pool::H1Pool;
+use crate::shared_timer::SharedTimer;
 use crate::tls::MtlsConnector;
 
 /// Idle pooled connections kept per endpoint.
@@ -50,6 +51,8 @@ pub struct UpstreamClient {
     h2_prior_knowledge: bool,
     /// Plaintext HTTP/1.1: the lean pool of `pool.rs` instead of `main`.
     h1: Option<Arc<H1Pool>>,
+    /// Per-try timeouts (`shared_timer.rs`: a slot per try instead of a timer-wheel entry).
+    timer: SharedTimer,
 }
 
 fn builder(idle_timeout: Duration, h2_only: bool) -> hyper_util::client::legacy::Builder {
@@ -77,6 +80,7 @@ impl UpstreamClient {
             upgrade,
             h2_prior_knowledge: h2,
             h1: (!h2).then(|| H1Pool::new(connect_timeout, idle_timeout)),
+            timer: SharedTimer::new(),
         }
     }
 
@@ -98,7 +102,13 @@ impl UpstreamClient {
             upgrade,
             h2_prior_knowledge: false,
             h1: None,
+            timer: SharedTimer::new(),
         }
+    }
+
+    /// The timer for per-try timeouts.
+    pub fn timer(&self) -> &SharedTimer {
+        &self.timer
     }
 
     /// Whether requests must be sent as HTTP/2 (prior knowledge); otherwise ALPN decides.

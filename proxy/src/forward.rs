@@ -111,7 +111,10 @@ pub async fn forward(
             *up.headers_mut() = std::mem::take(&mut parts.headers);
             let upgrade =
                 Box::pin(async { Ok(client.send_upgrade(up).await?.map(ProxyBody::from)) });
-            tokio::time::timeout_at(now + budget, upgrade).await
+            client
+                .timer()
+                .within((now + budget).into_std(), upgrade)
+                .await
         } else {
             let exchange = std::pin::pin!(client.send_parts(
                 ep.addr,
@@ -120,7 +123,10 @@ pub async fn forward(
                 req_body,
                 replayable
             ));
-            tokio::time::timeout_at(now + budget, exchange).await
+            client
+                .timer()
+                .within((now + budget).into_std(), exchange)
+                .await
         };
         let result = match sent {
             Ok(r) => r,

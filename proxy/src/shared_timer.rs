@@ -151,13 +151,55 @@ impl Default for SharedTimer {
     }
 }
 
+/// The clock deadlines are measured on: tokio's (which follows a paused test clock), as a std
+/// `Instant` like hyper's.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 impl hyper::rt::Timer for SharedTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(Instant::now() + duration)
+        self.sleep_until(now() + duration)
+    }
+
+    fn now(&self) -> Instant {
+        now()
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
         Box::pin(self.sleep_at(deadline))
+    }
+}
+
+/// The deadline passed before the future finished (see [`SharedTimer::within`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed;
+
+impl SharedTimer {
+    /// `fut`, or [`Elapsed`] once `deadline` passes: tokio's `timeout_at` on this timer.
+    pub fn within<F: Future + Unpin>(&self, deadline: Instant, fut: F) -> Within<F> {
+        Within {
+            fut,
+            sleep: self.sleep_at(deadline),
+        }
+    }
+}
+
+/// The future of [`SharedTimer::within`].
+pub struct Within<F> {
+    fut: F,
+    sleep: SharedSleep,
+}
+
+impl<F: Future + Unpin> Future for Within<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(v) = Pin::new(&mut this.fut).poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        Pin::new(&mut this.sleep).poll(cx).map(|()| Err(Elapsed))
     }
 }
 
@@ -241,7 +283,7 @@ async fn drive(shared: Weak<Shared>) {
             if t.closed {
                 return;
             }
-            let (wakers, next) = t.fire_due(Instant::now());
+            let (wakers, next) = t.fire_due(now());
             t.next_look = next;
             (wakers, next)
         };
@@ -306,6 +348,27 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), both)
             .await
             .expect("both sleeps fire");
+    }
+
+    #[tokio::test]
+    async fn within_gives_the_result_or_elapsed() {
+        let timer = SharedTimer::new();
+        let start = Instant::now();
+        let quick = timer.within(start + Duration::from_secs(30), std::future::ready(7));
+        assert_eq!(quick.await, Ok(7));
+        let never = timer.within(start + ms(40), std::future::pending::<()>());
+        assert_eq!(never.await, Err(Elapsed));
+        assert!(start.elapsed() >= ms(40));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_follow_a_paused_tokio_clock() {
+        let timer = SharedTimer::new();
+        let at = hyper::rt::Timer::now(&timer) + Duration::from_secs(3600);
+        // Paused: tokio jumps its clock to the driver's next deadline when everything idles.
+        tokio::time::timeout(Duration::from_secs(7200), timer.sleep_at(at))
+            .await
+            .expect("fired on the paused clock");
     }
 
     #[tokio::test]

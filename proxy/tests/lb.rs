@@ -661,6 +661,33 @@ action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
 }
 
 #[tokio::test]
+async fn a_slow_target_gets_504_at_the_request_timeout() {
+    let a = upstream("a").await;
+    let cfg = format!(
+        r#"{}
+[limits]
+request_timeout = "100ms"
+{LISTENER}
+[[listener.rule]]
+name = "all"
+priority = 1
+action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
+"#,
+        group("a", &[&a], "")
+    );
+    let (_h, base, _) = lb(&cfg).await;
+    let c = client();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        // The target answers `/slow` after 400 ms.
+        assert_eq!(get(&c, &format!("{base}/slow")).await.status, 504);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(390), "answered after {took:?}");
+        assert_eq!(get(&c, &format!("{base}/")).await.status, 200);
+    }
+}
+
+#[tokio::test]
 async fn header_limits_and_slowloris() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let a = upstream("a").await;

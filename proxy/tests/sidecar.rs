@@ -221,6 +221,32 @@ async fn retries_hide_a_failing_endpoint() {
 }
 
 #[tokio::test]
+async fn a_slow_upstream_gets_504_at_the_per_try_timeout_and_the_next_request_is_served() {
+    let a = app("a", None).await;
+    // The shared test config's per-try timeout is 2 s: 100 ms here.
+    let config = static_upstream("max_retries = 0", &[a.addr])
+        .replace("per_try_timeout = \"2s\"", "per_try_timeout = \"100ms\"");
+    assert!(config.contains("per_try_timeout = \"100ms\""));
+    let (sc, stop) = sidecar(&config).await;
+    let port = sc.upstream_addrs["api"];
+    let c = h1_client();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        // The app answers `/slow` after 400 ms.
+        assert_eq!(get(&c, &format!("http://{port}/slow")).await.0, 504);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(100) && took < Duration::from_millis(390),
+            "answered after {took:?}"
+        );
+        // The abandoned exchange's connection is not reused for the next request.
+        assert_eq!(get(&c, &format!("http://{port}/")).await.0, 200);
+    }
+    stop.cancel();
+    sc.wait().await;
+}
+
+#[tokio::test]
 async fn outlier_ejection_removes_a_5xx_endpoint() {
     let good = app("good", None).await;
     let bad = app("bad", Some(500)).await;

@@ -253,9 +253,11 @@ pub async fn handle(
                         let t0 = if attempt == 1 { start } else { Instant::now() };
                         // Pinned in place: the timeout wraps a pointer instead of moving the
                         // exchange future.
-                        let result =
-                            tokio::time::timeout_at(t0 + shared.limits.request_timeout, exchange)
-                                .await;
+                        let result = shared
+                            .client
+                            .timer()
+                            .within((t0 + shared.limits.request_timeout).into_std(), exchange)
+                            .await;
                         let (status, out) = match result {
                             Ok(Ok(resp)) => {
                                 let status = resp.status().as_u16();
