@@ -252,14 +252,18 @@ impl Future for SharedSleep {
         if earlier {
             table.next_look = Some(this.deadline);
         }
-        let start = !table.driver_started;
-        table.driver_started = true;
+        // The driver starts on the runtime of the first sleep polled inside one.
+        let runtime = if table.driver_started {
+            None
+        } else {
+            tokio::runtime::Handle::try_current().ok()
+        };
+        table.driver_started |= runtime.is_some();
         drop(table);
-        if start {
-            // Polled inside a task, so there is a runtime to spawn on.
-            tokio::spawn(drive(Arc::downgrade(&this.shared)));
-        } else if earlier {
-            this.shared.notify.notify_one();
+        match runtime {
+            Some(rt) => drop(rt.spawn(drive(Arc::downgrade(&this.shared)))),
+            None if earlier => this.shared.notify.notify_one(),
+            None => {}
         }
         Poll::Pending
     }
