@@ -660,21 +660,26 @@ action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
     );
 }
 
-#[tokio::test]
-async fn a_slow_target_gets_504_at_the_request_timeout() {
-    let a = upstream("a").await;
-    let cfg = format!(
+/// One listener whose only rule forwards everything to group `a` (target `a`), with `limits`.
+fn all_to_a(a: &Upstream, limits: &str) -> String {
+    format!(
         r#"{}
 [limits]
-request_timeout = "100ms"
+{limits}
 {LISTENER}
 [[listener.rule]]
 name = "all"
 priority = 1
 action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
 "#,
-        group("a", &[&a], "")
-    );
+        group("a", &[a], "")
+    )
+}
+
+#[tokio::test]
+async fn a_slow_target_gets_504_at_the_request_timeout() {
+    let a = upstream("a").await;
+    let cfg = all_to_a(&a, "request_timeout = \"100ms\"");
     let (_h, base, _) = lb(&cfg).await;
     let c = client();
     for _ in 0..3 {
@@ -691,18 +696,9 @@ action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
 async fn header_limits_and_slowloris() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let a = upstream("a").await;
-    let cfg = format!(
-        r#"{}
-[limits]
-header_read_timeout = "300ms"
-max_header_bytes = 8192
-{LISTENER}
-[[listener.rule]]
-name = "all"
-priority = 1
-action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
-"#,
-        group("a", &[&a], "")
+    let cfg = all_to_a(
+        &a,
+        "header_read_timeout = \"300ms\"\nmax_header_bytes = 8192",
     );
     let (h, base, _) = lb(&cfg).await;
     let addr = h.listeners[0].1;
