@@ -111,11 +111,6 @@ impl UpstreamClient {
         &self.timer
     }
 
-    /// Whether requests must be sent as HTTP/2 (prior knowledge); otherwise ALPN decides.
-    pub fn is_h2(&self) -> bool {
-        self.h2_prior_knowledge
-    }
-
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
         self.main.send(req).await.map_err(classify)
     }

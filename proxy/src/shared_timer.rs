@@ -64,10 +64,7 @@ struct Table {
 
 enum Slot {
     Vacant,
-    Armed {
-        deadline: Instant,
-        waker: Option<Waker>,
-    },
+    Armed { deadline: Instant, waker: Waker },
     Fired,
 }
 
@@ -98,27 +95,30 @@ impl Table {
         let mut wakers = Vec::new();
         let mut next: Option<Instant> = None;
         for slot in &mut self.slots {
-            if let Slot::Armed { deadline, waker } = slot {
-                if *deadline <= now {
-                    wakers.extend(waker.take());
-                    *slot = Slot::Fired;
-                } else {
+            match slot {
+                Slot::Armed { deadline, .. } if *deadline <= now => wakers.extend(fire(slot)),
+                Slot::Armed { deadline, .. } => {
                     next = Some(next.map_or(*deadline, |n| n.min(*deadline)));
                 }
+                Slot::Vacant | Slot::Fired => {}
             }
         }
         (wakers, next)
     }
 
     fn fire_all(&mut self) -> Vec<Waker> {
-        let mut wakers = Vec::new();
-        for slot in &mut self.slots {
-            if let Slot::Armed { waker, .. } = slot {
-                wakers.extend(waker.take());
-                *slot = Slot::Fired;
-            }
+        self.slots.iter_mut().filter_map(fire).collect()
+    }
+}
+
+/// Marks an armed slot fired and returns its waker; other slots stay as they are.
+fn fire(slot: &mut Slot) -> Option<Waker> {
+    match std::mem::replace(slot, Slot::Fired) {
+        Slot::Armed { waker, .. } => Some(waker),
+        other => {
+            *slot = other;
+            None
         }
-        wakers
     }
 }
 
@@ -141,6 +141,14 @@ impl SharedTimer {
             deadline,
             key: None,
             done: false,
+        }
+    }
+
+    /// `fut`, or [`Elapsed`] once `deadline` passes: tokio's `timeout_at` on this timer.
+    pub fn within<F: Future + Unpin>(&self, deadline: Instant, fut: F) -> Within<F> {
+        Within {
+            fut,
+            sleep: self.sleep_at(deadline),
         }
     }
 }
@@ -174,16 +182,6 @@ impl hyper::rt::Timer for SharedTimer {
 /// The deadline passed before the future finished (see [`SharedTimer::within`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed;
-
-impl SharedTimer {
-    /// `fut`, or [`Elapsed`] once `deadline` passes: tokio's `timeout_at` on this timer.
-    pub fn within<F: Future + Unpin>(&self, deadline: Instant, fut: F) -> Within<F> {
-        Within {
-            fut,
-            sleep: self.sleep_at(deadline),
-        }
-    }
-}
 
 /// The future of [`SharedTimer::within`].
 pub struct Within<F> {
@@ -225,9 +223,8 @@ impl Future for SharedSleep {
         if let Some(key) = this.key {
             return match table.slots.get_mut(key) {
                 Some(Slot::Armed { waker, .. }) => {
-                    match waker {
-                        Some(w) if w.will_wake(cx.waker()) => {}
-                        _ => *waker = Some(cx.waker().clone()),
+                    if !waker.will_wake(cx.waker()) {
+                        *waker = cx.waker().clone();
                     }
                     Poll::Pending
                 }
@@ -245,7 +242,7 @@ impl Future for SharedSleep {
         }
         let key = table.insert(Slot::Armed {
             deadline: this.deadline,
-            waker: Some(cx.waker().clone()),
+            waker: cx.waker().clone(),
         });
         this.key = Some(key);
         let earlier = table.next_look.is_none_or(|t| this.deadline < t);

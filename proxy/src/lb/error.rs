@@ -12,8 +12,6 @@ pub enum ForwardError {
     Upstream(String),
     #[error("upstream did not answer in time")]
     UpstreamTimeout,
-    #[error("bad request: {0}")]
-    BadRequest(String),
 }
 
 impl ForwardError {
@@ -23,7 +21,6 @@ impl ForwardError {
             ForwardError::NoTarget(_) => StatusCode::SERVICE_UNAVAILABLE,
             ForwardError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ForwardError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ForwardError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
     }
 }
