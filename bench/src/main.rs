@@ -147,22 +147,19 @@ fn run(args: Args) -> Result<()> {
             continue;
         }
         let r = match s {
-            "http1-keepalive" => {
-                let mut subjects = http_subjects();
-                subjects.push(Subject::floor());
-                http::run(&ctx, http::Shape::KeepAlive, "trellis", subjects)?
-            }
+            "http1-keepalive" => http::run(
+                &ctx,
+                http::Shape::KeepAlive,
+                "trellis",
+                http_subjects_and_floor(),
+            )?,
             "http1-newconn" => {
                 http::run(&ctx, http::Shape::NewConnection, "trellis", http_subjects())?
             }
             "http1-large" => http::run(&ctx, http::Shape::Large, "trellis", http_subjects())?,
             "http2" => http::run_h2(&ctx, "trellis", h2_subjects())?,
             "mtls-pair" => mtls::run(&ctx)?,
-            "instructions" => {
-                let mut subjects = http_subjects();
-                subjects.push(Subject::floor());
-                instructions::run(&ctx, subjects)?
-            }
+            "instructions" => instructions::run(&ctx, http_subjects_and_floor())?,
             "tcp" => tcp::run(&ctx, "trellis", tcp_subjects())?,
             _ => unreachable!("checked above"),
         };
@@ -194,6 +191,13 @@ fn http_subjects() -> Vec<Subject<'static>> {
     http::standard_subjects(vec![Subject::new("trellis", |ctx, port, origin| {
         trellis::sidecar(ctx, port, origin, false)
     })])
+}
+
+/// [`http_subjects`] plus the floor (the topology's ceiling, `bench/src/floor.rs`).
+fn http_subjects_and_floor() -> Vec<Subject<'static>> {
+    let mut v = http_subjects();
+    v.push(Subject::floor());
+    v
 }
 
 fn h2_subjects() -> Vec<Subject<'static>> {

@@ -23,9 +23,10 @@ pub fn cpu_split(pid: u32) -> (f64, f64) {
 /// Busy and total jiffies of one CPU so far (`/proc/stat`; idle and iowait are not busy).
 pub fn cpu_jiffies(cpu: &str) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{cpu}");
     let line = stat
         .lines()
-        .find(|l| l.split_whitespace().next() == Some(&format!("cpu{cpu}")))?;
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
     let f: Vec<u64> = line
         .split_whitespace()
         .skip(1)

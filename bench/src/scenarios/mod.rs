@@ -246,12 +246,12 @@ pub fn load_cpu_note(rows: &[Row]) -> Option<String> {
 /// nothing per request, so its rate is what the load generator and origin allow. Says how close
 /// `ours` came to it and whether `target` × `peer` was within reach in this run.
 pub fn ceiling_note(rows: &[Row], ours: &str, peer: &str, target: f64) -> Option<String> {
-    let rate = |name: &str| rows.iter().find(|r| r.subject == name).map(Row::rate);
-    let (f, p) = (rate(FLOOR)?, rate(peer)?);
+    let row = |name: &str| rows.iter().find(|r| r.subject == name);
+    let floor = row(FLOOR)?;
+    let (f, p) = (floor.rate(), row(peer)?.rate());
     if p <= 0.0 || f <= 0.0 {
         return None;
     }
-    let floor = rows.iter().find(|r| r.subject == FLOOR)?;
     let busy = floor.median(|s| s.load_cpu_busy.unwrap_or(0.0));
     let goal = target * p;
     let mut note = format!(
@@ -263,7 +263,7 @@ pub fn ceiling_note(rows: &[Row], ours: &str, peer: &str, target: f64) -> Option
             String::new()
         },
     );
-    if let Some(o) = rate(ours) {
+    if let Some(o) = row(ours).map(Row::rate) {
         note.push_str(&format!(
             " {ours} reached {:.0}% of the floor.",
             o * 100.0 / f
