@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::body::ProxyBody;
 use http::Request;
 use http::header::HOST;
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -191,7 +191,7 @@ impl Egress {
 }
 
 /// The upstream position for a request's `Host` (or `:authority`), port ignored.
-fn upstream_by_host(routes: &HashMap<String, usize>, req: &Request<Incoming>) -> Option<usize> {
+fn upstream_by_host(routes: &HashMap<String, usize>, req: &Request<ProxyBody>) -> Option<usize> {
     let host = req
         .headers()
         .get(HOST)

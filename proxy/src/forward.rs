@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
@@ -45,7 +44,7 @@ pub async fn forward(
     client: &UpstreamClient,
     cluster: &Cluster,
     policy: ForwardPolicy,
-    mut req: Request<Incoming>,
+    mut req: Request<ProxyBody>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let Some(_slot) = cluster.breaker.try_acquire() else {
@@ -76,7 +75,7 @@ pub async fn forward(
         && policy.max_retries > 0
         && is_idempotent(&parts.method)
         && http_body::Body::is_end_stream(&body);
-    let mut body = Some(ProxyBody::from(body));
+    let mut body = Some(body);
     let deadline = start + policy.request_timeout;
     let mut avoid: Option<SocketAddr> = None;
     let mut attempt = 0u32;

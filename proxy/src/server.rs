@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::body::ProxyBody;
 use crate::buffered::{Held, HeldBody};
 use crate::config::LimitsConfig;
+use crate::h1::{Ended, ServerLimits};
 
 /// Which protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,8 @@ pub enum HttpMode {
 pub struct HttpServer {
     builder: auto::Builder<TokioExecutor>,
     buffer_cap: usize,
+    /// The HTTP/1.1 loop's limits ([`crate::h1::serve`]): the same as hyper's, on the same timer.
+    h1: ServerLimits,
 }
 
 impl std::fmt::Debug for HttpServer {
@@ -48,10 +51,11 @@ const MIN_BUF_SIZE: usize = 8192;
 pub fn builder(limits: &LimitsConfig) -> HttpServer {
     let buffer_cap = limits.max_header_bytes.max(MIN_BUF_SIZE);
     let mut b = auto::Builder::new(TokioExecutor::new());
-    // hyper arms the header-read timeout for every request head: a shared timer makes that a
+    // The header-read timeout is armed for every request head: a shared timer makes that a
     // slot in one table instead of an entry in tokio's timer wheel (`shared_timer.rs`).
+    let timer = crate::shared_timer::SharedTimer::new();
     b.http1()
-        .timer(crate::shared_timer::SharedTimer::new())
+        .timer(timer.clone())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(buffer_cap)
         .keep_alive(true);
@@ -64,11 +68,19 @@ pub fn builder(limits: &LimitsConfig) -> HttpServer {
     HttpServer {
         builder: b,
         buffer_cap,
+        h1: ServerLimits {
+            max_head: buffer_cap,
+            header_read_timeout: limits.header_read_timeout,
+            timer,
+        },
     }
 }
 
 /// Serves one connection until it closes, or until `stop` (then finishes in-flight requests).
 /// Under memory pressure ([`crate::overload`]) new requests get 503 + `Retry-After`.
+///
+/// HTTP/1.1 (or sniffed as not HTTP/2) starts in the proxy's own loop ([`crate::h1::serve`]),
+/// which hands the connection to hyper at the first request it does not take.
 pub async fn serve<IO, H, Fut>(
     io: IO,
     builder: &HttpServer,
@@ -77,10 +89,31 @@ pub async fn serve<IO, H, Fut>(
     handler: H,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<ProxyBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    serve_with(io, builder, mode, stop, true, handler).await;
+    let h = handler.clone();
+    let to_hyper = move |req: Request<Incoming>| h(req.map(ProxyBody::from));
+    if mode == HttpMode::Http2 {
+        return serve_with(io, builder, mode, stop, true, to_hyper).await;
+    }
+    let io = {
+        // The read buffer, for the connection's lifetime.
+        let _read_buf = Held::new(builder.buffer_cap);
+        match crate::h1::serve(
+            io,
+            &builder.h1,
+            &stop,
+            crate::overload::shed_request,
+            &handler,
+        )
+        .await
+        {
+            Ended::Closed => return,
+            Ended::Handoff(io) => io,
+        }
+    };
+    serve_with(io, builder, mode, stop, true, to_hyper).await;
 }
 
 /// [`serve`] for the admin port (HTTP/1.1): never shed, so health and metrics stay visible.

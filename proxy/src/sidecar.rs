@@ -10,7 +10,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -575,7 +574,7 @@ fn local_addr(listeners: &[tokio::net::TcpListener], fallback: SocketAddr) -> So
 pub(crate) async fn route_and_proxy(
     router: &Router,
     pos: usize,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
     peer: SocketAddr,
     access_log: bool,
 ) -> Response<ProxyBody> {
@@ -593,14 +592,14 @@ pub(crate) async fn route_and_proxy(
 /// Forwards `req` through `target`. The forwarding future is awaited directly (its size is what
 /// hyper's service and our box move per request); the access-log path boxes it instead, so no
 /// logging state rides along on the common path.
-async fn proxy(target: &Target, req: Request<Incoming>, access_log: bool) -> Response<ProxyBody> {
+async fn proxy(target: &Target, req: Request<ProxyBody>, access_log: bool) -> Response<ProxyBody> {
     if access_log {
         return Box::pin(logged(target, req)).await;
     }
     forward(&target.client, &target.cluster, target.policy, req).await
 }
 
-async fn logged(target: &Target, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn logged(target: &Target, req: Request<ProxyBody>) -> Response<ProxyBody> {
     let start = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let resp = forward(&target.client, &target.cluster, target.policy, req).await;

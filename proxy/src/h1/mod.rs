@@ -5,14 +5,23 @@
 //! and gives the connection back to its pool ([`crate::pool`]) when the body ends.
 //!
 //! What it does not do: upgrades and CONNECT (hyper's client keeps those), HTTP/2, TLS.
+//!
+//! The server side ([`serve`]) is the same idea for downstream connections: the proxy listeners'
+//! HTTP/1.1 loop, which hands a connection to hyper for anything but plain bodiless requests.
 
 mod body;
 pub(crate) mod chunked;
 mod conn;
+mod date;
 pub(crate) mod head;
+mod request_head;
+mod response_head;
+mod rewind;
+mod serve;
 
 pub use body::UpstreamBody;
 pub use conn::{Conn, SendError, exchange};
+pub use serve::{Ended, ServerLimits, serve};
 
 /// Why an upstream response could not be read; the request fails with 502.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use crate::ProxyBody;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -76,7 +76,7 @@ pub struct Admin {
 
 pub async fn handle(
     admin: Arc<Admin>,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
 ) -> Result<Response<LbBody>, Infallible> {
     let path = req.uri().path().to_owned();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -130,7 +130,7 @@ pub async fn handle(
     Ok(resp)
 }
 
-async fn put_weights(admin: &Admin, l: &str, r: &str, req: Request<Incoming>) -> Response<LbBody> {
+async fn put_weights(admin: &Admin, l: &str, r: &str, req: Request<ProxyBody>) -> Response<LbBody> {
     let result = async {
         let listener = admin
             .listeners

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -159,7 +158,7 @@ pub async fn handle(
     shared: Arc<Shared>,
     l: Arc<ListenerState>,
     peer: Peer,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
 ) -> Result<Response<LbBody>, Infallible> {
     let start = Instant::now();
     let routes = l.routes.load_full();
@@ -230,7 +229,7 @@ pub async fn handle(
                     // A bodiless request that never reached a target (connect failed) may go to
                     // another one.
                     let retryable = body.is_end_stream();
-                    let mut body = Some(ProxyBody::from(body));
+                    let mut body = Some(body);
                     prepare_headers(&mut parts, &peer, l.scheme());
                     let attempts = if retryable { MAX_ATTEMPTS } else { 1 };
                     let mut avoid = None;

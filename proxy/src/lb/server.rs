@@ -24,7 +24,9 @@ use super::metrics::Metrics;
 use super::target::TargetGroup;
 use super::tls::listener_tls;
 use super::{discovery, health};
+use crate::ProxyBody;
 use crate::buffered::{Held, HeldBody, TLS_BUFFER_BYTES};
+use crate::h1::{Ended, ServerLimits};
 
 /// A running LB.
 pub struct LbHandle {
@@ -261,12 +263,20 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
     })
 }
 
-fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+/// How a listener's connections are served: the HTTP/1.1 loop's limits, then hyper's builder
+/// (HTTP/2, and what the loop hands over).
+struct HttpServer {
+    builder: auto::Builder<TokioExecutor>,
+    h1: ServerLimits,
+}
+
+fn http_builder(limits: &LimitsConfig) -> HttpServer {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    // hyper arms the header-read timeout for every request head: a shared timer makes that a
+    // The header-read timeout is armed for every request head: a shared timer makes that a
     // slot in one table instead of an entry in tokio's timer wheel (`shared_timer.rs`).
+    let timer = crate::shared_timer::SharedTimer::new();
     b.http1()
-        .timer(crate::shared_timer::SharedTimer::new())
+        .timer(timer.clone())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
         .max_headers(MAX_HEADERS);
@@ -276,7 +286,14 @@ fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(MAX_STREAMS)
         .keep_alive_interval(Duration::from_secs(30))
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
-    b
+    HttpServer {
+        builder: b,
+        h1: ServerLimits {
+            max_head: limits.max_header_bytes,
+            header_read_timeout: limits.header_read_timeout,
+            timer,
+        },
+    }
 }
 
 /// Most request headers per HTTP/1 request.
@@ -302,7 +319,7 @@ struct Admission {
 async fn accept_loop<F, S>(
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<HttpServer>,
     stop: CancellationToken,
     tasks: TaskTracker,
     admission: Admission,
@@ -310,10 +327,11 @@ async fn accept_loop<F, S>(
 ) where
     F: Fn(SocketAddr) -> S,
     S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
+            http::Request<ProxyBody>,
             Response = http::Response<listener::LbBody>,
             Error = std::convert::Infallible,
         > + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
 {
@@ -350,12 +368,12 @@ async fn accept_loop<F, S>(
             let _permit = permit;
             let _read_buf = Held::new(cap);
             match tls {
-                None => serve(&builder, TokioIo::new(sock), svc, (cap, shed), stop).await,
+                None => serve(&builder, sock, svc, (cap, shed), stop).await,
                 Some(acc) => {
                     let _tls_buffers = Held::new(TLS_BUFFER_BYTES);
                     let hs = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await;
                     if let Ok(Ok(s)) = hs {
-                        serve(&builder, TokioIo::new(s), svc, (cap, shed), stop).await;
+                        serve(&builder, s, svc, (cap, shed), stop).await;
                     }
                 }
             }
@@ -369,31 +387,46 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// streams. With `shed`, new requests under memory pressure get 503 + `Retry-After` before any
 /// work is done for them ([`crate::overload::shed_request`]).
 async fn serve<I, S>(
-    builder: &auto::Builder<TokioExecutor>,
+    server: &HttpServer,
     io: I,
     svc: S,
     (cap, shed): (usize, bool),
     stop: CancellationToken,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
+            http::Request<ProxyBody>,
             Response = http::Response<listener::LbBody>,
             Error = std::convert::Infallible,
         > + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
 {
-    let svc = service_fn(move |req| {
-        let fut = match shed.then(crate::overload::shed_request).flatten() {
+    let shedding = || shed.then(crate::overload::shed_request).flatten();
+    // HTTP/1.1 starts in the proxy's own loop, which hands the connection to hyper (below) at
+    // the first request it does not take.
+    let io = {
+        let shed = || shedding().map(|r| r.map(listener::local));
+        let respond = |req| hyper::service::Service::call(&svc, req);
+        match crate::h1::serve(io, &server.h1, &stop, shed, &respond).await {
+            Ended::Closed => return,
+            Ended::Handoff(io) => io,
+        }
+    };
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let fut = match shedding() {
             Some(r) => Either::Left(std::future::ready(Ok(r.map(listener::local)))),
             // Boxed once here: hyper moves the service future into place per request, and the
             // routing + forwarding future is kilobytes.
-            None => Either::Right(Box::pin(hyper::service::Service::call(&svc, req))),
+            None => Either::Right(Box::pin(hyper::service::Service::call(
+                &svc,
+                req.map(ProxyBody::from),
+            ))),
         };
         async move { fut.await.map(|r| r.map(|b| HeldBody::new(b, cap))) }
     });
-    let conn = builder.serve_connection(io, svc);
+    let conn = server.builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
