@@ -37,6 +37,15 @@ impl ProxyBody {
     }
 }
 
+impl crate::h1::RawHeadSource for ProxyBody {
+    fn take_raw_head(&mut self) -> Option<crate::h1::RawHead> {
+        match self {
+            ProxyBody::Upstream { body } => body.take_raw_head(),
+            _ => None,
+        }
+    }
+}
+
 impl From<Incoming> for ProxyBody {
     fn from(body: Incoming) -> Self {
         ProxyBody::Streamed { body }

@@ -155,7 +155,12 @@ async fn serve_with<IO, H, Fut>(
             None => futures_util::future::Either::Right(Box::pin(handler(req))),
         };
         // The write queue a streamed response may fill, while it streams.
-        async move { Ok::<_, Infallible>(fut.await.map(|b| HeldBody::new(b, cap))) }
+        async move {
+            let mut resp = fut.await;
+            // hyper writes heads from the map only.
+            crate::h1::materialize(&mut resp);
+            Ok::<_, Infallible>(resp.map(|b| HeldBody::new(b, cap)))
+        }
     });
     let mut b = builder.builder.clone();
     match mode {

@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use super::chunked::{Decoder, Step};
 use super::conn::{Conn, State as ConnState};
 use super::head::RespFraming;
+use super::raw_head::RawHead;
 use crate::error::BodyError;
 use crate::pool::Release;
 
@@ -26,6 +27,8 @@ pub struct UpstreamBody {
     state: State,
     keep_alive: bool,
     release: Option<Release>,
+    /// The response's forwarded header lines, when kept raw (taken by whoever writes the head).
+    raw: Option<RawHead>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -54,7 +57,28 @@ impl UpstreamBody {
             state,
             keep_alive,
             release: Some(release),
+            raw: None,
         }
+    }
+
+    /// An empty body that only carries the response's raw head.
+    pub(super) fn empty_with(raw: RawHead) -> Self {
+        UpstreamBody {
+            conn: None,
+            state: State::Done,
+            keep_alive: false,
+            release: None,
+            raw: Some(raw),
+        }
+    }
+
+    pub(super) fn with_raw(mut self, raw: Option<RawHead>) -> Self {
+        self.raw = raw;
+        self
+    }
+
+    pub fn take_raw_head(&mut self) -> Option<RawHead> {
+        self.raw.take()
     }
 
     /// The body ended: the connection goes back to the pool if it can carry another request.

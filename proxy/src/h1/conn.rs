@@ -170,12 +170,15 @@ impl Future for Exchange {
         loop {
             // A write failure is not final yet: the response may already be on its way.
             writer.poll_progress(conn, cx);
-            match head::parse_response(&mut conn.rbuf) {
-                Ok(Some(head)) => return Poll::Ready(this.respond(head)),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "upstream response rejected");
-                    return Poll::Ready(Err(SendError::Failed(ProxyError::UpstreamReset)));
+            // Nothing read yet (the usual case right after the request is written): no parse.
+            if !conn.rbuf.is_empty() {
+                match head::parse_response_raw(&mut conn.rbuf) {
+                    Ok(Some(head)) => return Poll::Ready(this.respond(head)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upstream response rejected");
+                        return Poll::Ready(Err(SendError::Failed(ProxyError::UpstreamReset)));
+                    }
                 }
             }
             match ready!(conn.poll_fill(cx)) {
@@ -221,10 +224,14 @@ impl Exchange {
                 if keep_alive && conn.is_reusable() {
                     release.release(conn);
                 }
+                if let Some(raw) = head.raw {
+                    *resp.body_mut() = ProxyBody::from(UpstreamBody::empty_with(raw));
+                }
             }
             _ => {
-                *resp.body_mut() =
-                    ProxyBody::from(UpstreamBody::new(conn, framing, keep_alive, release));
+                *resp.body_mut() = ProxyBody::from(
+                    UpstreamBody::new(conn, framing, keep_alive, release).with_raw(head.raw),
+                );
             }
         }
         Ok(resp)

@@ -11,6 +11,7 @@ use http::request::Parts;
 use http::{Method, StatusCode, Version};
 
 use super::Malformed;
+use super::raw_head::{self, RawHead};
 
 /// Most response header fields accepted (hyper's default).
 pub const MAX_HEADERS: usize = 100;
@@ -44,7 +45,9 @@ pub enum RespFraming {
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
+    /// Empty when the fields are in `raw`.
     pub headers: HeaderMap,
+    pub raw: Option<RawHead>,
     delimiting: Delimiting,
 }
 
@@ -149,6 +152,16 @@ pub fn encode_request(parts: &Parts, framing: ReqFraming, add_length: bool, dst:
 /// `None` when more bytes are needed. The head's bytes are split off `buf`; header values
 /// share them.
 pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malformed> {
+    parse(buf, false)
+}
+
+/// [`parse_response`], keeping the forwarded fields as raw lines ([`RawHead`]) when they can go
+/// on as they are (the header map is then empty).
+pub fn parse_response_raw(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malformed> {
+    parse(buf, true)
+}
+
+fn parse(buf: &mut BytesMut, want_raw: bool) -> Result<Option<ResponseHead>, Malformed> {
     let mut config = httparse::ParserConfig::default();
     config.allow_spaces_after_header_name_in_responses(true);
     loop {
@@ -186,14 +199,14 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malfor
             *span = (n, n + h.name.len() as u16, v, v + h.value.len() as u16);
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        // Pass 1: what the hop-by-hop and length fields say, and the raw lines to forward.
         let mut d = Delimiting::default();
-        // Names `Connection` lists beyond the usual tokens: removed once the map is built.
+        // Names `Connection` lists beyond the usual tokens: removed from what is forwarded.
         let mut listed = false;
+        let mut raw = want_raw.then(raw_head::Builder::new);
         for &(ns, ne, vs, ve) in &spans[..count] {
-            let raw_name = &head[usize::from(ns)..usize::from(ne)];
             let raw_value = &head[usize::from(vs)..usize::from(ve)];
-            let name = match Field::of(raw_name) {
+            match Field::of(&head[usize::from(ns)..usize::from(ne)]) {
                 Field::Connection => {
                     for token in raw_value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                         if token.eq_ignore_ascii_case(b"close") {
@@ -204,7 +217,6 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malfor
                             listed = true;
                         }
                     }
-                    continue;
                 }
                 Field::TransferEncoding => {
                     d.transfer_encoding = true;
@@ -213,17 +225,50 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malfor
                         .rsplit(|&b| b == b',')
                         .next()
                         .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-                    continue;
                 }
-                Field::HopByHop => continue,
+                Field::HopByHop => {}
                 Field::ContentLength => {
                     d.content_length = Some(match d.content_length {
                         None => parse_length(raw_value, None),
                         Some(Ok(n)) => parse_length(raw_value, Some(n)),
                         Some(Err(e)) => Err(e),
                     });
-                    header::CONTENT_LENGTH
                 }
+                f @ (Field::Known(_) | Field::Other) => {
+                    if let Some(r) = raw.as_mut() {
+                        r.keep(&head, (ns, ne, ve), f == Field::Known(0));
+                    }
+                }
+            }
+        }
+        if listed && let Some(r) = raw.as_mut() {
+            r.refuse();
+        }
+        // Transfer-Encoding overrides Content-Length; a proxy removes the latter before
+        // forwarding (RFC 9112 §6.3).
+        let length = match d.content_length {
+            Some(Ok(n)) if !d.transfer_encoding => Some(n),
+            _ => None,
+        };
+        // httparse takes the value bytes `HeaderValue` takes (HTAB, SP–`~`, obs-text): raw
+        // lines need no further check.
+        if let Some(raw) = raw.and_then(|r| r.finish(head.clone(), length)) {
+            return Ok(Some(ResponseHead {
+                status,
+                version,
+                headers: HeaderMap::new(),
+                raw: Some(raw),
+                delimiting: d,
+            }));
+        }
+        // Pass 2: the forwarded fields into a map.
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let raw_name = &head[usize::from(ns)..usize::from(ne)];
+            let name = match Field::of(raw_name) {
+                Field::Connection | Field::TransferEncoding | Field::HopByHop => continue,
+                Field::ContentLength if d.transfer_encoding => continue,
+                Field::ContentLength => header::CONTENT_LENGTH,
                 Field::Known(i) => KNOWN[usize::from(i)].clone(),
                 Field::Other => {
                     HeaderName::from_bytes(raw_name).map_err(|_| Malformed("bad header name"))?
@@ -234,11 +279,6 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malfor
                     .map_err(|_| Malformed("bad header value"))?;
             headers.append(name, value);
         }
-        if d.transfer_encoding {
-            // Transfer-Encoding overrides Content-Length; a proxy removes the latter before
-            // forwarding (RFC 9112 §6.3).
-            headers.remove(header::CONTENT_LENGTH);
-        }
         if listed {
             strip_listed(&mut headers, &head, &spans[..count]);
         }
@@ -246,6 +286,7 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Malfor
             status,
             version,
             headers,
+            raw: None,
             delimiting: d,
         }));
     }
@@ -389,6 +430,58 @@ mod tests {
             head.framing(&Method::HEAD).unwrap(),
             (RespFraming::Empty, true)
         );
+    }
+
+    #[test]
+    fn raw_heads_materialize_to_what_the_map_parser_builds() {
+        struct Carrier(Option<RawHead>);
+        impl super::raw_head::RawHeadSource for Carrier {
+            fn take_raw_head(&mut self) -> Option<RawHead> {
+                self.0.take()
+            }
+        }
+        let many: String = (0..13).map(|i| format!("X-{i}: {i}\r\n")).collect();
+        let many = format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 0\r\n\r\n");
+        let cases: [(&str, bool); 7] = [
+            (
+                "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Fri, 27 Nov 2026 05:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n",
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a:  2 \r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                true,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\nKeep-Alive: timeout=5\r\nTE: x\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",
+                true,
+            ),
+            ("HTTP/1.0 200 OK\nX-Bare: lf\nContent-Length: 0\n\n", true),
+            // A name `Connection` lists, a space before a colon, too many lines: the map.
+            (
+                "HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\nContent-Length: 0\r\n\r\n",
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nName : spaced\r\nContent-Length: 0\r\n\r\n",
+                false,
+            ),
+            (&many, false),
+        ];
+        for (wire, goes_raw) in cases {
+            let map = parse(wire.as_bytes()).0.unwrap().unwrap();
+            let mut buf = BytesMut::from(wire.as_bytes());
+            let raw = parse_response_raw(&mut buf).unwrap().unwrap();
+            assert!(buf.is_empty(), "{wire:?}");
+            assert_eq!(raw.raw.is_some(), goes_raw, "{wire:?}");
+            assert_eq!(
+                raw.framing(&Method::GET).unwrap(),
+                map.framing(&Method::GET).unwrap()
+            );
+            let mut resp = http::Response::new(Carrier(raw.raw));
+            *resp.headers_mut() = raw.headers;
+            super::super::raw_head::materialize(&mut resp);
+            assert_eq!(resp.headers(), &map.headers, "{wire:?}");
+        }
     }
 
     #[test]

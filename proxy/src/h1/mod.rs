@@ -14,6 +14,7 @@ pub(crate) mod chunked;
 mod conn;
 mod date;
 pub(crate) mod head;
+mod raw_head;
 mod request_head;
 mod response_head;
 mod rewind;
@@ -21,6 +22,7 @@ mod serve;
 
 pub use body::UpstreamBody;
 pub use conn::{Conn, SendError, exchange};
+pub use raw_head::{RawHead, RawHeadSource, materialize};
 pub use serve::{Ended, ServerLimits, serve};
 
 /// Why an upstream response could not be read; the request fails with 502.

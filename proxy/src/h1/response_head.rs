@@ -7,6 +7,8 @@ use std::io::Write as _;
 use http::header;
 use http::{StatusCode, response};
 
+use super::raw_head::RawHead;
+
 /// How the response body goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -30,6 +32,7 @@ pub enum BodyLen {
 /// (also when the response itself says `connection: close`).
 pub fn encode(
     parts: &response::Parts,
+    raw: Option<&RawHead>,
     body: BodyLen,
     head_request: bool,
     mut close: bool,
@@ -50,6 +53,18 @@ pub fn encode(
     let bodiless = head_request || code == 204 || code == 304;
     let mut wrote_date = false;
     let mut wrote_connection = false;
+    // The target's fields as they came (hop-by-hop and length fields already left out), then
+    // what the proxy added.
+    if let Some(raw) = raw {
+        for line in raw.lines() {
+            dst.extend_from_slice(line);
+            dst.extend_from_slice(b"\r\n");
+        }
+        wrote_date = raw.has_date();
+        if head_request && let Some(n) = raw.content_length() {
+            let _ = write!(dst, "content-length: {n}\r\n");
+        }
+    }
     for (name, value) in &parts.headers {
         match *name {
             header::CONTENT_LENGTH if !head_request => continue,
@@ -113,7 +128,7 @@ mod tests {
     ) -> (String, Framing, bool) {
         let (parts, ()) = resp.into_parts();
         let mut dst = Vec::new();
-        let (f, c) = encode(&parts, body, head_request, close, &mut dst);
+        let (f, c) = encode(&parts, None, body, head_request, close, &mut dst);
         (String::from_utf8(dst).unwrap(), f, c)
     }
 

@@ -25,6 +25,7 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use super::raw_head::RawHeadSource;
 use super::request_head::{self, Parsed};
 use super::response_head::{self, BodyLen, Framing};
 use super::rewind::Rewind;
@@ -88,7 +89,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
     H: Fn(Request<ProxyBody>) -> Fut,
     Fut: Future<Output: Answer<B>>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + RawHeadSource,
 {
     let mut rbuf = BytesMut::with_capacity(READ_BUF);
     let mut wbuf: Vec<u8> = Vec::with_capacity(1024);
@@ -114,10 +115,13 @@ where
             let read = pin!(tokio_util::io::read_buf(&mut io, &mut rbuf));
             let mut read = limits.timer.within(at, read);
             let got = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = Pin::new(&mut read).poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
                 if idle && stopped.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(None);
                 }
-                Pin::new(&mut read).poll(cx).map(Some)
+                Poll::Pending
             })
             .await;
             match got {
@@ -157,7 +161,8 @@ where
         };
 
         let close = close || read_closed || stop.is_cancelled();
-        let (parts, body) = resp.into_parts();
+        let (parts, mut body) = resp.into_parts();
+        let raw = body.take_raw_head();
         let len = if body.is_end_stream() {
             BodyLen::Empty
         } else {
@@ -167,7 +172,8 @@ where
             }
         };
         wbuf.clear();
-        let (framing, close) = response_head::encode(&parts, len, head_request, close, &mut wbuf);
+        let (framing, close) =
+            response_head::encode(&parts, raw.as_ref(), len, head_request, close, &mut wbuf);
         drop(parts);
         let sent = if framing == Framing::None {
             drop(body);

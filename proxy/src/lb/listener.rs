@@ -145,6 +145,8 @@ impl Peer {
     }
 }
 
+// Built and matched once per request, never stored: boxing the response would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Decision {
     Respond(Response<LbBody>),
     Forward {
@@ -355,6 +357,12 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: ProxyBody,
         inflight: Option<InFlight>,
+    }
+}
+
+impl crate::h1::RawHeadSource for LbBody {
+    fn take_raw_head(&mut self) -> Option<crate::h1::RawHead> {
+        self.inner.take_raw_head()
     }
 }
 

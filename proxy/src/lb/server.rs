@@ -424,7 +424,12 @@ async fn serve<I, S>(
                 req.map(ProxyBody::from),
             ))),
         };
-        async move { fut.await.map(|r| r.map(|b| HeldBody::new(b, cap))) }
+        async move {
+            let mut resp = fut.await?;
+            // hyper writes heads from the map only.
+            crate::h1::materialize(&mut resp);
+            Ok::<_, std::convert::Infallible>(resp.map(|b| HeldBody::new(b, cap)))
+        }
     });
     let conn = server.builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
