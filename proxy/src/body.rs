@@ -38,7 +38,7 @@ impl ProxyBody {
 }
 
 impl crate::h1::RawHeadSource for ProxyBody {
-    fn take_raw_head(&mut self) -> Option<crate::h1::RawHead> {
+    fn take_raw_head(&mut self) -> Option<Box<crate::h1::RawHead>> {
         match self {
             ProxyBody::Upstream { body } => body.take_raw_head(),
             _ => None,

@@ -28,7 +28,8 @@ pub struct UpstreamBody {
     keep_alive: bool,
     release: Option<Release>,
     /// The response's forwarded header lines, when kept raw (taken by whoever writes the head).
-    raw: Option<RawHead>,
+    /// Boxed: every move of a response body would otherwise copy them along.
+    raw: Option<Box<RawHead>>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -68,16 +69,16 @@ impl UpstreamBody {
             state: State::Done,
             keep_alive: false,
             release: None,
-            raw: Some(raw),
+            raw: Some(Box::new(raw)),
         }
     }
 
     pub(super) fn with_raw(mut self, raw: Option<RawHead>) -> Self {
-        self.raw = raw;
+        self.raw = raw.map(Box::new);
         self
     }
 
-    pub fn take_raw_head(&mut self) -> Option<RawHead> {
+    pub fn take_raw_head(&mut self) -> Option<Box<RawHead>> {
         self.raw.take()
     }
 

@@ -436,8 +436,8 @@ mod tests {
     fn raw_heads_materialize_to_what_the_map_parser_builds() {
         struct Carrier(Option<RawHead>);
         impl super::raw_head::RawHeadSource for Carrier {
-            fn take_raw_head(&mut self) -> Option<RawHead> {
-                self.0.take()
+            fn take_raw_head(&mut self) -> Option<Box<RawHead>> {
+                self.0.take().map(Box::new)
             }
         }
         let many: String = (0..13).map(|i| format!("X-{i}: {i}\r\n")).collect();

@@ -129,7 +129,7 @@ impl RawHead {
 
 /// A body that may carry a raw response head.
 pub trait RawHeadSource {
-    fn take_raw_head(&mut self) -> Option<RawHead>;
+    fn take_raw_head(&mut self) -> Option<Box<RawHead>>;
 }
 
 /// Moves a raw head from the body into the header map, before the response goes to hyper.

@@ -173,7 +173,7 @@ where
         };
         wbuf.clear();
         let (framing, close) =
-            response_head::encode(&parts, raw.as_ref(), len, head_request, close, &mut wbuf);
+            response_head::encode(&parts, raw.as_deref(), len, head_request, close, &mut wbuf);
         drop(parts);
         let sent = if framing == Framing::None {
             drop(body);

@@ -145,8 +145,6 @@ impl Peer {
     }
 }
 
-// Built and matched once per request, never stored: boxing the response would cost an allocation.
-#[allow(clippy::large_enum_variant)]
 enum Decision {
     Respond(Response<LbBody>),
     Forward {
@@ -361,7 +359,7 @@ pin_project_lite::pin_project! {
 }
 
 impl crate::h1::RawHeadSource for LbBody {
-    fn take_raw_head(&mut self) -> Option<crate::h1::RawHead> {
+    fn take_raw_head(&mut self) -> Option<Box<crate::h1::RawHead>> {
         self.inner.take_raw_head()
     }
 }
