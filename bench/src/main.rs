@@ -64,6 +64,11 @@ struct Args {
     /// cgroup CPU quota), where one dnsperf cannot saturate an uncapped server; 0 skips it.
     #[arg(long, default_value_t = 50)]
     dns_cpu_cap: u32,
+    /// The http1-keepalive and lb-rules (1 rule) scenarios also measure every proxy capped at this
+    /// percentage of its core, where wrk and the origin on one core cannot saturate an uncapped
+    /// proxy; 0 skips it.
+    #[arg(long, default_value_t = 50)]
+    http_cpu_cap: u32,
     /// Rewrite the tables and plots of a results directory from its results.json; runs nothing.
     #[arg(long, value_name = "DIR")]
     replot: Option<PathBuf>,
@@ -128,9 +133,31 @@ fn run(args: Args) -> Result<()> {
     });
     let mut results: Vec<ScenarioResult> = Vec::new();
     for s in selected {
-        if s == "lb-rules" || s == "resources" || s == "control-plane" || s == "dns" {
+        let http_cap = (args.http_cpu_cap > 0).then_some(args.http_cpu_cap);
+        if s == "lb-rules"
+            || s == "resources"
+            || s == "control-plane"
+            || s == "dns"
+            || s == "http1-keepalive"
+        {
             let many = match s {
-                "lb-rules" => lb::run(&ctx)?,
+                "lb-rules" => lb::run(&ctx, http_cap)?,
+                "http1-keepalive" => {
+                    let mut v = vec![http::run(
+                        &ctx,
+                        http::Shape::KeepAlive,
+                        "trellis",
+                        http_subjects_and_floor(),
+                    )?];
+                    if let Some(percent) = http_cap {
+                        v.extend(http::run_keepalive_capped(
+                            &ctx,
+                            percent,
+                            http_subjects_and_floor(),
+                        )?);
+                    }
+                    v
+                }
                 "dns" => dns::run(
                     &ctx,
                     dns::standard_subjects(),
@@ -147,12 +174,6 @@ fn run(args: Args) -> Result<()> {
             continue;
         }
         let r = match s {
-            "http1-keepalive" => http::run(
-                &ctx,
-                http::Shape::KeepAlive,
-                "trellis",
-                http_subjects_and_floor(),
-            )?,
             "http1-newconn" => {
                 http::run(&ctx, http::Shape::NewConnection, "trellis", http_subjects())?
             }

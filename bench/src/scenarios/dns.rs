@@ -6,8 +6,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Subject, measure_all};
-use crate::cgroup::CpuCap;
+use super::{Subject, busy_note, measure_all, with_cpu_cap};
 use crate::proc::{CONFIG, Launch, Proc, free_port};
 use crate::report::ScenarioResult;
 use crate::{Ctx, Role, load};
@@ -144,7 +143,7 @@ pub fn run(
             ""
         }
     )];
-    notes.push(busy_note(&rows, 100));
+    notes.push(busy_note(&rows, 100, "queries"));
     let mut results = vec![ScenarioResult {
         name: "dns".into(),
         title: format!("Authoritative DNS, {NAMES} names (A), UDP"),
@@ -156,27 +155,24 @@ pub fn run(
     let Some(percent) = cap_percent else {
         return Ok(results);
     };
-    let cap = match CpuCap::create(percent) {
-        Ok(cap) => cap,
-        Err(e) => {
-            eprintln!("  dns capped: skipped ({e:#})");
+    eprintln!("scenario dns, every server capped at {percent}% of its core");
+    let rows = match with_cpu_cap(ctx, percent, |capped| {
+        measure_all(capped, "dns-capped", &subjects, unused, &load)
+    })? {
+        Ok(rows) => rows,
+        Err(why) => {
+            eprintln!("  dns capped: skipped ({why})");
             results[0]
                 .notes
-                .push(format!("The capped measurement was skipped: {e:#}."));
+                .push(format!("The capped measurement was skipped: {why}."));
             return Ok(results);
         }
     };
-    eprintln!("scenario dns, every server capped at {percent}% of its core");
-    let capped = Ctx {
-        cpu_cap: Some(cap.procs_file()),
-        ..ctx.clone()
-    };
-    let rows = measure_all(&capped, "dns-capped", &subjects, unused, &load)?;
     let notes = vec![
         format!(
             "The same servers and load, each server in a cgroup capped at {percent}% of one core (CFS quota), so that the servers, not the one dnsperf, are the bottleneck: queries/s compares what each server answers with the same CPU. Target: trellis ≥ 1.2× unbound."
         ),
-        busy_note(&rows, percent),
+        busy_note(&rows, percent, "queries"),
     ];
     results.push(ScenarioResult {
         name: "dns-capped".into(),
@@ -189,32 +185,4 @@ pub fn run(
         notes,
     });
     Ok(results)
-}
-
-/// How busy each server was, as a share of the CPU it may use (`allowed_percent` of its core),
-/// and its queries per CPU-second: a server well below its allowance was held back by the load
-/// generator (one dnsperf on one core), not by its own speed, and its queries/s understates what
-/// it can serve.
-fn busy_note(rows: &[crate::report::Row], allowed_percent: u32) -> String {
-    let parts: Vec<String> = rows
-        .iter()
-        .filter_map(|r| {
-            let cpu = r.cpu_median().filter(|c| *c > 0.0)?;
-            let busy = r.median(|s| s.rate) * cpu / 1e4 * 100.0 / f64::from(allowed_percent);
-            Some(format!(
-                "{} {busy:.0}% busy, {:.0}k queries per CPU-second",
-                r.subject,
-                1e3 / cpu
-            ))
-        })
-        .collect();
-    let of = if allowed_percent == 100 {
-        "its core".to_owned()
-    } else {
-        format!("its {allowed_percent}% cap")
-    };
-    format!(
-        "Server use of {of}: {}. A server well below 100% busy was limited by the load generator, not by itself.",
-        parts.join("; ")
-    )
 }

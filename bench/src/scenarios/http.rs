@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-use super::{Subject, ceiling_note, kernel_note, load_cpu_note, measure_all, peers};
+use super::{
+    Subject, capped_notes, ceiling_note, kernel_note, load_cpu_note, measure_all, peers,
+    with_cpu_cap,
+};
 use crate::Ctx;
 use crate::load;
 use crate::proc::free_port;
@@ -91,6 +94,55 @@ pub fn run(
         rows,
         notes,
     })
+}
+
+/// Keep-alive small responses again with every proxy capped at `percent`% of its core (the
+/// `direct` subject, which has no proxy, is left out): on two cores wrk and the origin share
+/// CPU 0 and set a ceiling that the fastest proxies all reach uncapped (see the `floor` subject),
+/// so only with the same CPU for each do their rates tell their speed apart. `None` (with the
+/// reason printed) where cgroups are not writable.
+pub fn run_keepalive_capped(
+    ctx: &Ctx,
+    percent: u32,
+    subjects: Vec<Subject<'_>>,
+) -> Result<Option<ScenarioResult>> {
+    let name = "http1-keepalive-capped";
+    eprintln!("scenario {name}, every proxy capped at {percent}% of its core");
+    let subjects: Vec<_> = subjects
+        .into_iter()
+        .filter(|s| s.name != "direct")
+        .collect();
+    let (_origin_proc, origin) = peers::nginx_origin(ctx, free_port()?)?;
+    let conns = ctx.connections;
+    let load = move |ctx: &Ctx, addr: SocketAddr, d| {
+        load::wrk(ctx, &format!("http://{addr}/"), conns, d, &[])
+    };
+    let rows = match with_cpu_cap(ctx, percent, |capped| {
+        measure_all(capped, name, &subjects, origin, &load)
+    })? {
+        Ok(rows) => rows,
+        Err(why) => {
+            eprintln!("  {name}: skipped ({why})");
+            return Ok(None);
+        }
+    };
+    let mut notes = vec![format!(
+        "wrk: 1 thread, {conns} connections, {}s × {} rounds (subjects side by side, measured in alternating rounds); every proxy {} worker(s)",
+        ctx.duration.as_secs(),
+        ctx.runs,
+        ctx.workers,
+    )];
+    notes.extend(capped_notes(&rows, percent, "trellis", "haproxy", 1.2));
+    Ok(Some(ScenarioResult {
+        name: name.into(),
+        title: format!(
+            "HTTP/1.1 keep-alive, small responses, every proxy capped at {percent}% of its core"
+        ),
+        unit: "req/s".into(),
+        ours: "trellis".into(),
+        rows,
+        notes,
+    }))
 }
 
 /// The subjects of the HTTP/2 scenario: `extra` (trellis), direct (an nginx h2c origin), nginx and

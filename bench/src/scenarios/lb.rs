@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use anyhow::Result;
 
 use super::{
-    Entry, Load, Subject, ceiling_note, kernel_note, load_cpu_note, measure_interleaved, peers,
+    Entry, Load, Subject, capped_notes, ceiling_note, kernel_note, load_cpu_note, measure_all,
+    measure_interleaved, peers, with_cpu_cap,
 };
 use crate::proc::{CONFIG, Launch, Proc, free_port};
 use crate::report::ScenarioResult;
@@ -153,8 +154,10 @@ fn subjects(n: usize) -> Vec<Subject<'static>> {
 }
 
 /// One result per rule count (`lb-rules-1`, `lb-rules-100`, `lb-rules-1000`); the last one's notes
-/// carry trellis at 1,000 rules ÷ trellis at 1 rule (target ≥ 0.90).
-pub fn run(ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
+/// carry trellis at 1,000 rules ÷ trellis at 1 rule (target ≥ 0.90). With `cap_percent`, one more
+/// (`lb-rules-1-capped`): 1 rule again with every proxy capped at that share of its core, where
+/// uncapped the load generator and origin set the ceiling (see the floor subject).
+pub fn run(ctx: &Ctx, cap_percent: Option<u32>) -> Result<Vec<ScenarioResult>> {
     eprintln!("scenario lb-rules");
     let (_origin_proc, origin) = peers::nginx_origin(ctx, free_port()?)?;
     let conns = ctx.connections;
@@ -226,7 +229,47 @@ pub fn run(ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
             notes,
         });
     }
+    if let Some(percent) = cap_percent {
+        out.extend(run_capped(ctx, origin, percent, &loads[0])?);
+    }
     Ok(out)
+}
+
+/// 1 rule, every proxy capped at `percent`% of its core; `None` where cgroups are not writable.
+fn run_capped(
+    ctx: &Ctx,
+    origin: SocketAddr,
+    percent: u32,
+    load: &Load<'_>,
+) -> Result<Option<ScenarioResult>> {
+    let name = "lb-rules-1-capped";
+    eprintln!("scenario {name}, every proxy capped at {percent}% of its core");
+    let subjects = subjects(1);
+    let rows = match with_cpu_cap(ctx, percent, |capped| {
+        measure_all(capped, name, &subjects, origin, load)
+    })? {
+        Ok(rows) => rows,
+        Err(why) => {
+            eprintln!("  {name}: skipped ({why})");
+            return Ok(None);
+        }
+    };
+    let mut notes = vec![format!(
+        "wrk: 1 thread, {} connections at `/svc1/item`, {}s × {} rounds; every proxy {} worker(s).",
+        ctx.connections,
+        ctx.duration.as_secs(),
+        ctx.runs,
+        ctx.workers,
+    )];
+    notes.extend(capped_notes(&rows, percent, "trellis", "haproxy", 1.2));
+    Ok(Some(ScenarioResult {
+        name: name.into(),
+        title: format!("Internal LB, 1 path rule, every proxy capped at {percent}% of its core"),
+        unit: "req/s".into(),
+        ours: "trellis".into(),
+        rows,
+        notes,
+    }))
 }
 
 fn rate_of(rows: &[crate::report::Row]) -> Option<f64> {

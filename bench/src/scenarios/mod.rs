@@ -282,6 +282,80 @@ pub fn ceiling_note(rows: &[Row], ours: &str, peer: &str, target: f64) -> Option
     Some(note)
 }
 
+/// Runs `measure` with every subject process in a cgroup capped at `percent`% of one core
+/// ([`crate::cgroup`]), where the load generator cannot saturate an uncapped subject: with the
+/// same CPU for each, the subjects are the bottleneck and their rates compare their own speed.
+/// `Ok(Err(reason))` where cgroups are not writable (no root, a container).
+pub fn with_cpu_cap<T>(
+    ctx: &Ctx,
+    percent: u32,
+    measure: impl FnOnce(&Ctx) -> Result<T>,
+) -> Result<std::result::Result<T, String>> {
+    let cap = match crate::cgroup::CpuCap::create(percent) {
+        Ok(cap) => cap,
+        Err(e) => return Ok(Err(format!("{e:#}"))),
+    };
+    let capped = Ctx {
+        cpu_cap: Some(cap.procs_file()),
+        ..ctx.clone()
+    };
+    measure(&capped).map(Ok)
+}
+
+/// How busy each subject was, as a share of the CPU it may use (`allowed_percent` of its core),
+/// and its `unit` per CPU-second: a subject well below its allowance was held back by the load
+/// generator, not by its own speed, and its rate understates what it can serve.
+pub fn busy_note(rows: &[Row], allowed_percent: u32, unit: &str) -> String {
+    let parts: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let cpu = r.cpu_median().filter(|c| *c > 0.0)?;
+            let busy = r.median(|s| s.rate) * cpu / 1e4 * 100.0 / f64::from(allowed_percent);
+            Some(format!(
+                "{} {busy:.0}% busy, {:.0}k {unit} per CPU-second",
+                r.subject,
+                1e3 / cpu
+            ))
+        })
+        .collect();
+    let of = if allowed_percent == 100 {
+        "its core".to_owned()
+    } else {
+        format!("its {allowed_percent}% cap")
+    };
+    format!(
+        "Use of {of}: {}. A subject well below 100% busy was limited by the load generator, not by itself.",
+        parts.join("; ")
+    )
+}
+
+/// The notes of a run with every proxy capped at `percent`% of its core: what the cap means, how
+/// busy each was, and `ours` ÷ `peer` against `target`.
+pub fn capped_notes(
+    rows: &[Row],
+    percent: u32,
+    ours: &str,
+    peer: &str,
+    target: f64,
+) -> Vec<String> {
+    let mut notes = vec![format!(
+        "The same proxies and load, each proxy in a cgroup capped at {percent}% of one core (CFS quota, 10 ms period), so that the proxies, not wrk and the origin on CPU 0, are the bottleneck: req/s compares what each proxy serves with the same CPU. Throttling holds a proxy for up to {} ms at a time, so latency percentiles here compare nothing (the uncapped table's do).",
+        10 * (100 - percent) / 100
+    )];
+    notes.push(busy_note(rows, percent, "requests"));
+    let rate = |name: &str| rows.iter().find(|r| r.subject == name).map(Row::rate);
+    if let (Some(o), Some(p)) = (rate(ours), rate(peer))
+        && p > 0.0
+    {
+        let ratio = o / p;
+        notes.push(format!(
+            "{ours} ÷ {peer} with the same CPU = {ratio:.2}× (target ≥ {target:.1}×: {})",
+            if ratio >= target { "met" } else { "MISSED" }
+        ));
+    }
+    notes
+}
+
 /// The name of the floor subject.
 pub const FLOOR: &str = "floor";
 
