@@ -32,6 +32,13 @@ async fn exchange(port: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).to_string()
 }
 
+/// Starts an app and a sidecar in front of it, then [`exchange`] with the sidecar.
+async fn through_sidecar(bytes: &[u8]) -> String {
+    let a = app("a", None).await;
+    let (sc, _stop) = sidecar(&config(a.addr)).await;
+    exchange(sc.upstream_addrs["api"], bytes).await
+}
+
 /// Where each of `needles` first occurs in `hay`, asserting they come in this order.
 fn in_order(hay: &str, needles: &[&str]) {
     let mut from = 0;
@@ -45,10 +52,7 @@ fn in_order(hay: &str, needles: &[&str]) {
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
-    let a = app("a", None).await;
-    let (sc, _stop) = sidecar(&config(a.addr)).await;
-    let out = exchange(
-        sc.upstream_addrs["api"],
+    let out = through_sidecar(
         b"GET /status/201 HTTP/1.1\r\nHost: api\r\n\r\nGET /status/202 HTTP/1.1\r\nHost: api\r\n\r\nGET /status/203 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
     )
     .await;
@@ -67,12 +71,9 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
 
 #[tokio::test]
 async fn a_request_with_a_body_goes_to_hyper_on_the_same_connection() {
-    let a = app("a", None).await;
-    let (sc, _stop) = sidecar(&config(a.addr)).await;
     // The first request is the loop's; the POST hands the connection (and the GET behind it,
     // already read) to hyper, which serves both.
-    let out = exchange(
-        sc.upstream_addrs["api"],
+    let out = through_sidecar(
         b"GET /status/201 HTTP/1.1\r\nHost: api\r\n\r\nPOST /echo HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\n\r\nhelloGET /status/202 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
     )
     .await;
@@ -89,10 +90,7 @@ async fn a_request_with_a_body_goes_to_hyper_on_the_same_connection() {
 
 #[tokio::test]
 async fn head_keeps_the_length_and_sends_no_body() {
-    let a = app("a", None).await;
-    let (sc, _stop) = sidecar(&config(a.addr)).await;
-    let out = exchange(
-        sc.upstream_addrs["api"],
+    let out = through_sidecar(
         b"HEAD / HTTP/1.1\r\nHost: api\r\n\r\nGET /status/202 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
     )
     .await;

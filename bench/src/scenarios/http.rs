@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use anyhow::Result;
 
 use super::{
-    Subject, capped_notes, ceiling_note, kernel_note, load_cpu_note, measure_all, peers,
-    with_cpu_cap,
+    CappedRun, Subject, ceiling_note, kernel_note, load_cpu_note, measure_all, measure_capped,
+    peers,
 };
 use crate::Ctx;
 use crate::load;
@@ -106,8 +106,6 @@ pub fn run_keepalive_capped(
     percent: u32,
     subjects: Vec<Subject<'_>>,
 ) -> Result<Option<ScenarioResult>> {
-    let name = "http1-keepalive-capped";
-    eprintln!("scenario {name}, every proxy capped at {percent}% of its core");
     let subjects: Vec<_> = subjects
         .into_iter()
         .filter(|s| s.name != "direct")
@@ -117,32 +115,25 @@ pub fn run_keepalive_capped(
     let load = move |ctx: &Ctx, addr: SocketAddr, d| {
         load::wrk(ctx, &format!("http://{addr}/"), conns, d, &[])
     };
-    let rows = match with_cpu_cap(ctx, percent, |capped| {
-        measure_all(capped, name, &subjects, origin, &load)
-    })? {
-        Ok(rows) => rows,
-        Err(why) => {
-            eprintln!("  {name}: skipped ({why})");
-            return Ok(None);
-        }
-    };
-    let mut notes = vec![format!(
-        "wrk: 1 thread, {conns} connections, {}s × {} rounds (subjects side by side, measured in alternating rounds); every proxy {} worker(s)",
-        ctx.duration.as_secs(),
-        ctx.runs,
-        ctx.workers,
-    )];
-    notes.extend(capped_notes(&rows, percent, "trellis", "haproxy", 1.2));
-    Ok(Some(ScenarioResult {
-        name: name.into(),
-        title: format!(
-            "HTTP/1.1 keep-alive, small responses, every proxy capped at {percent}% of its core"
-        ),
-        unit: "req/s".into(),
-        ours: "trellis".into(),
-        rows,
-        notes,
-    }))
+    measure_capped(
+        ctx,
+        percent,
+        CappedRun {
+            name: "http1-keepalive-capped",
+            title: format!(
+                "HTTP/1.1 keep-alive, small responses, every proxy capped at {percent}% of its core"
+            ),
+            subjects: &subjects,
+            origin,
+            load: &load,
+            load_note: format!(
+                "wrk: 1 thread, {conns} connections, {}s × {} rounds (subjects side by side, measured in alternating rounds); every proxy {} worker(s)",
+                ctx.duration.as_secs(),
+                ctx.runs,
+                ctx.workers,
+            ),
+        },
+    )
 }
 
 /// The subjects of the HTTP/2 scenario: `extra` (trellis), direct (an nginx h2c origin), nginx and

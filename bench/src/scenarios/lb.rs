@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use anyhow::Result;
 
 use super::{
-    Entry, Load, Subject, capped_notes, ceiling_note, kernel_note, load_cpu_note, measure_all,
-    measure_interleaved, peers, with_cpu_cap,
+    CappedRun, Entry, Load, Subject, ceiling_note, kernel_note, load_cpu_note, measure_capped,
+    measure_interleaved, peers,
 };
 use crate::proc::{CONFIG, Launch, Proc, free_port};
 use crate::report::ScenarioResult;
@@ -242,34 +242,27 @@ fn run_capped(
     percent: u32,
     load: &Load<'_>,
 ) -> Result<Option<ScenarioResult>> {
-    let name = "lb-rules-1-capped";
-    eprintln!("scenario {name}, every proxy capped at {percent}% of its core");
     let subjects = subjects(1);
-    let rows = match with_cpu_cap(ctx, percent, |capped| {
-        measure_all(capped, name, &subjects, origin, load)
-    })? {
-        Ok(rows) => rows,
-        Err(why) => {
-            eprintln!("  {name}: skipped ({why})");
-            return Ok(None);
-        }
-    };
-    let mut notes = vec![format!(
-        "wrk: 1 thread, {} connections at `/svc1/item`, {}s × {} rounds; every proxy {} worker(s).",
-        ctx.connections,
-        ctx.duration.as_secs(),
-        ctx.runs,
-        ctx.workers,
-    )];
-    notes.extend(capped_notes(&rows, percent, "trellis", "haproxy", 1.2));
-    Ok(Some(ScenarioResult {
-        name: name.into(),
-        title: format!("Internal LB, 1 path rule, every proxy capped at {percent}% of its core"),
-        unit: "req/s".into(),
-        ours: "trellis".into(),
-        rows,
-        notes,
-    }))
+    measure_capped(
+        ctx,
+        percent,
+        CappedRun {
+            name: "lb-rules-1-capped",
+            title: format!(
+                "Internal LB, 1 path rule, every proxy capped at {percent}% of its core"
+            ),
+            subjects: &subjects,
+            origin,
+            load,
+            load_note: format!(
+                "wrk: 1 thread, {} connections at `/svc1/item`, {}s × {} rounds; every proxy {} worker(s).",
+                ctx.connections,
+                ctx.duration.as_secs(),
+                ctx.runs,
+                ctx.workers,
+            ),
+        },
+    )
 }
 
 fn rate_of(rows: &[crate::report::Row]) -> Option<f64> {

@@ -329,6 +329,48 @@ pub fn busy_note(rows: &[Row], allowed_percent: u32, unit: &str) -> String {
     )
 }
 
+/// What a capped HTTP measurement is: its result name and title, the subjects and origin, the
+/// load and the note that describes it.
+pub struct CappedRun<'a, 's> {
+    pub name: &'a str,
+    pub title: String,
+    pub subjects: &'a [Subject<'s>],
+    pub origin: SocketAddr,
+    pub load: &'a Load<'a>,
+    pub load_note: String,
+}
+
+/// Measures `run`'s subjects with every proxy capped at `percent`% of its core, with the notes
+/// of [`capped_notes`] (trellis against HAProxy, target 1.2×). `None` (with the reason printed)
+/// where cgroups are not writable.
+pub fn measure_capped(
+    ctx: &Ctx,
+    percent: u32,
+    run: CappedRun<'_, '_>,
+) -> Result<Option<crate::report::ScenarioResult>> {
+    let name = run.name;
+    eprintln!("scenario {name}, every proxy capped at {percent}% of its core");
+    let rows = match with_cpu_cap(ctx, percent, |capped| {
+        measure_all(capped, name, run.subjects, run.origin, run.load)
+    })? {
+        Ok(rows) => rows,
+        Err(why) => {
+            eprintln!("  {name}: skipped ({why})");
+            return Ok(None);
+        }
+    };
+    let mut notes = vec![run.load_note];
+    notes.extend(capped_notes(&rows, percent, "trellis", "haproxy", 1.2));
+    Ok(Some(crate::report::ScenarioResult {
+        name: name.into(),
+        title: run.title,
+        unit: "req/s".into(),
+        ours: "trellis".into(),
+        rows,
+        notes,
+    }))
+}
+
 /// The notes of a run with every proxy capped at `percent`% of its core: what the cap means, how
 /// busy each was, and `ours` ÷ `peer` against `target`.
 pub fn capped_notes(
