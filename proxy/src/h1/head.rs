@@ -208,7 +208,7 @@ fn parse(buf: &mut BytesMut, want_raw: bool) -> Result<Option<ResponseHead>, Mal
             let raw_value = &head[usize::from(vs)..usize::from(ve)];
             match Field::of(&head[usize::from(ns)..usize::from(ne)]) {
                 Field::Connection => {
-                    for token in raw_value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    for token in tokens(raw_value) {
                         if token.eq_ignore_ascii_case(b"close") {
                             d.close = true;
                         } else if token.eq_ignore_ascii_case(b"keep-alive") {
@@ -374,6 +374,12 @@ fn parse_length(value: &[u8], seen: Option<u64>) -> Result<u64, Malformed> {
     seen.ok_or(Malformed("bad content-length"))
 }
 
+/// The elements of a comma-separated field value (`Connection`, `Transfer-Encoding`...), with
+/// their surrounding whitespace trimmed.
+pub(super) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
 /// Removes the fields the head's `Connection` fields name (rare: the usual tokens are
 /// `keep-alive`, `close` and `upgrade`).
 #[cold]
@@ -382,10 +388,7 @@ fn strip_listed(headers: &mut HeaderMap, head: &[u8], spans: &[(u16, u16, u16, u
         if Field::of(&head[usize::from(ns)..usize::from(ne)]) != Field::Connection {
             continue;
         }
-        for token in head[usize::from(vs)..usize::from(ve)]
-            .split(|&b| b == b',')
-            .map(<[u8]>::trim_ascii)
-        {
+        for token in tokens(&head[usize::from(vs)..usize::from(ve)]) {
             if let Ok(name) = HeaderName::from_bytes(token) {
                 headers.remove(name);
             }

@@ -16,7 +16,6 @@ use http::{HeaderMap, Response};
 pub const MAX_LINES: usize = 12;
 
 /// The forwarded header lines of one response head.
-#[derive(Clone)]
 pub struct RawHead {
     head: Bytes,
     /// `Name: value` of each forwarded field (no CRLF), in order.

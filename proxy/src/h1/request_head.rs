@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
-use super::head::MAX_HEADERS;
+use super::head::{MAX_HEADERS, tokens};
 use crate::body::ProxyBody;
 
 /// What the front of the read buffer holds. Moved once, straight into the handler: boxing the
@@ -126,7 +126,7 @@ fn simple_field(name: &[u8], value: &[u8]) -> Field {
     match name.len() {
         10 if name.eq_ignore_ascii_case(b"connection") => {
             let mut close = false;
-            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            for token in tokens(value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {

@@ -7,6 +7,7 @@ use std::io::Write as _;
 use http::header;
 use http::{StatusCode, response};
 
+use super::head::tokens;
 use super::raw_head::RawHead;
 
 /// How the response body goes on the wire.
@@ -110,9 +111,7 @@ pub fn encode(
 }
 
 fn says_close(value: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    tokens(value).any(|t| t.eq_ignore_ascii_case(b"close"))
 }
 
 #[cfg(test)]

@@ -243,11 +243,8 @@ where
         {
             Poll::Ready(f) => f,
             Poll::Pending => {
-                if !wbuf.is_empty() {
-                    if io.write_all(wbuf).await.is_err() {
-                        return false;
-                    }
-                    wbuf.clear();
+                if !flush(io, wbuf).await {
+                    return false;
                 }
                 std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
             }
@@ -264,27 +261,18 @@ where
         if data.is_empty() {
             continue;
         }
-        if !chunked {
+        if chunked {
+            let _ = std::io::Write::write_fmt(wbuf, format_args!("{:x}\r\n", data.len()));
+        } else {
             let Some(l) = left.checked_sub(data.len() as u64) else {
                 return false;
             };
             left = l;
         }
-        if chunked {
-            let _ = std::io::Write::write_fmt(wbuf, format_args!("{:x}\r\n", data.len()));
-        }
         if data.len() <= COALESCE_MAX {
             wbuf.extend_from_slice(&data);
-        } else {
-            if !wbuf.is_empty() {
-                if io.write_all(wbuf).await.is_err() {
-                    return false;
-                }
-                wbuf.clear();
-            }
-            if io.write_all(&data).await.is_err() {
-                return false;
-            }
+        } else if !flush(io, wbuf).await || io.write_all(&data).await.is_err() {
+            return false;
         }
         if chunked {
             wbuf.extend_from_slice(b"\r\n");
@@ -296,6 +284,11 @@ where
         // Shorter than it said: the client cannot frame what follows.
         return false;
     }
+    flush(io, wbuf).await
+}
+
+/// Writes what `wbuf` holds and empties it; false when the client failed.
+async fn flush<IO: AsyncWrite + Unpin>(io: &mut IO, wbuf: &mut Vec<u8>) -> bool {
     if !wbuf.is_empty() && io.write_all(wbuf).await.is_err() {
         return false;
     }
