@@ -23,7 +23,8 @@ mod serve;
 pub use body::UpstreamBody;
 pub use conn::{Conn, SendError, exchange};
 pub use raw_head::{RawHead, RawHeadSource, materialize};
-pub use serve::{Ended, ServerLimits, serve};
+pub use rewind::Rewind;
+pub use serve::{Answer, Ended, ServerLimits, serve};
 
 /// Why an upstream response could not be read; the request fails with 502.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

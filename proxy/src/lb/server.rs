@@ -6,27 +6,26 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::Either;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::future::Future;
+
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::admin::{self, Admin};
-use super::config::{LbConfig, LimitsConfig, ListenerProtocol};
+use super::config::{LbConfig, ListenerProtocol};
 use super::deploy;
 use super::error::LbError;
-use super::listener::{self, ListenerState, Shared};
+use super::listener::{self, LbBody, ListenerState, Shared};
 use super::metrics::Metrics;
 use super::target::TargetGroup;
 use super::tls::listener_tls;
 use super::{discovery, health};
 use crate::ProxyBody;
-use crate::buffered::{Held, HeldBody, TLS_BUFFER_BYTES};
-use crate::h1::{Ended, ServerLimits};
+use crate::buffered::{Held, TLS_BUFFER_BYTES};
+use crate::server::{HttpMode, HttpServer, ServerSettings, serve_connection};
 
 /// A running LB.
 pub struct LbHandle {
@@ -93,8 +92,9 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
         stop.clone(),
     );
     let tasks = TaskTracker::new();
-    let probe_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let probe_client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Empty<bytes::Bytes>>();
     // The sidecar's pooled upstream client (HTTP/1.1 to targets).
     let client = crate::UpstreamClient::plain(
         config.limits.connect_timeout,
@@ -136,7 +136,15 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
         limits: config.limits.clone(),
     });
 
-    let builder = Arc::new(http_builder(&config.limits));
+    let builder = Arc::new(crate::server::server(&ServerSettings {
+        max_header_bytes: config.limits.max_header_bytes,
+        header_read_timeout: config.limits.header_read_timeout,
+        h2_max_streams: MAX_STREAMS,
+        h2_max_pending_resets: MAX_PENDING_RESETS,
+        h2_keep_alive: Some(Duration::from_secs(30)),
+        // Upgrades (WebSocket) are not forwarded by the LB.
+        upgrades: false,
+    }));
     let mut states = Vec::new();
     let mut bound = Vec::new();
     let mut sockets = Vec::new();
@@ -206,7 +214,6 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
         let admission = Admission {
             max_connections: config.limits.max_connections,
             shed_on_pressure: true,
-            buffer_cap: config.limits.max_header_bytes,
         };
         tasks.spawn(accept_loop(
             tcp,
@@ -218,14 +225,13 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
             move |peer| {
                 let (shared, state) = (Arc::clone(&shared), Arc::clone(&state));
                 let peer = listener::Peer::new(peer);
-                service_fn(move |req| {
+                move |req| {
                     listener::handle(Arc::clone(&shared), Arc::clone(&state), peer.clone(), req)
-                })
+                }
             },
         ));
     }
     let drain = config.limits.drain_timeout;
-    let config_limits_header_bytes = config.limits.max_header_bytes;
     let admin = Arc::new(Admin {
         config: arc_swap::ArcSwap::from_pointee(config),
         listeners: states,
@@ -244,11 +250,10 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
         Admission {
             max_connections: ADMIN_CONNECTIONS,
             shed_on_pressure: false,
-            buffer_cap: config_limits_header_bytes,
         },
         move |_peer| {
             let admin = Arc::clone(&admin);
-            service_fn(move |req| admin::handle(Arc::clone(&admin), req))
+            move |req| admin::handle(Arc::clone(&admin), req)
         },
     ));
     tracing::info!(listeners = ?bound, admin = %admin_addr, "lb started");
@@ -263,41 +268,6 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
     })
 }
 
-/// How a listener's connections are served: the HTTP/1.1 loop's limits, then hyper's builder
-/// (HTTP/2, and what the loop hands over).
-struct HttpServer {
-    builder: auto::Builder<TokioExecutor>,
-    h1: ServerLimits,
-}
-
-fn http_builder(limits: &LimitsConfig) -> HttpServer {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    // The header-read timeout is armed for every request head: a shared timer makes that a
-    // slot in one table instead of an entry in tokio's timer wheel (`shared_timer.rs`).
-    let timer = crate::shared_timer::SharedTimer::new();
-    b.http1()
-        .timer(timer.clone())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .max_headers(MAX_HEADERS);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(MAX_STREAMS)
-        .keep_alive_interval(Duration::from_secs(30))
-        .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
-    HttpServer {
-        builder: b,
-        h1: ServerLimits {
-            max_head: limits.max_header_bytes,
-            header_read_timeout: limits.header_read_timeout,
-            timer,
-        },
-    }
-}
-
-/// Most request headers per HTTP/1 request.
-const MAX_HEADERS: usize = 100;
 /// Most concurrent HTTP/2 streams per connection.
 const MAX_STREAMS: u32 = 256;
 const MAX_PENDING_RESETS: usize = 64;
@@ -306,38 +276,39 @@ const MAX_PENDING_RESETS: usize = 64;
 const ADMIN_CONNECTIONS: usize = 256;
 
 /// Which connections an accept loop takes: at most `max_connections` at once, and none under
-/// memory pressure when `shed_on_pressure` (the admin port stays reachable). `buffer_cap` is
-/// hyper's `max_buf_size`, counted as buffered ([`crate::buffered`]) per connection (read
-/// buffer) and per streamed response (write queue).
+/// memory pressure when `shed_on_pressure` (the admin port stays reachable; its requests are
+/// never shed either).
 #[derive(Clone, Copy)]
 struct Admission {
     max_connections: usize,
     shed_on_pressure: bool,
-    buffer_cap: usize,
 }
 
-async fn accept_loop<F, S>(
+async fn accept_loop<F, H, Fut>(
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
-    builder: Arc<HttpServer>,
+    server: Arc<HttpServer>,
     stop: CancellationToken,
     tasks: TaskTracker,
     admission: Admission,
-    make_service: F,
+    make_handler: F,
 ) where
-    F: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<
-            http::Request<ProxyBody>,
-            Response = http::Response<listener::LbBody>,
-            Error = std::convert::Infallible,
-        > + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    F: Fn(SocketAddr) -> H,
+    H: Fn(http::Request<ProxyBody>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<http::Response<LbBody>, Infallible>> + Send + 'static,
 {
     let permits = Arc::new(tokio::sync::Semaphore::new(
         admission.max_connections.max(1),
     ));
+    let shed_on_pressure = admission.shed_on_pressure;
+    // New requests under memory pressure get 503 + `Retry-After` before any work is done for
+    // them ([`crate::overload::shed_request`]).
+    let shed = move || {
+        shed_on_pressure
+            .then(crate::overload::shed_request)
+            .flatten()
+            .map(|r| r.map(listener::local))
+    };
     loop {
         let (sock, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -356,24 +327,22 @@ async fn accept_loop<F, S>(
             drop(sock);
             continue;
         };
-        if admission.shed_on_pressure && !crate::overload::admit_connection() {
+        if shed_on_pressure && !crate::overload::admit_connection() {
             drop(sock);
             continue;
         }
         let _ = sock.set_nodelay(true);
-        let svc = make_service(peer);
-        let (builder, stop, tls) = (Arc::clone(&builder), stop.clone(), tls.clone());
-        let (cap, shed) = (admission.buffer_cap, admission.shed_on_pressure);
+        let handler = make_handler(peer);
+        let (server, stop, tls) = (Arc::clone(&server), stop.clone(), tls.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let _read_buf = Held::new(cap);
             match tls {
-                None => serve(&builder, sock, svc, (cap, shed), stop).await,
+                None => serve_connection(sock, &server, HttpMode::Auto, stop, shed, handler).await,
                 Some(acc) => {
                     let _tls_buffers = Held::new(TLS_BUFFER_BYTES);
                     let hs = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await;
                     if let Ok(Ok(s)) = hs {
-                        serve(&builder, s, svc, (cap, shed), stop).await;
+                        serve_connection(s, &server, HttpMode::Auto, stop, shed, handler).await;
                     }
                 }
             }
@@ -382,62 +351,3 @@ async fn accept_loop<F, S>(
 }
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves one connection; each streamed response holds `cap` bytes (its write queue) while it
-/// streams. With `shed`, new requests under memory pressure get 503 + `Retry-After` before any
-/// work is done for them ([`crate::overload::shed_request`]).
-async fn serve<I, S>(
-    server: &HttpServer,
-    io: I,
-    svc: S,
-    (cap, shed): (usize, bool),
-    stop: CancellationToken,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            http::Request<ProxyBody>,
-            Response = http::Response<listener::LbBody>,
-            Error = std::convert::Infallible,
-        > + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let shedding = || shed.then(crate::overload::shed_request).flatten();
-    // HTTP/1.1 starts in the proxy's own loop, which hands the connection to hyper (below) at
-    // the first request it does not take.
-    let io = {
-        let shed = || shedding().map(|r| r.map(listener::local));
-        let respond = |req| hyper::service::Service::call(&svc, req);
-        match crate::h1::serve(io, &server.h1, &stop, shed, &respond).await {
-            Ended::Closed => return,
-            Ended::Handoff(io) => io,
-        }
-    };
-    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let fut = match shedding() {
-            Some(r) => Either::Left(std::future::ready(Ok(r.map(listener::local)))),
-            // Boxed once here: hyper moves the service future into place per request, and the
-            // routing + forwarding future is kilobytes.
-            None => Either::Right(Box::pin(hyper::service::Service::call(
-                &svc,
-                req.map(ProxyBody::from),
-            ))),
-        };
-        async move {
-            let mut resp = fut.await?;
-            // hyper writes heads from the map only.
-            crate::h1::materialize(&mut resp);
-            Ok::<_, std::convert::Infallible>(resp.map(|b| HeldBody::new(b, cap)))
-        }
-    });
-    let conn = server.builder.serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
-}
