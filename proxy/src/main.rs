@@ -205,24 +205,9 @@ fn sidecar(path: Option<PathBuf>, log_json: bool, check: bool) -> ExitCode {
         spawn_signals(shutdown.clone(), std::sync::Arc::clone(&running), path);
         // Nothing to do until SIGTERM/SIGINT; then every handle but ours ends and the drain runs.
         shutdown.cancelled().await;
-        wait(running).await;
+        running.wait().await;
         ExitCode::SUCCESS
     })
-}
-
-/// Waits for the drain once shutdown has started. The signal task has dropped its handle by
-/// then; a reload in flight (file watch) may still hold one for a moment.
-async fn wait(running: std::sync::Arc<trellis_proxy::Running>) {
-    let mut running = running;
-    loop {
-        match std::sync::Arc::try_unwrap(running) {
-            Ok(r) => return r.wait().await,
-            Err(r) => {
-                running = r;
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        }
-    }
 }
 
 fn spawn_signals(

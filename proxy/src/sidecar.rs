@@ -12,7 +12,6 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -61,7 +60,8 @@ pub struct Running {
     /// tables' target slots index).
     upstreams: Vec<String>,
     subsets: Vec<Subset>,
-    done: JoinHandle<()>,
+    /// Cancelled when the drain has finished (or its task ended any other way).
+    drained: CancellationToken,
 }
 
 /// What a caller may hand in instead of what the config would fetch.
@@ -72,9 +72,10 @@ pub struct StartOptions {
 }
 
 impl Running {
-    /// Resolves once shutdown was requested and the drain finished.
-    pub async fn wait(self) {
-        let _ = self.done.await;
+    /// Resolves once shutdown was requested and the drain finished. Borrows, so a handle shared
+    /// with a reload in flight can be waited on without polling for the other owners to let go.
+    pub async fn wait(&self) {
+        self.drained.cancelled().await;
     }
 
     pub fn admin(&self) -> &Admin {
@@ -455,7 +456,10 @@ pub async fn start_with(
     // accepting, finish in-flight up to the drain timeout, then stop the rest.
     let drain_timeout = config.runtime.drain_timeout;
     let leave = deregistration(&config);
-    let done = tokio::spawn(async move {
+    let drained = CancellationToken::new();
+    let drained_guard = drained.clone().drop_guard();
+    tokio::spawn(async move {
+        let _drained = drained_guard;
         shutdown.cancelled().await;
         tracing::info!("draining");
         health.set_draining();
@@ -503,7 +507,7 @@ pub async fn start_with(
             .iter()
             .map(|u| u.service.as_str().to_owned())
             .collect(),
-        done,
+        drained,
     })
 }
 
