@@ -84,8 +84,9 @@ pub async fn forward(
         // One clock read per try (the first try starts when the request did); the pick, the
         // timeout and the latency sample all use it.
         let now = if attempt == 0 { start } else { Instant::now() };
+        let now_ms = clock::ms_at(now);
         let snapshot = cluster.snapshot();
-        let Some(ep) = cluster.pick_at(&snapshot, avoid, clock::ms_at(now)) else {
+        let Some(ep) = cluster.pick_at(&snapshot, avoid, now_ms) else {
             cluster.metrics.response(None);
             return error_response(&ProxyError::NoEndpoint);
         };
@@ -95,9 +96,13 @@ pub async fn forward(
             body.take().unwrap_or_else(ProxyBody::empty)
         };
 
-        let budget = deadline
-            .saturating_duration_since(now)
-            .min(policy.per_try_timeout);
+        // Clock arithmetic is a few dozen instructions a step: the first try knows its budget.
+        let left = if attempt == 0 {
+            policy.request_timeout
+        } else {
+            deadline.saturating_duration_since(now)
+        };
+        let budget = left.min(policy.per_try_timeout);
         let guard = ep.start();
         // The exchange is pinned where it is built: the timeout then wraps a pointer instead of
         // moving the exchange future twice more (into `Timeout`, then into this state). The
@@ -134,11 +139,14 @@ pub async fn forward(
         };
         drop(guard);
         let end = Instant::now();
-        let can_retry = replayable && attempt < policy.max_retries && end < deadline;
+        let took = end.saturating_duration_since(now);
+        let can_retry = replayable && attempt < policy.max_retries && took < left;
         match result {
             Ok(mut resp) => {
                 let status = resp.status();
-                ep.observe_latency_at(end.saturating_duration_since(now), clock::ms_at(end));
+                let end_ms =
+                    now_ms.saturating_add(u64::try_from(took.as_millis()).unwrap_or(u64::MAX));
+                ep.observe_latency_at(took, end_ms);
                 cluster.record(&ep, status.is_server_error(), &snapshot);
                 if status.is_server_error() && can_retry && cluster.budget.withdraw() {
                     cluster.metrics.retries.inc();
@@ -147,10 +155,12 @@ pub async fn forward(
                     continue;
                 }
                 cluster.metrics.response(Some(status.as_u16()));
-                cluster
-                    .metrics
-                    .latency
-                    .observe(end.saturating_duration_since(start).as_secs_f64());
+                let total = if attempt == 0 {
+                    took
+                } else {
+                    end.saturating_duration_since(start)
+                };
+                cluster.metrics.latency.observe(total.as_secs_f64());
                 match downstream_upgrade {
                     Some(down) if status == StatusCode::SWITCHING_PROTOCOLS => {
                         let up = hyper::upgrade::on(&mut resp);

@@ -2,10 +2,9 @@
 //! response head parsed with `httparse` into a `HeaderMap` whose values share the read buffer
 //! (no copy per header), and the body framing both imply (RFC 9112 §6).
 
-use std::io::Write as _;
 use std::mem::MaybeUninit;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, StatusCode, Version};
@@ -141,7 +140,7 @@ pub fn encode_request(parts: &Parts, framing: ReqFraming, add_length: bool, dst:
     match framing {
         ReqFraming::Chunked => dst.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         ReqFraming::Length(n) if add_length => {
-            let _ = write!(dst, "content-length: {n}\r\n");
+            put_content_length(dst, n);
         }
         _ => {}
     }
@@ -162,12 +161,10 @@ pub fn parse_response_raw(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Ma
 }
 
 fn parse(buf: &mut BytesMut, want_raw: bool) -> Result<Option<ResponseHead>, Malformed> {
-    let mut config = httparse::ParserConfig::default();
-    config.allow_spaces_after_header_name_in_responses(true);
     loop {
         let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
-        let len = match config.parse_response_with_uninit_headers(&mut resp, buf, &mut fields) {
+        let len = match parser().parse_response_with_uninit_headers(&mut resp, buf, &mut fields) {
             Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => return Ok(None),
             Ok(_) => return Err(Malformed("response head too large")),
@@ -189,24 +186,17 @@ fn parse(buf: &mut BytesMut, want_raw: bool) -> Result<Option<ResponseHead>, Mal
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
-        // Offsets first (they borrow `buf`), then the head is frozen and sliced.
+        // Pass 1, over the fields as parsed: what the hop-by-hop and length fields say, and the
+        // raw lines to forward (offsets into the head, which keeps its bytes when frozen).
         let base = buf.as_ptr() as usize;
         let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u16;
-        let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
-        let count = resp.headers.len();
-        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-            let (n, v) = (offset(h.name.as_bytes()), offset(h.value));
-            *span = (n, n + h.name.len() as u16, v, v + h.value.len() as u16);
-        }
-        let head = buf.split_to(len).freeze();
-        // Pass 1: what the hop-by-hop and length fields say, and the raw lines to forward.
         let mut d = Delimiting::default();
         // Names `Connection` lists beyond the usual tokens: removed from what is forwarded.
         let mut listed = false;
         let mut raw = want_raw.then(raw_head::Builder::new);
-        for &(ns, ne, vs, ve) in &spans[..count] {
-            let raw_value = &head[usize::from(vs)..usize::from(ve)];
-            match Field::of(&head[usize::from(ns)..usize::from(ne)]) {
+        for h in resp.headers.iter() {
+            let (name, raw_value) = (h.name.as_bytes(), h.value);
+            match Field::of(name) {
                 Field::Connection => {
                     for token in tokens(raw_value) {
                         if token.eq_ignore_ascii_case(b"close") {
@@ -236,7 +226,13 @@ fn parse(buf: &mut BytesMut, want_raw: bool) -> Result<Option<ResponseHead>, Mal
                 }
                 f @ (Field::Known(_) | Field::Other) => {
                     if let Some(r) = raw.as_mut() {
-                        r.keep(&head, (ns, ne, ve), f == Field::Known(0));
+                        let ns = offset(name);
+                        let span = (
+                            ns,
+                            ns + name.len() as u16,
+                            offset(raw_value) + raw_value.len() as u16,
+                        );
+                        r.keep(buf, span, f == Field::Known(0));
                     }
                 }
             }
@@ -250,6 +246,7 @@ fn parse(buf: &mut BytesMut, want_raw: bool) -> Result<Option<ResponseHead>, Mal
             Some(Ok(n)) if !d.transfer_encoding => Some(n),
             _ => None,
         };
+        let head = buf.split_to(len).freeze();
         // httparse takes the value bytes `HeaderValue` takes (HTAB, SP–`~`, obs-text): raw
         // lines need no further check.
         if let Some(raw) = raw.and_then(|r| r.finish(head.clone(), length)) {
@@ -261,35 +258,65 @@ fn parse(buf: &mut BytesMut, want_raw: bool) -> Result<Option<ResponseHead>, Mal
                 delimiting: d,
             }));
         }
-        // Pass 2: the forwarded fields into a map.
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(ns, ne, vs, ve) in &spans[..count] {
-            let raw_name = &head[usize::from(ns)..usize::from(ne)];
-            let name = match Field::of(raw_name) {
-                Field::Connection | Field::TransferEncoding | Field::HopByHop => continue,
-                Field::ContentLength if d.transfer_encoding => continue,
-                Field::ContentLength => header::CONTENT_LENGTH,
-                Field::Known(i) => KNOWN[usize::from(i)].clone(),
-                Field::Other => {
-                    HeaderName::from_bytes(raw_name).map_err(|_| Malformed("bad header name"))?
-                }
-            };
-            let value =
-                HeaderValue::from_maybe_shared(head.slice(usize::from(vs)..usize::from(ve)))
-                    .map_err(|_| Malformed("bad header value"))?;
-            headers.append(name, value);
-        }
-        if listed {
-            strip_listed(&mut headers, &head, &spans[..count]);
-        }
         return Ok(Some(ResponseHead {
             status,
             version,
-            headers,
+            headers: into_map(&head, &d, listed)?,
             raw: None,
             delimiting: d,
         }));
     }
+}
+
+/// The response parser's settings (spaces before a field's colon are tolerated, as browsers do).
+fn parser() -> httparse::ParserConfig {
+    let mut config = httparse::ParserConfig::default();
+    config.allow_spaces_after_header_name_in_responses(true);
+    config
+}
+
+/// Pass 2, when the fields cannot go raw: the frozen head parsed again (it parsed once, so it
+/// parses the same), its forwarded fields into a map whose values share the head.
+fn into_map(head: &Bytes, d: &Delimiting, listed: bool) -> Result<HeaderMap, Malformed> {
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    if !matches!(
+        parser().parse_response_with_uninit_headers(&mut resp, head, &mut fields),
+        Ok(httparse::Status::Complete(_))
+    ) {
+        return Err(Malformed("bad response head"));
+    }
+    let base = head.as_ptr() as usize;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let raw_name = h.name.as_bytes();
+        let name = match Field::of(raw_name) {
+            Field::Connection | Field::TransferEncoding | Field::HopByHop => continue,
+            Field::ContentLength if d.transfer_encoding => continue,
+            Field::ContentLength => header::CONTENT_LENGTH,
+            Field::Known(i) => KNOWN[usize::from(i)].clone(),
+            Field::Other => {
+                HeaderName::from_bytes(raw_name).map_err(|_| Malformed("bad header name"))?
+            }
+        };
+        let at = h.value.as_ptr() as usize - base;
+        let value = HeaderValue::from_maybe_shared(head.slice(at..at + h.value.len()))
+            .map_err(|_| Malformed("bad header value"))?;
+        headers.append(name, value);
+    }
+    if listed {
+        for h in resp.headers.iter() {
+            if Field::of(h.name.as_bytes()) != Field::Connection {
+                continue;
+            }
+            for token in tokens(h.value) {
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    Ok(headers)
 }
 
 /// How a response header field is treated while the head is parsed.
@@ -322,10 +349,58 @@ static KNOWN: [HeaderName; 12] = [
     header::CONTENT_ENCODING,
 ];
 
+/// Writes `content-length: <n>\r\n` (the formatting machinery costs ~250 instructions).
+pub(crate) fn put_content_length(dst: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    dst.extend_from_slice(b"content-length: ");
+    dst.extend_from_slice(&digits[at..]);
+    dst.extend_from_slice(b"\r\n");
+}
+
+/// Whether field name `name` is `lower` (lowercase letters, digits and `-`) in any case. `name`
+/// is a token (httparse checked it): setting bit 5 of a token byte turns an uppercase letter into
+/// its lowercase one and no other token byte into a letter, digit or `-`, so eight bytes compare
+/// at once (~60 instructions a name fewer than `eq_ignore_ascii_case`).
+#[inline(always)]
+pub(crate) fn name_is(name: &[u8], lower: &[u8]) -> bool {
+    const BIT5: u64 = 0x2020_2020_2020_2020;
+    let n = name.len();
+    if n != lower.len() {
+        return false;
+    }
+    if n < 8 {
+        return name.iter().zip(lower).all(|(a, b)| a | 0x20 == *b);
+    }
+    let word = |s: &[u8], i: usize| {
+        s.get(i..i + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    let mut i = 0;
+    while i + 8 < n {
+        if word(name, i) | BIT5 != word(lower, i) {
+            return false;
+        }
+        i += 8;
+    }
+    // The last (possibly overlapping) eight bytes.
+    word(name, n - 8) | BIT5 == word(lower, n - 8)
+}
+
 impl Field {
     /// Classifies a raw field name (ASCII case-insensitive), by length first.
     fn of(name: &[u8]) -> Field {
-        let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+        let is = |s: &[u8]| name_is(name, s);
         match name.len() {
             2 if is(b"te") => Field::HopByHop,
             4 if is(b"date") => Field::Known(0),
@@ -380,22 +455,6 @@ pub(super) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
-/// Removes the fields the head's `Connection` fields name (rare: the usual tokens are
-/// `keep-alive`, `close` and `upgrade`).
-#[cold]
-fn strip_listed(headers: &mut HeaderMap, head: &[u8], spans: &[(u16, u16, u16, u16)]) {
-    for &(ns, ne, vs, ve) in spans {
-        if Field::of(&head[usize::from(ns)..usize::from(ne)]) != Field::Connection {
-            continue;
-        }
-        for token in tokens(&head[usize::from(vs)..usize::from(ve)]) {
-            if let Ok(name) = HeaderName::from_bytes(token) {
-                headers.remove(name);
-            }
-        }
-    }
-}
-
 /// The Content-Length, if present; several values must agree (RFC 9110 §8.6).
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
     let mut found = None;
@@ -409,6 +468,62 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_compare_in_any_case_by_words() {
+        let names: [&[u8]; 8] = [
+            b"te",
+            b"date",
+            b"connection",
+            b"content-type",
+            b"content-length",
+            b"transfer-encoding",
+            b"proxy-authorization",
+            b"x-a-header-longer-than-sixteen",
+        ];
+        for lower in names {
+            let upper = lower.to_ascii_uppercase();
+            let mixed: Vec<u8> = lower
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    if i % 3 == 0 {
+                        b.to_ascii_uppercase()
+                    } else {
+                        *b
+                    }
+                })
+                .collect();
+            for name in [lower.to_vec(), upper, mixed] {
+                assert!(name_is(&name, lower), "{name:?}");
+            }
+            // Any one byte changed (to another token byte), or one byte more or fewer, differs.
+            for i in 0..lower.len() {
+                for other in [b'_', b'.', b'a', b'Z', b'1'] {
+                    let mut name = lower.to_vec();
+                    if name[i].eq_ignore_ascii_case(&other) {
+                        continue;
+                    }
+                    name[i] = other;
+                    assert!(!name_is(&name, lower), "{name:?}");
+                }
+            }
+            assert!(!name_is(&lower[1..], lower));
+            assert!(!name_is(&[lower, b"s"].concat(), lower));
+        }
+        assert_eq!(Field::of(b"Content-Length"), Field::ContentLength);
+        assert_eq!(Field::of(b"CONNECTION"), Field::Connection);
+        assert_eq!(Field::of(b"content_length"), Field::Other);
+    }
+
+    #[test]
+    fn content_length_is_written_without_fmt() {
+        for n in [0u64, 7, 10, 22, 1_000_000, u64::MAX] {
+            let mut out = Vec::new();
+            put_content_length(&mut out, n);
+            assert_eq!(out, format!("content-length: {n}\r\n").into_bytes());
+        }
+    }
 
     fn parse(wire: &[u8]) -> (Result<Option<ResponseHead>, Malformed>, BytesMut) {
         let mut buf = BytesMut::from(wire);

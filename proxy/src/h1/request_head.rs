@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
-use super::head::{MAX_HEADERS, tokens};
+use super::head::{MAX_HEADERS, name_is, tokens};
 use crate::body::ProxyBody;
 
 /// What the front of the read buffer holds. Moved once, straight into the handler: boxing the
@@ -124,7 +124,7 @@ enum Field {
 fn simple_field(name: &[u8], value: &[u8]) -> Field {
     // Dispatch on the length first: most names are none of these and cost one compare.
     match name.len() {
-        10 if name.eq_ignore_ascii_case(b"connection") => {
+        10 if name_is(name, b"connection") => {
             let mut close = false;
             for token in tokens(value) {
                 if token.eq_ignore_ascii_case(b"close") {
@@ -135,16 +135,16 @@ fn simple_field(name: &[u8], value: &[u8]) -> Field {
             }
             if close { Field::Close } else { Field::Other }
         }
-        14 if name.eq_ignore_ascii_case(b"content-length") => {
+        14 if name_is(name, b"content-length") => {
             if value.trim_ascii() == b"0" {
                 Field::Other
             } else {
                 Field::Refused
             }
         }
-        6 if name.eq_ignore_ascii_case(b"expect") => Field::Refused,
-        7 if name.eq_ignore_ascii_case(b"upgrade") => Field::Refused,
-        17 if name.eq_ignore_ascii_case(b"transfer-encoding") => Field::Refused,
+        6 if name_is(name, b"expect") => Field::Refused,
+        7 if name_is(name, b"upgrade") => Field::Refused,
+        17 if name_is(name, b"transfer-encoding") => Field::Refused,
         _ => Field::Other,
     }
 }

@@ -2,12 +2,10 @@
 //! response's `HeaderMap` into the connection's write buffer, with the body framing hyper's
 //! server would choose (RFC 9112 §6), so a client sees the same bytes either way.
 
-use std::io::Write as _;
-
 use http::header;
 use http::{StatusCode, response};
 
-use super::head::tokens;
+use super::head::{put_content_length, tokens};
 use super::raw_head::RawHead;
 
 /// How the response body goes on the wire.
@@ -63,7 +61,7 @@ pub fn encode(
         }
         wrote_date = raw.has_date();
         if head_request && let Some(n) = raw.content_length() {
-            let _ = write!(dst, "content-length: {n}\r\n");
+            put_content_length(dst, n);
         }
     }
     for (name, value) in &parts.headers {
@@ -91,7 +89,7 @@ pub fn encode(
                 Framing::None
             }
             BodyLen::Known(n) => {
-                let _ = write!(dst, "content-length: {n}\r\n");
+                put_content_length(dst, n);
                 Framing::Length(n)
             }
             BodyLen::Unknown => {

@@ -94,6 +94,7 @@ where
     let mut rbuf = BytesMut::with_capacity(READ_BUF);
     let mut wbuf: Vec<u8> = Vec::with_capacity(1024);
     let mut stopped = pin!(stop.cancelled());
+    let mut stop_waker: Option<std::task::Waker> = None;
     loop {
         // The head: parsed from what is buffered (pipelined), else read with the timeout.
         let mut deadline = None;
@@ -118,8 +119,19 @@ where
                 if let Poll::Ready(r) = Pin::new(&mut read).poll(cx) {
                     return Poll::Ready(Some(r));
                 }
-                if idle && stopped.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
+                if idle {
+                    // The token wakes the waker it was last polled with; polling it again takes
+                    // its lock, so that happens only when the task's waker is a new one.
+                    if stop_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        if stop.is_cancelled() {
+                            return Poll::Ready(None);
+                        }
+                    } else {
+                        if stopped.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(None);
+                        }
+                        stop_waker = Some(cx.waker().clone());
+                    }
                 }
                 Poll::Pending
             })
