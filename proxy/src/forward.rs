@@ -53,19 +53,22 @@ pub async fn forward(
         return error_response(&ProxyError::Overflow);
     };
     cluster.budget.deposit();
-    let downstream_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    // One pass over the names says which hop-by-hop fields there are, and `Host`.
+    let present = scan_names(req.headers());
+    let downstream_upgrade =
+        (present & UPGRADE_BIT != 0 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let upgrade_value = downstream_upgrade
         .as_ref()
         .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
-    strip_hop_by_hop(&mut parts.headers);
+    strip_present(&mut parts.headers, present);
     if let Some(v) = upgrade_value {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, v);
     }
-    if !parts.headers.contains_key(header::HOST)
+    if present & HOST_BIT == 0
         && let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
@@ -218,12 +221,35 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// names compare as enum tags, without hashing); only those are removed, so a message without any
 /// costs no hash lookup at all.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_present(headers, scan_names(headers));
+}
+
+/// [`strip_hop_by_hop`], saying whether there is a `Host` field (found by the same pass).
+pub(crate) fn strip_hop_by_hop_has_host(headers: &mut HeaderMap) -> bool {
+    let present = scan_names(headers);
+    strip_present(headers, present);
+    present & HOST_BIT != 0
+}
+
+/// `scan_names` bit of `upgrade`.
+const UPGRADE_BIT: u16 = 1 << HOP_BY_HOP.len();
+/// `scan_names` bit of `host`.
+const HOST_BIT: u16 = 1 << (HOP_BY_HOP.len() + 1);
+
+/// Bit `i` for `HOP_BY_HOP[i]` present, then [`UPGRADE_BIT`] and [`HOST_BIT`].
+fn scan_names(headers: &HeaderMap) -> u16 {
     let mut present = 0u16;
     for name in headers.keys() {
         if let Some(i) = hop_index(name) {
             present |= 1 << i;
         }
     }
+    present
+}
+
+/// [`strip_hop_by_hop`] with the names already scanned.
+fn strip_present(headers: &mut HeaderMap, present: u16) {
+    let present = present & !HOST_BIT;
     if present == 0 {
         return;
     }
@@ -253,14 +279,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(h);
         }
     }
-    if present & (1 << HOP_BY_HOP.len()) != 0 {
+    if present & UPGRADE_BIT != 0 {
         headers.remove(header::UPGRADE);
     }
 }
 
-/// Index of a hop-by-hop name in `HOP_BY_HOP` (`HOP_BY_HOP.len()` for `upgrade`). A string match
+/// Index of a hop-by-hop name in `HOP_BY_HOP` (`HOP_BY_HOP.len()` for `upgrade`, one more for
+/// `host`, which is not hop-by-hop but wanted by the same scan). A string match
 /// compiles to a length switch and at most two compares, cheaper than comparing the name with each
-/// of the nine.
+/// of them.
 fn hop_index(name: &HeaderName) -> Option<usize> {
     Some(match name.as_str() {
         "connection" => 0,
@@ -272,6 +299,7 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
         "trailer" => 6,
         "transfer-encoding" => 7,
         "upgrade" => HOP_BY_HOP.len(),
+        "host" => HOP_BY_HOP.len() + 1,
         _ => return None,
     })
 }
@@ -344,6 +372,14 @@ mod tests {
             assert_eq!(hop_index(h), Some(i), "{h}");
         }
         assert_eq!(hop_index(&header::UPGRADE), Some(HOP_BY_HOP.len()));
+        assert_eq!(hop_index(&header::HOST), Some(HOP_BY_HOP.len() + 1));
+        // `Host` is scanned for, never stripped.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        assert_eq!(scan_names(&h), HOST_BIT | 1 << 5);
+        strip_hop_by_hop(&mut h);
+        assert!(h.contains_key(header::HOST) && !h.contains_key(header::TE));
         assert_eq!(hop_index(&header::USER_AGENT), None);
         assert_eq!(hop_index(&HeaderName::from_static("x-te")), None);
     }

@@ -40,9 +40,29 @@ pub struct Subset {
 pub struct RouteTables {
     tables: Vec<RuleIndex>,
     subsets: Vec<Subset>,
+    /// By upstream: the one slot every request goes to when the upstream has no routes (the
+    /// common case), so routing reads nothing of the request.
+    fixed: Vec<Option<usize>>,
 }
 
 impl RouteTables {
+    fn new(tables: Vec<RuleIndex>, subsets: Vec<Subset>) -> Self {
+        let fixed = tables
+            .iter()
+            .map(|t| match t.default_action() {
+                Action::Forward(f) if t.rules().is_empty() && f.groups().len() == 1 => {
+                    f.groups().first().map(|g| g.slot)
+                }
+                _ => None,
+            })
+            .collect();
+        Self {
+            tables,
+            subsets,
+            fixed,
+        }
+    }
+
     /// Subset `i` has target slot `upstreams + i`.
     pub fn subsets(&self) -> &[Subset] {
         &self.subsets
@@ -88,8 +108,11 @@ impl Router {
 
     /// Where an HTTP request for upstream `u` goes.
     pub fn route<B>(&self, u: usize, req: &Request<B>, source: IpAddr) -> Option<&Target> {
-        let view = RequestView::of(req, source);
-        let slot = self.tables.load().pick(u, &view, rand::random());
+        let tables = self.tables.load();
+        let slot = match tables.fixed.get(u) {
+            Some(&Some(slot)) => slot,
+            _ => tables.pick(u, &RequestView::of(req, source), rand::random()),
+        };
         self.targets.get(slot)
     }
 
@@ -170,7 +193,7 @@ pub fn compile(outbound: &OutboundConfig) -> Result<RouteTables, ConfigError> {
             })
         })
         .collect::<Result<_, _>>()?;
-    Ok(RouteTables { tables, subsets })
+    Ok(RouteTables::new(tables, subsets))
 }
 
 type FieldError = (String, String);
@@ -383,6 +406,8 @@ targets = [{ cluster = "api-v1" }]
         assert_eq!(t.pick(0, &view("GET", "/v2/pinned", &h), 0), 2);
         assert_eq!(t.pick(0, &view("GET", "/other", &h), 0), 0, "default");
         assert_eq!(t.pick(1, &view("GET", "/v2", &h), 0), 1, "no routes: own");
+        // Upstreams without routes skip matching altogether; `api` has routes.
+        assert_eq!(t.fixed, [None, Some(1), Some(2)]);
     }
 
     #[test]

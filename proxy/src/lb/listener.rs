@@ -308,8 +308,7 @@ pub async fn handle(
 /// missing, `X-Forwarded-For` / `X-Forwarded-Proto` added.
 fn prepare_headers(parts: &mut http::request::Parts, peer: &Peer, scheme: &'static str) {
     let h = &mut parts.headers;
-    crate::forward::strip_hop_by_hop(h);
-    if !h.contains_key(header::HOST)
+    if !crate::forward::strip_hop_by_hop_has_host(h)
         && let Some(v) = parts
             .uri
             .authority()
