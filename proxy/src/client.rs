@@ -132,13 +132,14 @@ impl UpstreamClient {
         addr: std::net::SocketAddr,
         authority: &Authority,
         parts: &'a mut Parts,
+        added: &'a [u8],
         body: ProxyBody,
         keep: bool,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
         match &self.h1 {
             // CONNECT tunnels keep hyper's client, like upgrades.
             Some(pool) if parts.method != hyper::Method::CONNECT => {
-                Either::Left(pool.send_parts(addr, parts, body))
+                Either::Left(pool.send_parts(addr, parts, added, body))
             }
             _ => {
                 let mut up = Request::new(body);
@@ -154,6 +155,7 @@ impl UpstreamClient {
                 } else {
                     std::mem::take(&mut parts.headers)
                 };
+                append_lines(up.headers_mut(), added);
                 // Hop-by-hop fields leave here, where the response is made: the pool's parser
                 // never puts them in its header map.
                 Either::Right(Box::pin(async move {
@@ -171,6 +173,23 @@ impl UpstreamClient {
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         self.upgrade.send(req).await.map_err(classify)
+    }
+}
+
+/// Appends field lines the proxy wrote (`name: value\r\n` each) to a header map, for hyper's
+/// client, which writes heads from the map only. A line that is not a valid field is skipped.
+fn append_lines(headers: &mut http::HeaderMap, lines: &[u8]) {
+    for line in lines.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(&line[..colon]),
+            http::HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+        ) {
+            headers.append(name, value);
+        }
     }
 }
 
@@ -201,5 +220,29 @@ fn classify(e: hyper_util::client::legacy::Error) -> ProxyError {
         ProxyError::ConnectFailed
     } else {
         ProxyError::UpstreamReset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_lines_join_the_map_for_hyper() {
+        let mut h = http::HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_static("10.0.0.1"),
+        );
+        append_lines(
+            &mut h,
+            b"x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\nnot a field\r\n",
+        );
+        let xff: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(xff, ["10.0.0.1", "127.0.0.1"]);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h.len(), 3);
+        append_lines(&mut h, b"");
+        assert_eq!(h.len(), 3);
     }
 }

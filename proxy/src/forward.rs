@@ -127,6 +127,7 @@ pub async fn forward(
                 ep.addr,
                 &ep.authority,
                 &mut parts,
+                b"",
                 req_body,
                 replayable
             ));
@@ -224,19 +225,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip_present(headers, scan_names(headers));
 }
 
-/// [`strip_hop_by_hop`], saying whether there is a `Host` field (found by the same pass).
-pub(crate) fn strip_hop_by_hop_has_host(headers: &mut HeaderMap) -> bool {
+/// What [`strip_hop_by_hop_seen`]'s pass saw besides the hop-by-hop fields.
+pub(crate) struct Seen {
+    pub host: bool,
+    pub forwarded_proto: bool,
+}
+
+/// [`strip_hop_by_hop`], saying whether there are `Host` and `X-Forwarded-Proto` fields (found
+/// by the same pass over the names).
+pub(crate) fn strip_hop_by_hop_seen(headers: &mut HeaderMap) -> Seen {
     let present = scan_names(headers);
     strip_present(headers, present);
-    present & HOST_BIT != 0
+    Seen {
+        host: present & HOST_BIT != 0,
+        forwarded_proto: present & FORWARDED_PROTO_BIT != 0,
+    }
 }
 
 /// `scan_names` bit of `upgrade`.
 const UPGRADE_BIT: u16 = 1 << HOP_BY_HOP.len();
 /// `scan_names` bit of `host`.
 const HOST_BIT: u16 = 1 << (HOP_BY_HOP.len() + 1);
+/// `scan_names` bit of `x-forwarded-proto`.
+const FORWARDED_PROTO_BIT: u16 = 1 << (HOP_BY_HOP.len() + 2);
 
-/// Bit `i` for `HOP_BY_HOP[i]` present, then [`UPGRADE_BIT`] and [`HOST_BIT`].
+/// Bit `i` for `HOP_BY_HOP[i]` present, then [`UPGRADE_BIT`], [`HOST_BIT`] and
+/// [`FORWARDED_PROTO_BIT`].
 fn scan_names(headers: &HeaderMap) -> u16 {
     let mut present = 0u16;
     for name in headers.keys() {
@@ -249,7 +263,7 @@ fn scan_names(headers: &HeaderMap) -> u16 {
 
 /// [`strip_hop_by_hop`] with the names already scanned.
 fn strip_present(headers: &mut HeaderMap, present: u16) {
-    let present = present & !HOST_BIT;
+    let present = present & !(HOST_BIT | FORWARDED_PROTO_BIT);
     if present == 0 {
         return;
     }
@@ -285,7 +299,8 @@ fn strip_present(headers: &mut HeaderMap, present: u16) {
 }
 
 /// Index of a hop-by-hop name in `HOP_BY_HOP` (`HOP_BY_HOP.len()` for `upgrade`, one more for
-/// `host`, which is not hop-by-hop but wanted by the same scan). A string match
+/// `host` and two for `x-forwarded-proto`, which are not hop-by-hop but wanted by the same scan).
+/// A string match
 /// compiles to a length switch and at most two compares, cheaper than comparing the name with each
 /// of them.
 fn hop_index(name: &HeaderName) -> Option<usize> {
@@ -300,6 +315,7 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
         "transfer-encoding" => 7,
         "upgrade" => HOP_BY_HOP.len(),
         "host" => HOP_BY_HOP.len() + 1,
+        "x-forwarded-proto" => HOP_BY_HOP.len() + 2,
         _ => return None,
     })
 }

@@ -72,11 +72,13 @@ impl H1Pool {
     }
 
     /// Sends the request `parts` + `body` to `addr` over a pooled (or new) HTTP/1.1 connection.
-    /// The head is written from `parts` as they are (its URI's path and query, its headers).
+    /// The head is written from `parts` as they are (its URI's path and query, its headers),
+    /// then the `added` field lines.
     pub async fn send_parts(
         self: &Arc<Self>,
         addr: SocketAddr,
         parts: &Parts,
+        added: &[u8],
         mut body: ProxyBody,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let mut stale = 0;
@@ -91,7 +93,7 @@ impl H1Pool {
                 pool: Arc::clone(self),
                 addr,
             };
-            match h1::exchange(conn, parts, body, release).await {
+            match h1::exchange(conn, parts, added, body, release).await {
                 Ok(resp) => return Ok(resp),
                 // Never written: the idle connection had closed. Try another one.
                 Err(SendError::NotSent(back)) if reused && stale < MAX_STALE_RETRIES => {
@@ -221,7 +223,7 @@ mod tests {
             .body(ProxyBody::full("ping"))
             .unwrap();
         let (parts, body) = req.into_parts();
-        let resp = pool.send_parts(addr, &parts, body).await?;
+        let resp = pool.send_parts(addr, &parts, b"", body).await?;
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         Ok(String::from_utf8_lossy(&body).into_owned())
     }

@@ -62,7 +62,21 @@ async fn upstream(name: &str) -> Arc<Upstream> {
                             u.hits.fetch_add(1, SeqCst);
                             u.status.load(SeqCst)
                         };
-                        let mut resp = http::Response::new(Full::new(Bytes::from(u.name.clone())));
+                        let body = if path == "/forwarded" {
+                            // What the LB said about the client, as the target saw it.
+                            let all = |name: &str| {
+                                req.headers()
+                                    .get_all(name)
+                                    .iter()
+                                    .map(|v| v.to_str().unwrap_or("?").to_owned())
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            };
+                            format!("{} | {}", all("x-forwarded-for"), all("x-forwarded-proto"))
+                        } else {
+                            u.name.clone()
+                        };
+                        let mut resp = http::Response::new(Full::new(Bytes::from(body)));
                         *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                         Ok::<_, Infallible>(resp)
                     }
@@ -674,6 +688,31 @@ action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
 "#,
         group("a", &[a], "")
     )
+}
+
+#[tokio::test]
+async fn forwarded_for_appends_and_forwarded_proto_replaces() {
+    let a = upstream("a").await;
+    let (_h, base, _) = lb(&all_to_a(&a, "")).await;
+    let c = client();
+    let url = format!("{base}/forwarded");
+    // Bodiless (the LB's own HTTP/1.1 loop) and with a body (handed to hyper) alike.
+    for (method, body) in [("GET", ""), ("POST", "x")] {
+        let plain = send(&c, method, &url, &[], body).await;
+        assert_eq!(plain.body, "127.0.0.1 | http", "{method}");
+        let spoofed = send(
+            &c,
+            method,
+            &url,
+            &[
+                ("x-forwarded-for", "10.0.0.1"),
+                ("X-Forwarded-Proto", "https"),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(spoofed.body, "10.0.0.1,127.0.0.1 | http", "{method}");
+    }
 }
 
 #[tokio::test]

@@ -131,13 +131,19 @@ pub enum SendError {
 /// arrived; the body follows from the same socket and hands the connection to `release` at its
 /// end. The head is written into the connection's buffer here, so `parts` is only borrowed for
 /// this call: a caller that may retry keeps its request head without copying it.
-pub fn exchange(mut conn: Conn, parts: &Parts, body: ProxyBody, release: Release) -> Exchange {
+pub fn exchange(
+    mut conn: Conn,
+    parts: &Parts,
+    added: &[u8],
+    body: ProxyBody,
+    release: Release,
+) -> Exchange {
     let ended = body.is_end_stream();
     let (framing, add_length) = head::request_framing(parts, ended, body.size_hint().exact());
     let state = conn.state();
     state.wire.wbuf.clear();
     state.wire.wpos = 0;
-    head::encode_request(parts, framing, add_length, &mut state.wire.wbuf);
+    head::encode_request(parts, added, framing, add_length, &mut state.wire.wbuf);
     let body = (!ended).then(|| match body {
         ProxyBody::Streamed { body } => ReqBody::Incoming(body),
         other => ReqBody::Other(Box::new(other)),

@@ -119,9 +119,16 @@ pub fn request_framing(
     }
 }
 
-/// Appends the request head to `dst`. Transfer-Encoding is the framing's to write; a
-/// Content-Length that the framing replaces is left out.
-pub fn encode_request(parts: &Parts, framing: ReqFraming, add_length: bool, dst: &mut Vec<u8>) {
+/// Appends the request head to `dst`, then the `added` field lines (`name: value\r\n` each,
+/// written by the proxy). Transfer-Encoding is the framing's to write; a Content-Length that the
+/// framing replaces is left out.
+pub fn encode_request(
+    parts: &Parts,
+    added: &[u8],
+    framing: ReqFraming,
+    add_length: bool,
+    dst: &mut Vec<u8>,
+) {
     dst.extend_from_slice(parts.method.as_str().as_bytes());
     dst.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -144,6 +151,7 @@ pub fn encode_request(parts: &Parts, framing: ReqFraming, add_length: bool, dst:
         }
         _ => {}
     }
+    dst.extend_from_slice(added);
     dst.extend_from_slice(b"\r\n");
 }
 
@@ -737,14 +745,14 @@ mod tests {
             .into_parts();
         let mut out = Vec::new();
         let (framing, add) = request_framing(&parts, false, None);
-        encode_request(&parts, framing, add, &mut out);
+        encode_request(&parts, b"", framing, add, &mut out);
         assert_eq!(
             out,
             b"POST /x?y=1 HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         out.clear();
         let (framing, add) = request_framing(&parts, false, Some(4));
-        encode_request(&parts, framing, add, &mut out);
+        encode_request(&parts, b"", framing, add, &mut out);
         assert!(out.ends_with(b"host: a\r\ncontent-length: 4\r\n\r\n"));
         parts.method = Method::GET;
         assert_eq!(

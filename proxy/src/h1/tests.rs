@@ -129,7 +129,7 @@ async fn send(
         .body(body)
         .unwrap();
     let (parts, body) = req.into_parts();
-    let mut resp = pool.send_parts(addr, &parts, body).await?;
+    let mut resp = pool.send_parts(addr, &parts, b"", body).await?;
     super::materialize(&mut resp);
     let (parts, body) = resp.into_parts();
     let body = body

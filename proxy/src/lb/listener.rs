@@ -117,7 +117,7 @@ impl ListenerState {
             .store(Arc::new(Routes::new(index, &self.config.name, metrics)));
     }
 
-    fn scheme(&self) -> &'static str {
+    pub fn scheme(&self) -> &'static str {
         match self.config.protocol {
             ListenerProtocol::Http => "http",
             ListenerProtocol::Https => "https",
@@ -125,22 +125,25 @@ impl ListenerState {
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// The downstream end of a connection, its `x-forwarded-for` value formatted once per
-/// connection rather than per request.
+/// The downstream end of a connection, and the field lines every request from it gets on its
+/// way to a target (`x-forwarded-for`, `x-forwarded-proto`), formatted once per connection and
+/// written after the request's own fields rather than put into each request's header map.
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
-    forwarded_for: Option<HeaderValue>,
+    added: Bytes,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: SocketAddr, scheme: &'static str) -> Self {
         Peer {
             addr,
-            forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok(),
+            added: Bytes::from(format!(
+                "x-forwarded-for: {}\r\nx-forwarded-proto: {scheme}\r\n",
+                addr.ip()
+            )),
         }
     }
 }
@@ -153,14 +156,20 @@ enum Decision {
     },
 }
 
+/// What every request of one downstream connection shares: one reference per request to clone.
+pub struct Downstream {
+    pub shared: Arc<Shared>,
+    pub listener: Arc<ListenerState>,
+    pub peer: Peer,
+}
+
 /// The request path. Never fails: every error becomes a response from the wire table.
 pub async fn handle(
-    shared: Arc<Shared>,
-    l: Arc<ListenerState>,
-    peer: Peer,
+    conn: Arc<Downstream>,
     req: Request<ProxyBody>,
 ) -> Result<Response<LbBody>, Infallible> {
     let start = Instant::now();
+    let (shared, l, peer) = (&conn.shared, &conn.listener, &conn.peer);
     let routes = l.routes.load_full();
     let index = &routes.index;
     let (pos, decision) = {
@@ -230,7 +239,7 @@ pub async fn handle(
                     // another one.
                     let retryable = body.is_end_stream();
                     let mut body = Some(body);
-                    prepare_headers(&mut parts, &peer, l.scheme());
+                    prepare_headers(&mut parts);
                     let attempts = if retryable { MAX_ATTEMPTS } else { 1 };
                     let mut avoid = None;
                     let mut last_err = ForwardError::NoTarget(group.name.to_string());
@@ -244,6 +253,7 @@ pub async fn handle(
                             addr,
                             &inflight.target().authority,
                             &mut parts,
+                            &peer.added,
                             body.take().unwrap_or_else(ProxyBody::empty),
                             attempt < attempts,
                         ));
@@ -305,10 +315,12 @@ pub async fn handle(
 }
 
 /// The request head as it goes to a target: hop-by-hop headers out, `Host` from the URI when
-/// missing, `X-Forwarded-For` / `X-Forwarded-Proto` added.
-fn prepare_headers(parts: &mut http::request::Parts, peer: &Peer, scheme: &'static str) {
+/// missing, the client's own `X-Forwarded-Proto` out (the peer's lines add ours; a client's
+/// `X-Forwarded-For` stays, and ours follows it, which appends to the list).
+fn prepare_headers(parts: &mut http::request::Parts) {
     let h = &mut parts.headers;
-    if !crate::forward::strip_hop_by_hop_has_host(h)
+    let seen = crate::forward::strip_hop_by_hop_seen(h);
+    if !seen.host
         && let Some(v) = parts
             .uri
             .authority()
@@ -316,10 +328,9 @@ fn prepare_headers(parts: &mut http::request::Parts, peer: &Peer, scheme: &'stat
     {
         h.insert(header::HOST, v);
     }
-    if let Some(v) = &peer.forwarded_for {
-        h.append(X_FORWARDED_FOR, v.clone());
+    if seen.forwarded_proto {
+        h.remove(X_FORWARDED_PROTO);
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
 }
 
 /// Tries per request when a connect fails (bodiless requests only).

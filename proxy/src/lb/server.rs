@@ -223,11 +223,12 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
             tasks2,
             admission,
             move |peer| {
-                let (shared, state) = (Arc::clone(&shared), Arc::clone(&state));
-                let peer = listener::Peer::new(peer);
-                move |req| {
-                    listener::handle(Arc::clone(&shared), Arc::clone(&state), peer.clone(), req)
-                }
+                let conn = Arc::new(listener::Downstream {
+                    peer: listener::Peer::new(peer, state.scheme()),
+                    shared: Arc::clone(&shared),
+                    listener: Arc::clone(&state),
+                });
+                move |req| listener::handle(Arc::clone(&conn), req)
             },
         ));
     }
