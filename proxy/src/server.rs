@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::{Pin, pin};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -223,24 +224,28 @@ pub async fn serve_connection<IO, B, S, H, Fut>(
     }
     let io = TokioIo::new(io);
     if server.upgrades {
-        let conn = b.serve_connection_with_upgrades(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => log_end(r),
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                log_end(conn.await);
-            }
-        }
+        let conn = pin!(b.serve_connection_with_upgrades(io, svc));
+        run_to_end(conn, &stop, |c| c.graceful_shutdown()).await;
     } else {
-        let conn = b.serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => log_end(r),
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                log_end(conn.await);
-            }
+        let conn = pin!(b.serve_connection(io, svc));
+        run_to_end(conn, &stop, |c| c.graceful_shutdown()).await;
+    }
+}
+
+/// Drives a connection to its end; if `stop` comes first, shuts it down gracefully (idle ones
+/// close, in-flight requests finish) and then drives it to its end.
+async fn run_to_end<C>(
+    mut conn: Pin<&mut C>,
+    stop: &CancellationToken,
+    graceful: impl FnOnce(Pin<&mut C>),
+) where
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+{
+    tokio::select! {
+        r = conn.as_mut() => log_end(r),
+        _ = stop.cancelled() => {
+            graceful(conn.as_mut());
+            log_end(conn.await);
         }
     }
 }
