@@ -61,14 +61,14 @@ pub async fn forward(
     let upgrade_value = downstream_upgrade
         .as_ref()
         .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
-    strip_present(&mut parts.headers, present);
+    let kept = strip_present(&mut parts.headers, present);
     if let Some(v) = upgrade_value {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, v);
     }
-    if present & HOST_BIT == 0
+    if kept & HOST_BIT == 0
         && let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
@@ -234,11 +234,10 @@ pub(crate) struct Seen {
 /// [`strip_hop_by_hop`], saying whether there are `Host` and `X-Forwarded-Proto` fields (found
 /// by the same pass over the names).
 pub(crate) fn strip_hop_by_hop_seen(headers: &mut HeaderMap) -> Seen {
-    let present = scan_names(headers);
-    strip_present(headers, present);
+    let kept = strip_present(headers, scan_names(headers));
     Seen {
-        host: present & HOST_BIT != 0,
-        forwarded_proto: present & FORWARDED_PROTO_BIT != 0,
+        host: kept & HOST_BIT != 0,
+        forwarded_proto: kept & FORWARDED_PROTO_BIT != 0,
     }
 }
 
@@ -261,11 +260,13 @@ fn scan_names(headers: &HeaderMap) -> u16 {
     present
 }
 
-/// [`strip_hop_by_hop`] with the names already scanned.
-fn strip_present(headers: &mut HeaderMap, present: u16) {
+/// [`strip_hop_by_hop`] with the names already scanned. Returns which of [`HOST_BIT`] and
+/// [`FORWARDED_PROTO_BIT`] are still there afterwards (a `Connection` field may list either).
+fn strip_present(headers: &mut HeaderMap, present: u16) -> u16 {
+    let mut kept = present & (HOST_BIT | FORWARDED_PROTO_BIT);
     let present = present & !(HOST_BIT | FORWARDED_PROTO_BIT);
     if present == 0 {
-        return;
+        return kept;
     }
     // Names listed in `Connection` (beyond the fixed set, which is removed below).
     if present & 1 != 0 {
@@ -281,6 +282,11 @@ fn strip_present(headers: &mut HeaderMap, present: u16) {
             .filter(|n| !HOP_BY_HOP.contains(n) && n != header::UPGRADE)
             .collect();
         for h in named {
+            match h.as_str() {
+                "host" => kept &= !HOST_BIT,
+                "x-forwarded-proto" => kept &= !FORWARDED_PROTO_BIT,
+                _ => {}
+            }
             headers.remove(h);
         }
     }
@@ -296,6 +302,7 @@ fn strip_present(headers: &mut HeaderMap, present: u16) {
     if present & UPGRADE_BIT != 0 {
         headers.remove(header::UPGRADE);
     }
+    kept
 }
 
 /// Index of a hop-by-hop name in `HOP_BY_HOP` (`HOP_BY_HOP.len()` for `upgrade`, one more for
@@ -396,6 +403,14 @@ mod tests {
         assert_eq!(scan_names(&h), HOST_BIT | 1 << 5);
         strip_hop_by_hop(&mut h);
         assert!(h.contains_key(header::HOST) && !h.contains_key(header::TE));
+        // A `Connection` field that lists `Host` takes it along, and the caller is told.
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("host, x-forwarded-proto"),
+        );
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let seen = strip_hop_by_hop_seen(&mut h);
+        assert!(!seen.host && !seen.forwarded_proto && h.is_empty());
         assert_eq!(hop_index(&header::USER_AGENT), None);
         assert_eq!(hop_index(&HeaderName::from_static("x-te")), None);
     }
