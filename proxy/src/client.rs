@@ -181,12 +181,12 @@ impl UpstreamClient {
 fn append_lines(headers: &mut http::HeaderMap, lines: &[u8]) {
     for line in lines.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
+        let Some((name, value)) = crate::h1::head::split_field(line) else {
             continue;
         };
         if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(&line[..colon]),
-            http::HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+            http::HeaderName::from_bytes(name),
+            http::HeaderValue::from_bytes(value.trim_ascii_end()),
         ) {
             headers.append(name, value);
         }

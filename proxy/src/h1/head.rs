@@ -457,6 +457,13 @@ fn parse_length(value: &[u8], seen: Option<u64>) -> Result<u64, Malformed> {
     seen.ok_or(Malformed("bad content-length"))
 }
 
+/// A `Name: value` field line (no CRLF) split at its first colon, the value without the
+/// whitespace before it; `None` for a line without a colon.
+pub(crate) fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    Some((&line[..colon], line[colon + 1..].trim_ascii_start()))
+}
+
 /// The elements of a comma-separated field value (`Connection`, `Transfer-Encoding`...), with
 /// their surrounding whitespace trimmed.
 pub(super) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {

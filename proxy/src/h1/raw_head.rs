@@ -105,17 +105,13 @@ impl RawHead {
     /// Appends the fields to `headers` as the map-building parser would have.
     fn into_map(self, headers: &mut HeaderMap) {
         for line in self.lines() {
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
+            let Some((name, value)) = super::head::split_field(line) else {
                 continue;
             };
-            let value = line[colon + 1..].trim_ascii_start();
-            let start = line.len() - value.len();
-            let offset = line.as_ptr() as usize - self.head.as_ptr() as usize;
+            let start = value.as_ptr() as usize - self.head.as_ptr() as usize;
             if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(&line[..colon]),
-                HeaderValue::from_maybe_shared(
-                    self.head.slice(offset + start..offset + line.len()),
-                ),
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(self.head.slice(start..start + value.len())),
             ) {
                 headers.append(n, v);
             }
