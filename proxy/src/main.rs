@@ -203,7 +203,7 @@ fn sidecar(path: Option<PathBuf>, log_json: bool, check: bool) -> ExitCode {
             );
         }
         spawn_signals(shutdown.clone(), std::sync::Arc::clone(&running), path);
-        // Nothing to do until SIGTERM/SIGINT; then every handle but ours ends and the drain runs.
+        // Nothing to do until SIGTERM/SIGINT; then the drain runs, and this waits for it.
         shutdown.cancelled().await;
         running.wait().await;
         ExitCode::SUCCESS
