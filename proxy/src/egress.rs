@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::body::ProxyBody;
+use futures_util::future::Either;
 use http::Request;
 use http::header::HOST;
 use tokio::net::TcpStream;
@@ -159,16 +160,17 @@ impl Egress {
             &self.builder,
             HttpMode::Auto,
             self.stop.clone(),
-            move |req| {
-                let me = Arc::clone(&me);
-                async move {
-                    match fixed.or_else(|| upstream_by_host(&me.hosts, &req)) {
-                        Some(pos) => {
-                            route_and_proxy(&me.router, pos, req, peer, me.access_log).await
-                        }
-                        None => error_response(&ProxyError::NoRoute),
-                    }
-                }
+            // The upstream is known before any await: the request's future is the routing
+            // future itself, with no async layer around it.
+            move |req| match fixed.or_else(|| upstream_by_host(&me.hosts, &req)) {
+                Some(pos) => Either::Left(route_and_proxy(
+                    Arc::clone(&me.router),
+                    pos,
+                    req,
+                    peer,
+                    me.access_log,
+                )),
+                None => Either::Right(std::future::ready(error_response(&ProxyError::NoRoute))),
             },
         )
         .await;

@@ -297,8 +297,7 @@ pub async fn start_with(
                     let (builder, stop) = (builder.clone(), stop.clone());
                     async move {
                         serve(stream, &builder, HttpMode::Auto, stop, move |req| {
-                            let router = Arc::clone(&router);
-                            async move { route_and_proxy(&router, pos, req, peer, log).await }
+                            route_and_proxy(Arc::clone(&router), pos, req, peer, log)
                         })
                         .await;
                     }
@@ -574,9 +573,12 @@ fn local_addr(listeners: &[tokio::net::TcpListener], fallback: SocketAddr) -> So
         .unwrap_or(fallback)
 }
 
-/// An outbound request for upstream `pos`: its routes pick the cluster, then forward.
+/// An outbound request for upstream `pos`: its routes pick the cluster, then forward. The router
+/// is taken by value (an `Arc` or a reference) so that a per-request handler can return this
+/// future as it is: an `async` block around it would be one more layer, and one more copy of
+/// the forwarding future, per request.
 pub(crate) async fn route_and_proxy(
-    router: &Router,
+    router: impl std::ops::Deref<Target = Router>,
     pos: usize,
     req: Request<ProxyBody>,
     peer: SocketAddr,
@@ -595,10 +597,15 @@ pub(crate) async fn route_and_proxy(
 
 /// Forwards `req` through `target`. The forwarding future is awaited directly (its size is what
 /// hyper's service and our box move per request); the access-log path boxes it instead, so no
-/// logging state rides along on the common path.
-async fn proxy(target: &Target, req: Request<ProxyBody>, access_log: bool) -> Response<ProxyBody> {
+/// logging state rides along on the common path. `target` by value (an `Arc` or a reference),
+/// as for [`route_and_proxy`].
+async fn proxy(
+    target: impl std::ops::Deref<Target = Target>,
+    req: Request<ProxyBody>,
+    access_log: bool,
+) -> Response<ProxyBody> {
     if access_log {
-        return Box::pin(logged(target, req)).await;
+        return Box::pin(logged(&target, req)).await;
     }
     forward(&target.client, &target.cluster, target.policy, req).await
 }
@@ -698,9 +705,8 @@ impl InboundConn {
                     HttpMode::Auto,
                     self.stop,
                     move |mut req| {
-                        let target = Arc::clone(&target);
                         req.headers_mut().remove(&header);
-                        async move { proxy(&target, req, log).await }
+                        proxy(Arc::clone(&target), req, log)
                     },
                 )
                 .await;
@@ -768,12 +774,11 @@ impl InboundConn {
                 let value = HeaderValue::from_str(&format!("By={own};URI={peer_uri}")).ok();
                 let (target, header, log) = (Arc::new(self.target), self.header, self.access_log);
                 serve(stream, &self.builder, mode, self.stop, move |mut req| {
-                    let target = Arc::clone(&target);
                     req.headers_mut().remove(&header);
                     if let Some(v) = &value {
                         req.headers_mut().insert(header.clone(), v.clone());
                     }
-                    async move { proxy(&target, req, log).await }
+                    proxy(Arc::clone(&target), req, log)
                 })
                 .await;
             }

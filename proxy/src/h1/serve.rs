@@ -99,10 +99,13 @@ where
         // The head: parsed from what is buffered (pipelined), else read with the timeout.
         let mut deadline = None;
         let (req, close) = loop {
-            match request_head::parse(&mut rbuf, limits.max_head) {
-                Parsed::Request { req, close } => break (req, close),
-                Parsed::Handoff => return Ended::Handoff(Rewind::new(rbuf.freeze(), io)),
-                Parsed::Partial => {}
+            // An empty buffer (the usual case between keep-alive requests) holds no head yet.
+            if !rbuf.is_empty() {
+                match request_head::parse(&mut rbuf, limits.max_head) {
+                    Parsed::Request { req, close } => break (req, close),
+                    Parsed::Handoff => return Ended::Handoff(Rewind::new(rbuf.freeze(), io)),
+                    Parsed::Partial => {}
+                }
             }
             let at = *deadline.get_or_insert_with(|| {
                 tokio::time::Instant::now().into_std() + limits.header_read_timeout

@@ -72,8 +72,11 @@ impl Window {
     }
 
     fn epoch(&self, now: Instant) -> u64 {
+        // In u64 (a 128-bit division is a library call per request); 2^64 ns is 584 years.
+        let since = u64::try_from(now.saturating_duration_since(self.start).as_nanos());
+        let slot = u64::try_from(self.slot_len.as_nanos()).unwrap_or(u64::MAX);
         // +1 so epoch 0 means "never used".
-        (now.saturating_duration_since(self.start).as_nanos() / self.slot_len.as_nanos()) as u64 + 1
+        since.unwrap_or(u64::MAX) / slot.max(1) + 1
     }
 
     pub fn record(&self, now: Instant, status: u16, latency: Duration) {
