@@ -173,7 +173,7 @@ pub async fn handle(
     let routes = l.routes.load_full();
     let index = &routes.index;
     let (pos, decision) = {
-        let view = RequestView::of(&req, peer.addr.ip());
+        let view = RequestView::reading_host(&req, peer.addr.ip(), index.reads_host());
         let matched = index.route(&view);
         let pos = match matched {
             Matched::Rule(i, _) => i,
@@ -225,7 +225,8 @@ pub async fn handle(
     };
     let m = &routes.metrics[pos.min(routes.metrics.len() - 1)];
     m.requests.inc();
-    // When the response head arrived (the last try's clock read), for the rule's latency.
+    // How long until the response head arrived (the last try's clock read), for the rule's
+    // latency.
     let mut answered = None;
     let resp = match decision {
         Decision::Respond(r) => r,
@@ -290,8 +291,13 @@ pub async fn handle(
                             Ok(Err(e)) => (502, Err(ForwardError::Upstream(e.to_string()))),
                         };
                         let end = Instant::now();
-                        answered = Some(end);
                         let elapsed = end.saturating_duration_since(t0);
+                        // The first try started with the request: one subtraction serves both.
+                        answered = Some(if attempt == 1 {
+                            elapsed
+                        } else {
+                            end.saturating_duration_since(start)
+                        });
                         group.metrics.record_status(status);
                         group.metrics.latency.observe(elapsed.as_secs_f64());
                         group.window.record(end, status, elapsed);
@@ -308,9 +314,8 @@ pub async fn handle(
             resp
         }
     };
-    let answered = answered.unwrap_or_else(Instant::now);
-    m.latency
-        .observe(answered.saturating_duration_since(start).as_secs_f64());
+    let took = answered.unwrap_or_else(|| start.elapsed());
+    m.latency.observe(took.as_secs_f64());
     Ok(resp)
 }
 

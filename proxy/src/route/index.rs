@@ -47,6 +47,8 @@ pub struct RuleIndex {
     by_segment: HashMap<Box<str>, Vec<u32>, SegmentHash>,
     general: Vec<u32>,
     default: Action,
+    /// Some rule or action reads the request's host (a `host-header` condition, a redirect).
+    reads_host: bool,
 }
 
 impl RuleIndex {
@@ -76,11 +78,18 @@ impl RuleIndex {
             }
         }
         Ok(Self {
+            reads_host: reads_host(&rules, &default),
             rules,
             by_segment,
             general,
             default,
         })
+    }
+
+    /// Whether routing needs [`RequestView::host`]: when false, a view without it routes the
+    /// same.
+    pub fn reads_host(&self) -> bool {
+        self.reads_host
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -105,6 +114,7 @@ impl RuleIndex {
         if let Some(r) = next.rules.get_mut(pos) {
             r.action = action;
         }
+        next.reads_host = reads_host(&next.rules, &next.default);
         next
     }
 
@@ -141,6 +151,18 @@ impl RuleIndex {
             None => Matched::Default(&self.default),
         }
     }
+}
+
+/// A `host-header` condition or a redirect (its location may use `#{host}`) anywhere.
+fn reads_host(rules: &[Rule], default: &Action) -> bool {
+    let redirects = |a: &Action| matches!(a, Action::Redirect(_));
+    redirects(default)
+        || rules.iter().any(|r| {
+            redirects(&r.action)
+                || r.conditions
+                    .iter()
+                    .any(|c| matches!(c, Condition::HostHeader(_)))
+        })
 }
 
 /// FNV-1a for the segment map: short keys, and SipHash's flooding resistance buys nothing here
@@ -207,6 +229,41 @@ mod tests {
             Matched::Rule(_, r) => &r.name,
             Matched::Default(_) => "<default>",
         }
+    }
+
+    #[test]
+    fn the_host_is_read_only_for_host_conditions_and_redirects() {
+        let path_only = vec![rule("api", 1, vec![paths(&["/api/*"])])];
+        let idx = RuleIndex::new(path_only.clone(), fixed(404)).unwrap();
+        assert!(!idx.reads_host());
+        let host = Condition::HostHeader(vec!["*.example.com".parse().unwrap()]);
+        let with_host = vec![path_only[0].clone(), rule("h", 2, vec![host])];
+        assert!(RuleIndex::new(with_host, fixed(404)).unwrap().reads_host());
+        let redirect = || {
+            Action::Redirect(
+                crate::route::Redirect::new(301, crate::route::RedirectParts::default()).unwrap(),
+            )
+        };
+        assert!(
+            RuleIndex::new(path_only.clone(), redirect())
+                .unwrap()
+                .reads_host()
+        );
+        // A live action change to a redirect is seen too.
+        assert!(idx.with_action(0, redirect()).reads_host());
+        // The LB's view: without the host when nothing reads it.
+        let req = http::Request::builder()
+            .uri("/api/x")
+            .header("host", "a.example.com")
+            .body(())
+            .unwrap();
+        let ip = "127.0.0.1".parse().unwrap();
+        assert_eq!(RequestView::reading_host(&req, ip, false).host, None);
+        assert_eq!(
+            RequestView::reading_host(&req, ip, true).host,
+            RequestView::of(&req, ip).host
+        );
+        assert_eq!(RequestView::of(&req, ip).host, Some("a.example.com"));
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct Wildcard {
     /// Byte length of the wildcard-free prefix.
     literal_prefix: usize,
     has_wildcard: bool,
+    /// The only wildcard is a final `*` (`/api/*`, ALB's usual form): a prefix compare.
+    prefix_star: bool,
 }
 
 impl Wildcard {
@@ -62,6 +64,7 @@ impl Wildcard {
         let literal_prefix = text.find(['*', '?']).unwrap_or(text.len());
         Ok(Self {
             has_wildcard: literal_prefix < text.len(),
+            prefix_star: literal_prefix + 1 == text.len() && text.ends_with('*'),
             literal_prefix,
             text,
             case,
@@ -87,6 +90,17 @@ impl Wildcard {
             return match self.case {
                 Case::Sensitive => p == s,
                 Case::Insensitive => p.eq_ignore_ascii_case(s),
+            };
+        }
+        if self.prefix_star {
+            let Some(head) = s.get(..self.literal_prefix) else {
+                return false;
+            };
+            let literal = &p[..self.literal_prefix];
+            return match self.case {
+                Case::Sensitive => head == literal,
+                // The pattern is stored lower-case.
+                Case::Insensitive => head.eq_ignore_ascii_case(literal),
             };
         }
         glob(p, s, self.case)
@@ -305,6 +319,41 @@ mod tests {
 
     fn path(p: &str) -> PathPattern {
         p.parse().unwrap()
+    }
+
+    /// A pattern whose only wildcard is a final `*` is matched by a prefix compare: it must
+    /// agree with the general matcher everywhere.
+    #[test]
+    fn trailing_star_prefix_compare_agrees_with_glob() {
+        let inputs = [
+            "",
+            "/",
+            "/a",
+            "/api",
+            "/api/",
+            "/api/x",
+            "/API/x",
+            "/apix",
+            "/ap",
+            "/api/é/*",
+            "é",
+        ];
+        for case in [Case::Sensitive, Case::Insensitive] {
+            for pat in ["*", "/*", "/api/*", "/api*", "/API/*", "/é*"] {
+                let w = Wildcard::new(pat, case).unwrap();
+                assert!(w.prefix_star, "{pat}");
+                for input in inputs {
+                    assert_eq!(
+                        w.matches(input),
+                        glob(w.text.as_bytes(), input.as_bytes(), case),
+                        "{pat:?} {input:?} {case:?}"
+                    );
+                }
+            }
+            for pat in ["/api", "/a*b", "/*/x", "/a?*", "/**"] {
+                assert!(!Wildcard::new(pat, case).unwrap().prefix_star, "{pat}");
+            }
+        }
     }
 
     /// ALB path-pattern semantics as a table: (pattern, path, matches).

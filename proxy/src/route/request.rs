@@ -22,11 +22,20 @@ impl<'a> RequestView<'a> {
     /// View of an `http::Request` from `source_ip`. Host comes from the URI authority (HTTP/2,
     /// absolute-form) or else the `Host` header.
     pub fn of<B>(req: &'a http::Request<B>, source_ip: IpAddr) -> Self {
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok());
+        Self::reading_host(req, source_ip, true)
+    }
+
+    /// [`RequestView::of`], leaving `host` unread (`None`) unless `read_host`: for rules that
+    /// never look at it ([`super::RuleIndex::reads_host`]), a header lookup saved per request.
+    pub fn reading_host<B>(req: &'a http::Request<B>, source_ip: IpAddr, read_host: bool) -> Self {
+        let host = if read_host {
+            req.uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
+        } else {
+            None
+        };
         Self {
             method: req.method().as_str(),
             host,
