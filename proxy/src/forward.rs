@@ -61,19 +61,14 @@ pub async fn forward(
     let upgrade_value = downstream_upgrade
         .as_ref()
         .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
-    let kept = strip_present(&mut parts.headers, present);
+    let seen = strip_present(&mut parts.headers, present);
     if let Some(v) = upgrade_value {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, v);
     }
-    if kept & HOST_BIT == 0
-        && let Some(a) = parts.uri.authority()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        parts.headers.insert(header::HOST, v);
-    }
+    host_from_uri(&mut parts, &seen);
     let replayable = downstream_upgrade.is_none()
         && policy.max_retries > 0
         && is_idempotent(&parts.method)
@@ -234,10 +229,17 @@ pub(crate) struct Seen {
 /// [`strip_hop_by_hop`], saying whether there are `Host` and `X-Forwarded-Proto` fields (found
 /// by the same pass over the names).
 pub(crate) fn strip_hop_by_hop_seen(headers: &mut HeaderMap) -> Seen {
-    let kept = strip_present(headers, scan_names(headers));
-    Seen {
-        host: kept & HOST_BIT != 0,
-        forwarded_proto: kept & FORWARDED_PROTO_BIT != 0,
+    strip_present(headers, scan_names(headers))
+}
+
+/// A `Host` field from the URI's authority (absolute-form or HTTP/2 requests) when the head,
+/// as [`Seen`] after stripping, has none.
+pub(crate) fn host_from_uri(parts: &mut http::request::Parts, seen: &Seen) {
+    if !seen.host
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
     }
 }
 
@@ -260,13 +262,17 @@ fn scan_names(headers: &HeaderMap) -> u16 {
     present
 }
 
-/// [`strip_hop_by_hop`] with the names already scanned. Returns which of [`HOST_BIT`] and
-/// [`FORWARDED_PROTO_BIT`] are still there afterwards (a `Connection` field may list either).
-fn strip_present(headers: &mut HeaderMap, present: u16) -> u16 {
+/// [`strip_hop_by_hop`] with the names already scanned. Says whether `Host` and
+/// `X-Forwarded-Proto` are still there afterwards (a `Connection` field may list either).
+fn strip_present(headers: &mut HeaderMap, present: u16) -> Seen {
     let mut kept = present & (HOST_BIT | FORWARDED_PROTO_BIT);
     let present = present & !(HOST_BIT | FORWARDED_PROTO_BIT);
+    let seen = |kept: u16| Seen {
+        host: kept & HOST_BIT != 0,
+        forwarded_proto: kept & FORWARDED_PROTO_BIT != 0,
+    };
     if present == 0 {
-        return kept;
+        return seen(kept);
     }
     // Names listed in `Connection` (beyond the fixed set, which is removed below).
     if present & 1 != 0 {
@@ -302,7 +308,7 @@ fn strip_present(headers: &mut HeaderMap, present: u16) -> u16 {
     if present & UPGRADE_BIT != 0 {
         headers.remove(header::UPGRADE);
     }
-    kept
+    seen(kept)
 }
 
 /// Index of a hop-by-hop name in `HOP_BY_HOP` (`HOP_BY_HOP.len()` for `upgrade`, one more for

@@ -323,18 +323,10 @@ pub async fn handle(
 /// missing, the client's own `X-Forwarded-Proto` out (the peer's lines add ours; a client's
 /// `X-Forwarded-For` stays, and ours follows it, which appends to the list).
 fn prepare_headers(parts: &mut http::request::Parts) {
-    let h = &mut parts.headers;
-    let seen = crate::forward::strip_hop_by_hop_seen(h);
-    if !seen.host
-        && let Some(v) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        h.insert(header::HOST, v);
-    }
+    let seen = crate::forward::strip_hop_by_hop_seen(&mut parts.headers);
+    crate::forward::host_from_uri(parts, &seen);
     if seen.forwarded_proto {
-        h.remove(X_FORWARDED_PROTO);
+        parts.headers.remove(X_FORWARDED_PROTO);
     }
 }
 

@@ -56,27 +56,28 @@ struct Slot {
 #[derive(Debug)]
 pub struct Window {
     start: Instant,
-    slot_len: Duration,
+    /// Length of a slot in nanoseconds (at least a millisecond).
+    slot_ns: u64,
     slots: Vec<Slot>,
 }
 
 impl Window {
     pub fn new(window: Duration, now: Instant) -> Self {
         let slot_len = (window / SLOTS as u32).max(Duration::from_millis(1));
+        // In u64 (a 128-bit division per request is a library call); 2^64 ns is 584 years.
+        let slot_ns = u64::try_from(slot_len.as_nanos()).unwrap_or(u64::MAX);
         Self {
             start: now,
-            slot_len,
+            slot_ns,
             // One spare slot so the current, partly filled one never evicts the window's oldest.
             slots: (0..=SLOTS).map(|_| Slot::default()).collect(),
         }
     }
 
     fn epoch(&self, now: Instant) -> u64 {
-        // In u64 (a 128-bit division is a library call per request); 2^64 ns is 584 years.
         let since = u64::try_from(now.saturating_duration_since(self.start).as_nanos());
-        let slot = u64::try_from(self.slot_len.as_nanos()).unwrap_or(u64::MAX);
         // +1 so epoch 0 means "never used".
-        since.unwrap_or(u64::MAX) / slot.max(1) + 1
+        since.unwrap_or(u64::MAX) / self.slot_ns + 1
     }
 
     pub fn record(&self, now: Instant, status: u16, latency: Duration) {
