@@ -295,6 +295,26 @@ impl Authority {
         res
     }
 
+    /// Signs the control plane's own API certificate: its reserved SPIFFE id plus `names` as DNS
+    /// or IP SANs, so that clients checking host names (the `aws` CLI, curl) accept it too. Only
+    /// reachable in-process: no token can ask for this identity.
+    pub fn issue_control_plane(
+        &self,
+        csr: &VerifiedCsr,
+        names: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<Issued, CaError> {
+        let start = Instant::now();
+        let id = SpiffeId::control_plane(self.inner.trust_domain.clone());
+        let res = san_list(names).and_then(|extra| {
+            let ttl = self.inner.policy.ttl(ttl, true)?;
+            let now = OffsetDateTime::now_utc();
+            self.issue_loop(csr, &id, now - BACKDATE, now + ttl, "control-plane", &extra)
+        });
+        self.observe(start, &res);
+        res
+    }
+
     /// Records the outcome of an issuance attempt in the metrics.
     pub(crate) fn observe<T>(&self, start: Instant, res: &Result<T, CaError>) {
         let m = &self.inner.metrics;
@@ -322,6 +342,20 @@ impl Authority {
         not_after: OffsetDateTime,
         requester: &str,
     ) -> Result<Issued, CaError> {
+        self.issue_loop(csr, id, not_before, not_after, requester, &[])
+    }
+
+    /// Signs `id` (plus `extra` SANs), drawing a new serial while another replica holds the one
+    /// drawn.
+    fn issue_loop(
+        &self,
+        csr: &VerifiedCsr,
+        id: &SpiffeId,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        requester: &str,
+        extra: &[SanType],
+    ) -> Result<Issued, CaError> {
         if id.trust_domain() != &self.inner.trust_domain {
             return Err(CaError::InvalidRequest(format!(
                 "identity {id} is outside this CA's trust domain {}",
@@ -334,7 +368,8 @@ impl Authority {
         let mut collisions = 0;
         loop {
             let serial = self.reserve_serial(id, not_after);
-            let res = self.sign_and_record(csr, id, serial, not_before, not_after, requester);
+            let validity = (not_before, not_after);
+            let res = self.sign_and_record(csr, id, serial, validity, requester, extra);
             if res.is_err() {
                 self.inner.entries.lock().remove(&serial);
             }
@@ -370,9 +405,9 @@ impl Authority {
         csr: &VerifiedCsr,
         id: &SpiffeId,
         serial: Serial,
-        not_before: OffsetDateTime,
-        not_after: OffsetDateTime,
+        (not_before, not_after): (OffsetDateTime, OffsetDateTime),
         requester: &str,
+        extra: &[SanType],
     ) -> Result<Issued, CaError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -397,6 +432,7 @@ impl Authority {
                 CaError::Internal(format!("DNS SAN as IA5String: {e}"))
             })?));
         }
+        sans.extend_from_slice(extra);
         params.subject_alt_names = sans;
         let leaf = params.signed_by(&csr.spki, &self.inner.issuer)?;
         let leaf_der = leaf.der().clone();
@@ -786,4 +822,21 @@ pub(crate) fn base64_encode(b: &[u8]) -> String {
 pub(crate) fn base64_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).ok()
+}
+
+/// Host names and IP addresses as SANs: an IP literal becomes an IP SAN, anything else a DNS
+/// SAN.
+fn san_list(names: &[String]) -> Result<Vec<SanType>, CaError> {
+    names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) if n.is_empty() || n.contains(|c: char| c.is_whitespace() || c == '/') => Err(
+                CaError::InvalidRequest(format!("{n:?} is not a host name or IP address")),
+            ),
+            Err(_) => n.clone().try_into().map(SanType::DnsName).map_err(|e| {
+                CaError::InvalidRequest(format!("{n:?} is not a host name or IP address: {e}"))
+            }),
+        })
+        .collect()
 }

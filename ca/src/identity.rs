@@ -129,8 +129,13 @@ impl Identity {
                     ));
                 }
                 let bundle = TrustBundle::new(trust_domain, roots)?;
-                let renewer = renewer.pinned(bundle.clone());
+                let renewer = renewer.pinned(bundle.clone())?;
                 return Self::new(Arc::new(renewer), bundle).await;
+            }
+            None if crate::cp_client::any_https(ca_urls) => {
+                return Err(CaError::InvalidRequest(
+                    crate::cp_client::NEEDS_BUNDLE.into(),
+                ));
             }
             None => renewer.fetch_roots().await?,
         };
@@ -214,6 +219,18 @@ impl Identity {
             .with_safe_default_protocol_versions()
             .map_err(|e| CaError::Internal(e.to_string()))?
             .with_client_cert_verifier(self.bundle.client_verifier())
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(cfg)
+    }
+
+    /// TLS server config without client certificates (the control plane's HTTPS API, whose
+    /// callers authenticate with tokens or SigV4): presents this identity.
+    pub fn public_server_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Result<ServerConfig, CaError> {
+        let mut cfg = ServerConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| CaError::Internal(e.to_string()))?
+            .with_no_client_auth()
             .with_cert_resolver(self.clone());
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(cfg)

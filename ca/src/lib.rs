@@ -14,6 +14,7 @@ pub mod api;
 mod authority;
 mod ca_dir;
 mod commit;
+pub mod cp_client;
 mod csr;
 mod ephemeral;
 mod error;
@@ -37,7 +38,9 @@ pub use error::CaError;
 pub use identity::{Credential, Identity, RenewFuture, Renewer, renew_delay};
 pub use metrics::CaMetrics;
 pub use policy::{DnsSans, Policy, parse_duration};
-pub use renewer::{FileRenewer, HttpRenewer, LocalRenewer, generate_key_and_csr};
+pub use renewer::{
+    ControlPlaneRenewer, FileRenewer, HttpRenewer, LocalRenewer, generate_key_and_csr,
+};
 pub use serial::Serial;
 pub use state::CaState;
 pub use token::{AuthError, NewToken, Scope, TokenRecord, Tokens};

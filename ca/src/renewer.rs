@@ -7,13 +7,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use trellis_core::SpiffeId;
 
 use crate::authority::Authority;
+use crate::cp_client::ControlPlaneConnector;
 use crate::csr::VerifiedCsr;
 use crate::error::CaError;
 use crate::identity::{Credential, RenewFuture, Renewer};
@@ -52,7 +52,7 @@ pub struct HttpRenewer {
     /// Roots from configuration: never fetched; every chain the CA returns must verify against
     /// them.
     pinned: Option<Arc<TrustBundle>>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<ControlPlaneConnector, Full<Bytes>>,
 }
 
 /// One replica's failure: whether the next replica may answer differently.
@@ -93,17 +93,21 @@ impl HttpRenewer {
             token: token.to_owned(),
             ttl,
             pinned: None,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(ControlPlaneConnector::plain()),
         })
     }
 
     /// Renewals keep the roots the identity was built with (configured trust anchors) instead of
     /// taking the CA's word for them; each returned chain must then verify against those roots.
-    pub fn pinned(self, roots: Arc<TrustBundle>) -> Self {
-        Self {
+    /// `https://` replicas are then verified against these roots too (their certificate must
+    /// carry the control plane's SPIFFE id).
+    pub fn pinned(self, roots: Arc<TrustBundle>) -> Result<Self, CaError> {
+        let connector = ControlPlaneConnector::with_bundle(&roots)?;
+        Ok(Self {
             pinned: Some(roots),
+            client: Client::builder(TokioExecutor::new()).build(connector),
             ..self
-        }
+        })
     }
 
     /// Sends the request `build` makes for a replica's base URL, replica after replica from the
@@ -143,11 +147,12 @@ impl HttpRenewer {
 
     async fn call_one(&self, req: http::Request<Full<Bytes>>) -> Result<Bytes, CallError> {
         let fut = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| CallError::Replica(format!("CA unreachable: {e}")))?;
+            let resp = self.client.request(req).await.map_err(|e| {
+                CallError::Replica(format!(
+                    "CA unreachable: {}",
+                    crate::cp_client::error_chain(&e)
+                ))
+            })?;
             let status = resp.status();
             let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
                 .collect()
@@ -250,6 +255,41 @@ impl Renewer for LocalRenewer {
             let issued = self
                 .authority
                 .issue(&csr, &self.id, self.ttl, true, "local")?;
+            Ok(Credential {
+                chain: issued.chain,
+                key: key_der(&key),
+                roots: Some(self.authority.roots().to_vec()),
+            })
+        })
+    }
+}
+
+/// Renews the control plane's own API certificate from its in-process [`Authority`]: the
+/// reserved control-plane SPIFFE id plus `names` (DNS names and IP addresses clients dial).
+pub struct ControlPlaneRenewer {
+    authority: Authority,
+    names: Vec<String>,
+    ttl: Option<Duration>,
+}
+
+impl ControlPlaneRenewer {
+    pub fn new(authority: Authority, names: Vec<String>, ttl: Option<Duration>) -> Arc<Self> {
+        Arc::new(Self {
+            authority,
+            names,
+            ttl,
+        })
+    }
+}
+
+impl Renewer for ControlPlaneRenewer {
+    fn renew(&self) -> RenewFuture<'_> {
+        Box::pin(async move {
+            let (key, csr) = generate_key_and_csr()?;
+            let csr = VerifiedCsr::parse(csr.as_bytes())?;
+            let issued = self
+                .authority
+                .issue_control_plane(&csr, &self.names, self.ttl)?;
             Ok(Credential {
                 chain: issued.chain,
                 key: key_der(&key),

@@ -34,7 +34,11 @@ pub enum Scope {
 
 impl Scope {
     /// Whether this scope may obtain the identity (namespace, service).
+    /// The control plane's own identity is never allowed, not even to an admin.
     pub fn allows(&self, namespace: &NamespaceName, service: &ServiceName) -> bool {
+        if trellis_core::SpiffeId::is_reserved(namespace, service) {
+            return false;
+        }
         match self {
             Scope::Admin => true,
             Scope::Workload {
@@ -304,6 +308,21 @@ pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_scope_obtains_the_control_plane_identity() {
+        let ns: NamespaceName = trellis_core::CONTROL_PLANE_NAMESPACE.parse().unwrap();
+        let svc: ServiceName = trellis_core::CONTROL_PLANE_SERVICE.parse().unwrap();
+        assert!(!Scope::Admin.allows(&ns, &svc));
+        let exact = Scope::Workload {
+            namespace: ns.clone(),
+            service: svc.clone(),
+        };
+        assert!(!exact.allows(&ns, &svc));
+        // Other services of that namespace stay ordinary names.
+        let other: ServiceName = "api".parse().unwrap();
+        assert!(Scope::Admin.allows(&ns, &other));
+    }
 
     #[test]
     fn scoped_and_persisted() {

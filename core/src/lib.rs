@@ -17,4 +17,4 @@ mod spiffe;
 pub use endpoint::{Endpoint, EndpointSet};
 pub use health::HealthStatus;
 pub use name::{NameError, NamespaceName, ServiceName, TrustDomain};
-pub use spiffe::{SpiffeId, SpiffeIdError};
+pub use spiffe::{CONTROL_PLANE_NAMESPACE, CONTROL_PLANE_SERVICE, SpiffeId, SpiffeIdError};

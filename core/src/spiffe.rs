@@ -55,7 +55,35 @@ impl SpiffeId {
     pub fn to_uri(&self) -> String {
         self.to_string()
     }
+
+    /// The control plane's own identity in `trust_domain`
+    /// (`spiffe://<td>/ns/trellis-system/svc/control-plane`), presented by its HTTPS API and
+    /// checked by every client of it. The CA's APIs never issue it (see [`Self::is_reserved`]).
+    pub fn control_plane(trust_domain: TrustDomain) -> Self {
+        let (Ok(namespace), Ok(service)) = (
+            CONTROL_PLANE_NAMESPACE.parse(),
+            CONTROL_PLANE_SERVICE.parse(),
+        ) else {
+            unreachable!("the control plane's names are valid constants (tested)")
+        };
+        Self {
+            trust_domain,
+            namespace,
+            service,
+        }
+    }
+
+    /// Whether (namespace, service) is the control plane's own identity, which no token may
+    /// obtain: a workload holding it could pose as the control plane.
+    pub fn is_reserved(namespace: &NamespaceName, service: &ServiceName) -> bool {
+        namespace.as_str() == CONTROL_PLANE_NAMESPACE && service.as_str() == CONTROL_PLANE_SERVICE
+    }
 }
+
+/// Namespace of the control plane's own identity.
+pub const CONTROL_PLANE_NAMESPACE: &str = "trellis-system";
+/// Service of the control plane's own identity.
+pub const CONTROL_PLANE_SERVICE: &str = "control-plane";
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -121,6 +149,22 @@ mod tests {
         assert_eq!(id.namespace().as_str(), "my-app");
         assert_eq!(id.service().as_str(), "api");
         assert_eq!(id.to_string(), s);
+    }
+
+    #[test]
+    fn the_control_plane_identity_is_a_valid_reserved_id() {
+        let td: TrustDomain = "mesh.local".parse().unwrap();
+        let cp = SpiffeId::control_plane(td);
+        assert_eq!(
+            cp.to_string(),
+            "spiffe://mesh.local/ns/trellis-system/svc/control-plane"
+        );
+        assert_eq!(cp.to_string().parse::<SpiffeId>().unwrap(), cp);
+        assert!(SpiffeId::is_reserved(cp.namespace(), cp.service()));
+        let app: SpiffeId = "spiffe://mesh.local/ns/trellis-system/svc/api"
+            .parse()
+            .unwrap();
+        assert!(!SpiffeId::is_reserved(app.namespace(), app.service()));
     }
 
     #[test]

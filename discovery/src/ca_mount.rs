@@ -54,6 +54,9 @@ impl Mount for CaMount {
     fn metrics(&self) -> Option<Vec<u8>> {
         Some(self.0.authority().metrics().render().into_bytes())
     }
+    fn authority(&self) -> Option<&trellis_ca::Authority> {
+        Some(self.0.authority())
+    }
     fn spawn_maintenance(&self) -> Option<tokio::task::JoinHandle<()>> {
         let own = self.0.spawn_maintenance();
         let Some((share, feed)) = &self.1 else {

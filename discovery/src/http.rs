@@ -59,6 +59,10 @@ pub trait Mount: Send + Sync + 'static {
         None
     }
     /// Background upkeep started with the server and stopped with it.
+    /// The built-in CA, when this mount is it (the API's own certificate comes from it).
+    fn authority(&self) -> Option<&trellis_ca::Authority> {
+        None
+    }
     fn spawn_maintenance(&self) -> Option<tokio::task::JoinHandle<()>> {
         None
     }
@@ -347,7 +351,12 @@ pub(crate) const KNOWN_ACTIONS: &[&str] = &[
 
 /// Accepts connections until `shutdown` flips to true, then returns once every connection has
 /// ended (each ends on the same signal).
-pub async fn serve(listener: TcpListener, front: Arc<Front>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    front: Arc<Front>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // Connections end with the server: none may outlive it holding the registry (and its store).
     let mut conns = tokio::task::JoinSet::new();
@@ -371,23 +380,40 @@ pub async fn serve(listener: TcpListener, front: Arc<Front>, mut shutdown: watch
         };
         let _ = stream.set_nodelay(true);
         let front = front.clone();
-        let mut stop = shutdown.clone();
+        let stop = shutdown.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
             let _permit = permit;
-            let svc = hyper::service::service_fn(move |req| {
-                let front = front.clone();
-                async move { Ok::<_, Infallible>(front.handle(req, peer.ip()).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {}
+            let Some(tls) = tls else {
+                return serve_conn(stream, front, peer.ip(), stop).await;
+            };
+            // The handshake is bounded like a request head: a silent client holds nothing long.
+            match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve_conn(stream, front, peer.ip(), stop).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "API TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "API TLS handshake timed out"),
             }
         });
     }
     while conns.join_next().await.is_some() {}
+}
+
+/// One HTTP/1.1 connection (plain or TLS) until it ends or the server stops.
+async fn serve_conn<IO>(io: IO, front: Arc<Front>, peer: IpAddr, mut stop: watch::Receiver<bool>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let front = front.clone();
+        async move { Ok::<_, Infallible>(front.handle(req, peer).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.changed() => {}
+    }
 }

@@ -54,7 +54,7 @@ pub use {
     health::HealthConfig,
     http::{Auth, MAX_BODY, Mount},
     registry::{Registry, RegistryConfig},
-    server::{Server, ServerConfig, ServerError, run},
+    server::{ApiTls, Server, ServerConfig, ServerError, run},
     sigv4::Credentials,
     store::{
         DEFAULT_LEASE_TTL, EtcdConfig, EtcdStore, EtcdTls, FeedSink, MemoryStore, RedbStore,

@@ -66,6 +66,21 @@ struct Serve {
     /// Cloud Map API, watch API, /metrics and CA address.
     #[arg(long, default_value = "127.0.0.1:9400", env = "TRELLIS_API_LISTEN")]
     api_listen: SocketAddr,
+    /// Serve the API (Cloud Map, watch, CA, /metrics) over HTTPS, with a certificate from the
+    /// built-in CA for the control plane's SPIFFE id; clients verify it with the mesh's
+    /// `root.crt` (`<data-dir>/ca/root.crt`).
+    #[arg(long, env = "TRELLIS_API_TLS")]
+    api_tls: bool,
+    /// More DNS names or IP addresses for the API certificate (comma-separated), for clients
+    /// that check host names (`aws --ca-bundle`, curl); `localhost`, loopback, the listen
+    /// address and the host name are always in it.
+    #[arg(
+        long,
+        env = "TRELLIS_API_TLS_SANS",
+        value_delimiter = ',',
+        requires = "api_tls"
+    )]
+    api_tls_san: Vec<String>,
     /// Authoritative DNS address (UDP and TCP).
     #[arg(long, default_value = "127.0.0.1:9053", env = "TRELLIS_DNS_LISTEN")]
     dns_listen: SocketAddr,
@@ -188,6 +203,9 @@ fn main() -> ExitCode {
         etcd.tls = s.etcd_tls.tls();
         config.etcd = Some(etcd);
     }
+    config.api_tls = s.api_tls.then(|| trellis_discovery::ApiTls {
+        names: s.api_tls_san,
+    });
     config.api_rate_limit = rate(s.api_rate_limit);
     config.dns_rate_limit = rate(s.dns_rate_limit);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -201,8 +219,8 @@ fn main() -> ExitCode {
         let server = trellis_discovery::Server::start(config).await?;
         // One plain line for scripts and tests (ports may be ephemeral).
         println!(
-            "trellis-discovery: api http://{} dns {}",
-            server.api_addr,
+            "trellis-discovery: api {} dns {}",
+            server.api_url(),
             server.dns_addr.map(|a| a.to_string()).unwrap_or_default()
         );
         shutdown_signal().await;

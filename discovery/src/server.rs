@@ -29,6 +29,8 @@ pub enum ServerError {
     },
     #[error("CA: {0}")]
     Ca(String),
+    #[error("API TLS: {0}")]
+    ApiTls(String),
 }
 
 /// Everything `trellis-discovery serve` needs.
@@ -56,6 +58,41 @@ pub struct ServerConfig {
     pub trust_domain: trellis_core::TrustDomain,
     /// Keep the registry in etcd (several replicas) instead of `<data-dir>` (one node).
     pub etcd: Option<EtcdConfig>,
+    /// Serve the API over TLS with a certificate from the built-in CA (needs `data_dir`).
+    pub api_tls: Option<ApiTls>,
+}
+
+/// The HTTPS API's certificate: the control plane's reserved SPIFFE id, plus host names and
+/// addresses for clients that check them (the `aws` CLI, curl); renewed by the CA at ~2/3 of its
+/// lifetime.
+#[derive(Debug, Clone, Default)]
+pub struct ApiTls {
+    /// DNS names and IP addresses besides `localhost`, `127.0.0.1`, `::1`, the listen address
+    /// (when not a wildcard) and the host name.
+    pub names: Vec<String>,
+}
+
+impl ApiTls {
+    /// Every name the certificate carries for an API bound to `listen`.
+    pub fn all_names(&self, listen: SocketAddr) -> Vec<String> {
+        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        if !listen.ip().is_unspecified() {
+            names.push(listen.ip().to_string());
+        }
+        if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            let h = h.trim();
+            if !h.is_empty() {
+                names.push(h.to_owned());
+            }
+        }
+        names.extend(self.names.iter().cloned());
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|n| seen.insert(n.clone()));
+        names
+    }
 }
 
 impl ServerConfig {
@@ -74,6 +111,7 @@ impl ServerConfig {
             dns_max_tcp_connections: crate::dns_tcp::MAX_TCP_CONNECTIONS,
             trust_domain: default_trust_domain(),
             etcd: None,
+            api_tls: None,
         }
     }
 }
@@ -95,6 +133,32 @@ pub struct Server {
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     maintenance: Vec<tokio::task::JoinHandle<()>>,
+    api_identity: Option<Arc<trellis_ca::Identity>>,
+}
+
+/// The API's TLS acceptor: a certificate for the control plane's identity from the built-in CA,
+/// kept fresh by the identity's renewal task.
+async fn api_tls(
+    tls: &ApiTls,
+    listen: SocketAddr,
+    mounts: &[Box<dyn Mount>],
+) -> Result<(tokio_rustls::TlsAcceptor, Arc<trellis_ca::Identity>), ServerError> {
+    let err = |e: trellis_ca::CaError| ServerError::ApiTls(e.to_string());
+    let authority = mounts.iter().find_map(|m| m.authority()).ok_or_else(|| {
+        ServerError::ApiTls(
+            "the API's certificate comes from the built-in CA: set a data directory".into(),
+        )
+    })?;
+    let bundle =
+        trellis_ca::TrustBundle::new(authority.trust_domain().clone(), authority.roots().to_vec())
+            .map_err(err)?;
+    let renewer =
+        trellis_ca::ControlPlaneRenewer::new(authority.clone(), tls.all_names(listen), None);
+    let identity = trellis_ca::Identity::new(renewer, bundle)
+        .await
+        .map_err(err)?;
+    let config = identity.public_server_config(&[b"http/1.1"]).map_err(err)?;
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), identity))
 }
 
 impl Server {
@@ -119,7 +183,7 @@ impl Server {
         let metrics = Metrics::new();
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let maintenance: Vec<_> = mounts
+        let mut maintenance: Vec<_> = mounts
             .iter()
             .filter_map(|m| m.spawn_maintenance())
             .collect();
@@ -129,6 +193,13 @@ impl Server {
             .await
             .map_err(bind(config.api_listen))?;
         let api_addr = listener.local_addr().map_err(bind(config.api_listen))?;
+        let (tls, api_identity) = match &config.api_tls {
+            Some(t) => {
+                let (acceptor, identity) = api_tls(t, api_addr, &mounts).await?;
+                (Some(acceptor), Some(identity))
+            }
+            None => (None, None),
+        };
         let front = Arc::new(Front {
             registry: registry.clone(),
             metrics: metrics.clone(),
@@ -141,7 +212,7 @@ impl Server {
             mounts,
             throttle: config.api_rate_limit.map(Throttle::new),
         });
-        tasks.spawn(crate::http::serve(listener, front, stop_rx.clone()));
+        tasks.spawn(crate::http::serve(listener, tls, front, stop_rx.clone()));
 
         let mut dns_addr = None;
         if let Some(addr) = config.dns_listen {
@@ -173,7 +244,15 @@ impl Server {
         let checker = HealthChecker::new(registry.clone(), metrics.clone(), config.health.clone());
         tasks.spawn(checker.run(stop_rx));
 
-        tracing::info!(%api_addr, ?dns_addr, "trellis-discovery serving");
+        if let Some(identity) = &api_identity {
+            maintenance.push(identity.spawn_renewal());
+        }
+        let scheme = if api_identity.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        tracing::info!(%api_addr, ?dns_addr, scheme, "trellis-discovery serving");
         Ok(Server {
             api_addr,
             dns_addr,
@@ -182,11 +261,23 @@ impl Server {
             stop,
             tasks,
             maintenance,
+            api_identity,
         })
     }
 
+    /// `http://addr` or, with API TLS, `https://addr`.
     pub fn api_url(&self) -> String {
-        format!("http://{}", self.api_addr)
+        let scheme = if self.api_identity.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.api_addr)
+    }
+
+    /// The API's own certificate holder (with API TLS).
+    pub fn api_identity(&self) -> Option<&Arc<trellis_ca::Identity>> {
+        self.api_identity.as_ref()
     }
 
     /// Stops accepting, ends connections and background tasks.

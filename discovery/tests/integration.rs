@@ -1088,3 +1088,89 @@ async fn dns_udp_answers_every_client_across_reuseport_sockets() {
         assert_eq!(reply.answers().len(), 1);
     }
 }
+
+/// `--api-tls`: the API's certificate verifies against the CA's `root.crt` with openssl and the
+/// aws CLI (`--ca-bundle`), carries the control plane's SPIFFE id and the names clients dial;
+/// without the bundle the aws CLI refuses the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_api_for_openssl_and_the_aws_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig::new(loopback());
+    cfg.data_dir = Some(dir.path().to_owned());
+    cfg.api_tls = Some(trellis_discovery::ApiTls {
+        names: vec!["cp.example.internal".into()],
+    });
+    let server = Server::start(cfg).await.unwrap();
+    let addr = server.api_addr;
+    let url = server.api_url();
+    assert_eq!(url, format!("https://{addr}"));
+    let root = dir.path().join("ca").join("root.crt");
+
+    if tool("openssl").is_some() {
+        let root_s = root.display().to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "openssl s_client -connect {addr} -CAfile {root_s} -verify_return_error </dev/null 2>&1 \
+                     | tee /dev/stderr | openssl x509 -noout -ext subjectAltName"
+                ))
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let sans = String::from_utf8_lossy(&out.stdout).to_string();
+        let log = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(log.contains("Verify return code: 0 (ok)"), "{log}");
+        for want in [
+            "URI:spiffe://mesh.local/ns/trellis-system/svc/control-plane",
+            "DNS:localhost",
+            "IP Address:127.0.0.1",
+            "DNS:cp.example.internal",
+        ] {
+            assert!(sans.contains(want), "{want} not in {sans}");
+        }
+    }
+
+    if let Some(cli) = tool("aws") {
+        let root_s = root.display().to_string();
+        let (ok, listed, unverified) = tokio::task::spawn_blocking(move || {
+            let ca = ["--ca-bundle", root_s.as_str()];
+            let ok = aws(
+                &cli,
+                &url,
+                &[&ca[..], &["create-http-namespace", "--name", "tls-ns"]].concat(),
+                "AKIDTRELLIS",
+                "secret",
+            );
+            let listed = aws(
+                &cli,
+                &url,
+                &[&ca[..], &["list-namespaces"]].concat(),
+                "AKIDTRELLIS",
+                "secret",
+            );
+            let unverified = aws(&cli, &url, &["list-namespaces"], "AKIDTRELLIS", "secret");
+            (ok, listed, unverified)
+        })
+        .await
+        .unwrap();
+        let text = |o: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        assert!(ok.status.success(), "{}", text(&ok));
+        assert!(text(&listed).contains("tls-ns"), "{}", text(&listed));
+        assert!(!unverified.status.success(), "{}", text(&unverified));
+        assert!(
+            text(&unverified).contains("SSL") || text(&unverified).contains("certificate"),
+            "{}",
+            text(&unverified)
+        );
+    }
+    server.shutdown().await;
+}

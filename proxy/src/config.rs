@@ -69,6 +69,9 @@ pub struct ControlPlaneConfig {
     /// roots are trusted and every certificate the control plane returns must chain to them;
     /// when unset, the roots are fetched from the control plane (trust on first use).
     pub trust_bundle: Option<std::path::PathBuf>,
+    /// Reach the control plane over HTTPS (`trellis-discovery serve --api-tls`): its certificate
+    /// must carry the control plane's SPIFFE id and chain to `trust_bundle` (required then).
+    pub tls: bool,
     /// This instance's id in discovery (Cloud Map `InstanceId`). When set, SIGTERM deregisters it
     /// (`DeregisterInstance`) before the listeners stop accepting, so peers stop picking it.
     pub instance_id: Option<String>,
@@ -159,6 +162,8 @@ struct ControlPlaneFile {
     #[serde(default)]
     trust_bundle: Option<std::path::PathBuf>,
     #[serde(default)]
+    tls: bool,
+    #[serde(default)]
     instance_id: Option<String>,
     #[serde(default)]
     service_id: Option<String>,
@@ -178,12 +183,19 @@ impl TryFrom<ControlPlaneFile> for ControlPlaneConfig {
         let Some(address) = addresses.first().cloned() else {
             return Err("control_plane needs `address` or `addresses`".into());
         };
+        if f.tls && f.trust_bundle.is_none() {
+            return Err(
+                "control_plane.tls needs control_plane.trust_bundle (the mesh's root.crt) to verify the control plane"
+                    .into(),
+            );
+        }
         Ok(ControlPlaneConfig {
             address,
             addresses,
             token: f.token,
             token_file: f.token_file,
             trust_bundle: f.trust_bundle,
+            tls: f.tls,
             instance_id: f.instance_id,
             service_id: f.service_id,
             watch_wait: f.watch_wait,
@@ -791,6 +803,24 @@ upstreams = [{ service = "api", local_port = 9191, danger_plaintext = true }]
 service = "api"
 endpoints = [{ address = "127.0.0.1:8081" }]
 "#;
+
+    #[test]
+    fn control_plane_tls_needs_a_trust_bundle() {
+        let err = Config::from_toml(&format!(
+            "{MINIMAL}\n[control_plane]\naddress = \"127.0.0.1:9400\"\ntls = true\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("control_plane.tls needs control_plane.trust_bundle"),
+            "{err}"
+        );
+        let ok = Config::from_toml(&format!(
+            "{MINIMAL}\n[control_plane]\naddress = \"127.0.0.1:9400\"\ntls = true\ntrust_bundle = \"/etc/trellis/root.crt\"\n"
+        ))
+        .unwrap();
+        assert!(ok.control_plane.unwrap().tls);
+    }
 
     #[test]
     fn control_plane_takes_one_address_or_several() {

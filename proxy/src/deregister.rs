@@ -2,15 +2,12 @@
 //! `X-Amz-Target: Route53AutoNaming_v20170314.<Action>`, `application/x-amz-json-1.1`, unsigned on
 //! loopback). The service id is configured or looked up by namespace + service name.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
+use trellis_ca::cp_client::{ControlPlaneConnector, Transport};
 use trellis_core::{NamespaceName, ServiceName};
 
 const TARGET_PREFIX: &str = "Route53AutoNaming_v20170314.";
@@ -27,6 +24,8 @@ pub struct Deregistration {
     pub service: ServiceName,
     pub service_id: Option<String>,
     pub instance_id: String,
+    /// HTTP, or HTTPS verified against the mesh's roots.
+    pub transport: Transport,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,22 +52,24 @@ pub enum DeregisterError {
     NoService(String),
 }
 
-type ApiClient = Client<HttpConnector, Full<Bytes>>;
+type ApiClient = Client<ControlPlaneConnector, Full<Bytes>>;
 
 impl Deregistration {
+    /// `http(s)://<control plane>`.
+    fn base(&self) -> String {
+        self.transport.base_url(&self.control_plane)
+    }
+
     /// Resolves the service id if needed and deregisters the instance. An instance already gone
     /// (`InstanceNotFound`) counts as done.
     pub async fn run(&self) -> Result<(), DeregisterError> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client: ApiClient = Client::builder(TokioExecutor::new()).build(connector);
+        let client: ApiClient = self.transport.client();
         let service_id = match &self.service_id {
             Some(id) => id.clone(),
             None => self.lookup_service_id(&client).await?,
         };
         let body = json!({"ServiceId": service_id, "InstanceId": self.instance_id});
-        match call(&client, &self.control_plane, "DeregisterInstance", &body).await {
+        match call(&client, &self.base(), "DeregisterInstance", &body).await {
             Ok(_) => Ok(()),
             Err(DeregisterError::Status { body, .. }) if body.contains("InstanceNotFound") => {
                 Ok(())
@@ -81,7 +82,7 @@ impl Deregistration {
         let ns = self.namespace.as_str();
         let v = call(
             client,
-            &self.control_plane,
+            &self.base(),
             "ListNamespaces",
             &json!({"Filters": [{"Name": "NAME", "Values": [ns], "Condition": "EQ"}]}),
         )
@@ -98,7 +99,7 @@ impl Deregistration {
             if let Some(t) = &token {
                 req["NextToken"] = json!(t);
             }
-            let v = call(client, &self.control_plane, "ListServices", &req).await?;
+            let v = call(client, &self.base(), "ListServices", &req).await?;
             let found = v["Services"].as_array().and_then(|a| {
                 a.iter()
                     .find(|s| s["Name"].as_str() == Some(self.service.as_str()))
@@ -118,11 +119,11 @@ impl Deregistration {
 
 async fn call(
     client: &ApiClient,
-    addr: &crate::config::HostPort,
+    base: &str,
     action: &'static str,
     body: &Value,
 ) -> Result<Value, DeregisterError> {
-    let req = Request::post(format!("http://{addr}/"))
+    let req = Request::post(format!("{base}/"))
         .header("x-amz-target", format!("{TARGET_PREFIX}{action}"))
         .header("content-type", "application/x-amz-json-1.1")
         .body(Full::new(Bytes::from(body.to_string())))
@@ -135,7 +136,7 @@ async fn call(
         .await
         .map_err(|e| DeregisterError::Http {
             action,
-            detail: e.to_string(),
+            detail: trellis_ca::cp_client::error_chain(&e),
         })?;
     let status = resp.status();
     let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY)

@@ -16,7 +16,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use trellis_ca::Identity;
+use rustls_pki_types::CertificateDer;
+use trellis_ca::cp_client::Transport;
+use trellis_ca::{Identity, TrustBundle};
 use trellis_core::SpiffeId;
 
 use crate::admin::{Admin, Health};
@@ -26,8 +28,8 @@ use crate::body::ProxyBody;
 use crate::client::UpstreamClient;
 use crate::cluster::{Cluster, EndpointSpec};
 use crate::config::{
-    Config, Decision, HostPort, Intentions, Protocol, ResilienceConfig, StaticCluster,
-    UpstreamConfig,
+    Config, ControlPlaneConfig, Decision, HostPort, Intentions, Protocol, ResilienceConfig,
+    StaticCluster, UpstreamConfig,
 };
 use crate::deregister::Deregistration;
 use crate::egress::Egress;
@@ -177,6 +179,7 @@ pub async fn start_with(
         max_retries: r.max_retries,
     };
     let plain_h1 = UpstreamClient::plain(r.connect_timeout, r.pool_idle_timeout, false);
+    let cp_transport = control_plane_transport(&config)?;
 
     // Identity: needed unless every hop is (dangerously) plaintext.
     let needs_tls = config
@@ -226,7 +229,7 @@ pub async fn start_with(
             r,
             metrics.upstream(&name),
         ));
-        feed(&cluster, u, &config, &watch_stop);
+        feed(&cluster, u, &config, &cp_transport, &watch_stop);
         clusters.insert(name.clone(), Arc::clone(&cluster));
         let (client, tcp_tls) = match (&identity, u.danger_plaintext) {
             (Some(id), false) => {
@@ -268,7 +271,7 @@ pub async fn start_with(
             Cluster::new(&name, balancer(u.balancer), r, metrics.upstream(&name))
                 .with_subset(sub.attributes.clone()),
         );
-        feed(&cluster, u, &config, &watch_stop);
+        feed(&cluster, u, &config, &cp_transport, &watch_stop);
         clusters.insert(name, Arc::clone(&cluster));
         targets.push(Target { cluster, ..base });
     }
@@ -454,7 +457,7 @@ pub async fn start_with(
     // Drain: fail /ready, leave discovery (so peers stop picking us while we still accept), stop
     // accepting, finish in-flight up to the drain timeout, then stop the rest.
     let drain_timeout = config.runtime.drain_timeout;
-    let leave = deregistration(&config);
+    let leave = deregistration(&config, &cp_transport);
     let drained = CancellationToken::new();
     let drained_guard = drained.clone().drop_guard();
     tokio::spawn(async move {
@@ -514,9 +517,10 @@ pub async fn start_with(
 const DEREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What to deregister at shutdown: only with a control plane and an `instance_id`.
-fn deregistration(config: &Config) -> Option<Deregistration> {
+fn deregistration(config: &Config, transport: &Transport) -> Option<Deregistration> {
     let cp = config.control_plane.as_ref()?;
     Some(Deregistration {
+        transport: transport.clone(),
         control_plane: cp.address.clone(),
         namespace: config.identity.namespace.clone(),
         service: config.identity.service.clone(),
@@ -527,7 +531,13 @@ fn deregistration(config: &Config) -> Option<Deregistration> {
 
 /// Gives `cluster` (upstream `u`'s, or a subset of it) its endpoints: the static cluster's (those
 /// the cluster accepts), or a discovery watch until `stop`.
-fn feed(cluster: &Arc<Cluster>, u: &UpstreamConfig, config: &Config, stop: &CancellationToken) {
+fn feed(
+    cluster: &Arc<Cluster>,
+    u: &UpstreamConfig,
+    config: &Config,
+    transport: &Transport,
+    stop: &CancellationToken,
+) {
     if let Some(sc) = config.clusters.iter().find(|c| c.service == u.service) {
         update_static(cluster, sc, 1);
     } else if let Some(cp) = &config.control_plane {
@@ -539,6 +549,7 @@ fn feed(cluster: &Arc<Cluster>, u: &UpstreamConfig, config: &Config, stop: &Canc
                 .unwrap_or_else(|| config.identity.namespace.clone()),
             service: u.service.clone(),
             wait: cp.watch_wait,
+            transport: transport.clone(),
         };
         tokio::spawn(watch::run(target, Arc::clone(cluster), stop.clone()));
     }
@@ -817,22 +828,8 @@ async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError
             ));
         }
     };
-    let pinned = match &cp.trust_bundle {
-        Some(path) => {
-            let pem = std::fs::read_to_string(path).map_err(|e| {
-                StartError::Identity(format!(
-                    "control_plane.trust_bundle {}: {e}",
-                    path.display()
-                ))
-            })?;
-            let roots = trellis_ca::parse_certs(&pem).map_err(|e| {
-                StartError::Identity(format!(
-                    "control_plane.trust_bundle {}: {e}",
-                    path.display()
-                ))
-            })?;
-            Some(roots)
-        }
+    let pinned = match read_trust_bundle(cp)? {
+        Some(roots) => Some(roots),
         None => {
             if !cp.addresses.iter().all(HostPort::is_loopback) {
                 tracing::warn!(
@@ -845,7 +842,12 @@ async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError
     };
     // Every replica serves the CA: the first certificate and each renewal come from whichever
     // answers, as the watch does.
-    let urls: Vec<String> = cp.addresses.iter().map(|a| format!("http://{a}")).collect();
+    let scheme = if cp.tls { "https" } else { "http" };
+    let urls: Vec<String> = cp
+        .addresses
+        .iter()
+        .map(|a| format!("{scheme}://{a}"))
+        .collect();
     Identity::bootstrap_replicas(
         &urls,
         &token,
@@ -855,6 +857,36 @@ async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError
     )
     .await
     .map_err(|e| StartError::Identity(format!("bootstrap from {}: {e}", urls.join(", "))))
+}
+
+/// `control_plane.trust_bundle`'s certificates, when set.
+fn read_trust_bundle(
+    cp: &ControlPlaneConfig,
+) -> Result<Option<Vec<CertificateDer<'static>>>, StartError> {
+    let Some(path) = &cp.trust_bundle else {
+        return Ok(None);
+    };
+    let bad = |e: &dyn std::fmt::Display| {
+        StartError::Identity(format!(
+            "control_plane.trust_bundle {}: {e}",
+            path.display()
+        ))
+    };
+    let pem = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+    trellis_ca::parse_certs(&pem).map(Some).map_err(|e| bad(&e))
+}
+
+/// How the watch and deregistration reach the control plane: HTTPS verified against the
+/// trust bundle with `control_plane.tls`, else plain HTTP.
+fn control_plane_transport(config: &Config) -> Result<Transport, StartError> {
+    let Some(cp) = config.control_plane.as_ref().filter(|cp| cp.tls) else {
+        return Ok(Transport::plain());
+    };
+    // The config refuses `tls` without a trust bundle.
+    let roots = read_trust_bundle(cp)?.unwrap_or_default();
+    TrustBundle::new(config.identity.trust_domain.clone(), roots)
+        .and_then(|b| Transport::https(&b))
+        .map_err(|e| StartError::Identity(format!("control_plane.trust_bundle: {e}")))
 }
 
 /// Keeps the cert-expiry gauge current across rotations.

@@ -13,9 +13,8 @@ use http::uri::Authority;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
+use trellis_ca::cp_client::{ControlPlaneConnector, Transport};
 use trellis_core::{EndpointSet, NamespaceName, ServiceName};
 
 use crate::cluster::{Cluster, EndpointSpec};
@@ -33,6 +32,8 @@ pub struct WatchTarget {
     pub namespace: NamespaceName,
     pub service: ServiceName,
     pub wait: Duration,
+    /// HTTP, or HTTPS verified against the mesh's roots.
+    pub transport: Transport,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,11 +75,7 @@ impl WatchSink for Cluster {
 
 /// Watches until `stop`, applying every new endpoint set to `cluster`.
 pub async fn run<S: WatchSink>(target: WatchTarget, cluster: Arc<S>, stop: CancellationToken) {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(connector);
+    let client: Client<ControlPlaneConnector, Empty<Bytes>> = target.transport.client();
     // No revision on the first poll: the server answers at once, so readiness does not wait.
     let mut revision: Option<u64> = None;
     let mut backoff = BACKOFF_MIN;
@@ -148,16 +145,17 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) {
 
 /// One long poll: `Some(set)` on 200, `None` when the server answered "no change" (304/204).
 async fn poll_once(
-    client: &Client<HttpConnector, Empty<Bytes>>,
+    client: &Client<ControlPlaneConnector, Empty<Bytes>>,
     cp: &Authority,
     t: &WatchTarget,
     revision: Option<u64>,
 ) -> Result<Option<EndpointSet>, WatchError> {
     let wait = t.wait.as_secs().max(1);
     let (ns, svc) = (&t.namespace, &t.service);
+    let base = t.transport.base_url(cp);
     let uri: Uri = match revision {
-        Some(r) => format!("http://{cp}/v1/watch/{ns}/{svc}?revision={r}&wait={wait}s"),
-        None => format!("http://{cp}/v1/watch/{ns}/{svc}?wait={wait}s"),
+        Some(r) => format!("{base}/v1/watch/{ns}/{svc}?revision={r}&wait={wait}s"),
+        None => format!("{base}/v1/watch/{ns}/{svc}?wait={wait}s"),
     }
     .parse()
     .map_err(|e: http::uri::InvalidUri| WatchError::Http(e.to_string()))?;
@@ -167,7 +165,7 @@ async fn poll_once(
     let resp = client
         .request(req)
         .await
-        .map_err(|e| WatchError::Http(e.to_string()))?;
+        .map_err(|e| WatchError::Http(trellis_ca::cp_client::error_chain(&e)))?;
     let status = resp.status();
     if status == StatusCode::NOT_MODIFIED || status == StatusCode::NO_CONTENT {
         return Ok(None);

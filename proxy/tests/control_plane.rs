@@ -237,3 +237,192 @@ async fn shutdown_deregisters_from_discovery_before_draining() {
         .unwrap();
     server.shutdown().await;
 }
+
+/// One Cloud Map call over HTTPS, checked against the mesh's roots like the sidecar does.
+async fn api_https(
+    transport: &trellis_ca::cp_client::Transport,
+    addr: SocketAddr,
+    action: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let client = transport.client::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(format!("{}/", transport.base_url(addr)))
+        .header(
+            "x-amz-target",
+            format!("Route53AutoNaming_v20170314.{action}"),
+        )
+        .header("content-type", "application/x-amz-json-1.1")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    assert_eq!(status, 200, "{action}: {v}");
+    v
+}
+
+/// `control_plane.tls`: the first certificate (token over HTTPS), the endpoint watch and the
+/// deregistration at shutdown all go to a control plane serving `--api-tls`, verified by its
+/// SPIFFE id against the pinned roots. A control plane the roots do not vouch for is refused at
+/// start, and the TLS port does not answer plain HTTP.
+#[tokio::test]
+async fn the_whole_conversation_with_an_https_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = trellis_ca::CaDir::new(dir.path().join("ca"));
+    ca_dir
+        .init("mesh.local".parse().unwrap(), trellis_ca::Policy::default())
+        .unwrap();
+    let token = ca_dir
+        .tokens()
+        .unwrap()
+        .create(trellis_ca::Scope::Workload {
+            namespace: "my-app.local".parse().unwrap(),
+            service: "web".parse().unwrap(),
+        })
+        .unwrap()
+        .bearer();
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_owned());
+    cfg.api_tls = Some(trellis_discovery::ApiTls::default());
+    let server = Server::start(cfg).await.unwrap();
+    let cp = server.api_addr;
+    assert_eq!(server.api_url(), format!("https://{cp}"));
+    let root = dir.path().join("ca").join("root.crt");
+    let bundle = trellis_ca::TrustBundle::from_pem(
+        "mesh.local".parse().unwrap(),
+        &std::fs::read_to_string(&root).unwrap(),
+    )
+    .unwrap();
+    let https = trellis_ca::cp_client::Transport::https(&bundle).unwrap();
+
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let plain = h1_client()
+        .request(
+            http::Request::get(format!("http://{cp}/v1/ca/roots"))
+                .body(support::body(""))
+                .unwrap(),
+        )
+        .await;
+    assert!(
+        plain.is_err(),
+        "plain HTTP answered: {:?}",
+        plain.map(|r| r.status())
+    );
+
+    let op = api_https(
+        &https,
+        cp,
+        "CreateHttpNamespace",
+        serde_json::json!({"Name": "my-app.local"}),
+    )
+    .await;
+    let got = api_https(
+        &https,
+        cp,
+        "GetOperation",
+        serde_json::json!({"OperationId": op["OperationId"]}),
+    )
+    .await;
+    let ns_id = got["Operation"]["Targets"]["NAMESPACE"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut ids = Vec::new();
+    for name in ["api", "web"] {
+        let svc = api_https(
+            &https,
+            cp,
+            "CreateService",
+            serde_json::json!({"Name": name, "NamespaceId": ns_id}),
+        )
+        .await;
+        ids.push(svc["Service"]["Id"].as_str().unwrap().to_owned());
+    }
+    let (api_id, web_id) = (ids[0].clone(), ids[1].clone());
+    let a = app("a", None).await;
+    let b = app("b", None).await;
+    for (id, at) in [("a", a.addr), ("b", b.addr)] {
+        api_https(
+            &https,
+            cp,
+            "RegisterInstance",
+            serde_json::json!({"ServiceId": api_id, "InstanceId": id,
+                "Attributes": {"AWS_INSTANCE_IPV4": at.ip().to_string(), "AWS_INSTANCE_PORT": at.port().to_string()}}),
+        )
+        .await;
+    }
+
+    let web_app = app("web-app", None).await;
+    let toml = |bundle: &std::path::Path| {
+        format!(
+            "{}\n[control_plane]\naddress = \"localhost:{}\"\ntls = true\ntrust_bundle = \"{}\"\ntoken = \"{token}\"\ninstance_id = \"web-1\"\nwatch_wait = \"5s\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{}\"\n\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n",
+            base(),
+            cp.port(),
+            bundle.display(),
+            web_app.addr
+        )
+    };
+
+    // Roots of another CA: the control plane's certificate does not verify; the start fails.
+    let impostor = trellis_ca::EphemeralCa::new("mesh.local").unwrap();
+    let wrong = dir.path().join("other-root.pem");
+    std::fs::write(&wrong, impostor.roots_pem()).unwrap();
+    let err = trellis_proxy::start(
+        trellis_proxy::Config::from_toml(&toml(&wrong)).unwrap(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("https://localhost") && err.contains("invalid peer certificate"),
+        "{err}"
+    );
+
+    let (sc, stop) = sidecar(&toml(&root)).await;
+    let c = h1_client();
+    let ready = format!("http://{}/ready", sc.admin_addr);
+    let mut ok = false;
+    for _ in 0..250 {
+        if get(&c, &ready).await.0 == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "ready (certificate and endpoints loaded) within 5 s");
+    // The endpoints came through the watch over HTTPS.
+    let port = sc.upstream_addrs["api"];
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        seen.insert(get(&c, &format!("http://{port}/")).await.1);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // Deregistration at shutdown over HTTPS too.
+    let inbound = sc.inbound_addr.unwrap();
+    api_https(
+        &https,
+        cp,
+        "RegisterInstance",
+        serde_json::json!({"ServiceId": web_id, "InstanceId": "web-1",
+            "Attributes": {"AWS_INSTANCE_IPV4": inbound.ip().to_string(), "AWS_INSTANCE_PORT": inbound.port().to_string()}}),
+    )
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), sc.wait())
+        .await
+        .unwrap();
+    let left = api_https(
+        &https,
+        cp,
+        "DiscoverInstances",
+        serde_json::json!({"NamespaceName": "my-app.local", "ServiceName": "web"}),
+    )
+    .await;
+    assert_eq!(left["Instances"].as_array().unwrap().len(), 0, "{left}");
+    server.shutdown().await;
+}

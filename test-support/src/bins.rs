@@ -49,11 +49,11 @@ pub fn spawn_reading_first_line(
 }
 
 /// The API address in the first line `trellis-discovery serve` prints
-/// (`trellis-discovery: api http://A dns D`).
+/// (`trellis-discovery: api http://A dns D`, or `https://A` with `--api-tls`).
 pub fn discovery_api(line: &str) -> Option<std::net::SocketAddr> {
-    line.split_whitespace()
-        .nth(2)?
-        .trim_start_matches("http://")
+    let url = line.split_whitespace().nth(2)?;
+    url.strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))?
         .parse()
         .ok()
 }

@@ -53,6 +53,7 @@ pub async fn run(group: Arc<TargetGroup>, src: DiscoverySource, stop: Cancellati
         namespace,
         service,
         wait: WAIT,
+        transport: trellis_ca::cp_client::Transport::plain(),
     };
     let sink = Arc::new(GroupSink {
         group,
