@@ -238,32 +238,6 @@ async fn shutdown_deregisters_from_discovery_before_draining() {
     server.shutdown().await;
 }
 
-/// One Cloud Map call over HTTPS, checked against the mesh's roots like the sidecar does.
-async fn api_https(
-    transport: &trellis_ca::cp_client::Transport,
-    addr: SocketAddr,
-    action: &str,
-    body: serde_json::Value,
-) -> serde_json::Value {
-    let client = transport.client::<http_body_util::Full<bytes::Bytes>>();
-    let req = http::Request::post(format!("{}/", transport.base_url(addr)))
-        .header(
-            "x-amz-target",
-            format!("Route53AutoNaming_v20170314.{action}"),
-        )
-        .header("content-type", "application/x-amz-json-1.1")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))
-        .unwrap();
-    let resp = client.request(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    assert_eq!(status, 200, "{action}: {v}");
-    v
-}
-
 /// `control_plane.tls`: the first certificate (token over HTTPS), the endpoint watch and the
 /// deregistration at shutdown all go to a control plane serving `--api-tls`, verified by its
 /// SPIFFE id against the pinned roots. A control plane the roots do not vouch for is refused at
@@ -312,14 +286,14 @@ async fn the_whole_conversation_with_an_https_control_plane() {
         plain.map(|r| r.status())
     );
 
-    let op = api_https(
+    let op = support::https_api::call(
         &https,
         cp,
         "CreateHttpNamespace",
         serde_json::json!({"Name": "my-app.local"}),
     )
     .await;
-    let got = api_https(
+    let got = support::https_api::call(
         &https,
         cp,
         "GetOperation",
@@ -332,7 +306,7 @@ async fn the_whole_conversation_with_an_https_control_plane() {
         .to_owned();
     let mut ids = Vec::new();
     for name in ["api", "web"] {
-        let svc = api_https(
+        let svc = support::https_api::call(
             &https,
             cp,
             "CreateService",
@@ -345,7 +319,7 @@ async fn the_whole_conversation_with_an_https_control_plane() {
     let a = app("a", None).await;
     let b = app("b", None).await;
     for (id, at) in [("a", a.addr), ("b", b.addr)] {
-        api_https(
+        support::https_api::call(
             &https,
             cp,
             "RegisterInstance",
@@ -404,7 +378,7 @@ async fn the_whole_conversation_with_an_https_control_plane() {
 
     // Deregistration at shutdown over HTTPS too.
     let inbound = sc.inbound_addr.unwrap();
-    api_https(
+    support::https_api::call(
         &https,
         cp,
         "RegisterInstance",
@@ -416,7 +390,7 @@ async fn the_whole_conversation_with_an_https_control_plane() {
     tokio::time::timeout(Duration::from_secs(10), sc.wait())
         .await
         .unwrap();
-    let left = api_https(
+    let left = support::https_api::call(
         &https,
         cp,
         "DiscoverInstances",

@@ -20,6 +20,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use trellis_proxy::lb::{LbConfig, LbHandle, start};
 
+#[path = "support/https_api.rs"]
+mod https_api;
+
 /// A demo upstream: answers its name, `/health` by its health flag, `/slow` after 400 ms.
 struct Upstream {
     name: String,
@@ -1306,6 +1309,116 @@ default_action = {{ type = "forward", target_groups = [{{ name = "a" }}] }}
     assert!(renewed, "no renewed certificate within 8 s");
     assert_eq!(get_on(&mut old_conn).await, "a", "open connection survives");
     h.shutdown().await;
+    cp.shutdown().await;
+}
+
+/// An HTTPS control plane (`--api-tls`) for both of the LB's uses of it: the listener's
+/// certificate (token over HTTPS, `tls.control_plane_tls`) and a target group's watch (an
+/// `https://` url); both verify the control plane against the pinned `root.crt`.
+#[tokio::test]
+async fn https_control_plane_for_the_listener_certificate_and_the_watch() {
+    if !tool("curl") {
+        eprintln!("skipping: curl not on PATH");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = trellis_ca::CaDir::new(dir.path().join("ca"));
+    ca_dir
+        .init("mesh.local".parse().unwrap(), trellis_ca::Policy::default())
+        .unwrap();
+    let token = ca_dir
+        .tokens()
+        .unwrap()
+        .create(trellis_ca::Scope::Workload {
+            namespace: "my-app.local".parse().unwrap(),
+            service: "lb".parse().unwrap(),
+        })
+        .unwrap()
+        .bearer();
+    let mut cp_cfg = trellis_discovery::ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    cp_cfg.data_dir = Some(dir.path().to_owned());
+    cp_cfg.api_tls = Some(trellis_discovery::ApiTls::default());
+    let cp = trellis_discovery::Server::start(cp_cfg).await.unwrap();
+    let cp_addr = cp.api_addr;
+    let root = dir.path().join("ca").join("root.crt");
+    let bundle = trellis_ca::TrustBundle::from_pem(
+        "mesh.local".parse().unwrap(),
+        &std::fs::read_to_string(&root).unwrap(),
+    )
+    .unwrap();
+    let https = trellis_ca::cp_client::Transport::https(&bundle).unwrap();
+    let call = |action: &'static str, body: serde_json::Value| {
+        let https = https.clone();
+        async move { https_api::call(&https, cp_addr, action, body).await }
+    };
+    let op = call(
+        "CreateHttpNamespace",
+        serde_json::json!({"Name": "my-app.local"}),
+    )
+    .await;
+    let got = call(
+        "GetOperation",
+        serde_json::json!({"OperationId": op["OperationId"]}),
+    )
+    .await;
+    let ns = got["Operation"]["Targets"]["NAMESPACE"].clone();
+    let svc = call(
+        "CreateService",
+        serde_json::json!({"Name": "api", "NamespaceId": ns}),
+    )
+    .await["Service"]["Id"]
+        .clone();
+    let a = upstream("a").await;
+    call(
+        "RegisterInstance",
+        serde_json::json!({"ServiceId": svc, "InstanceId": "a", "Attributes": {
+            "AWS_INSTANCE_IPV4": a.addr.ip().to_string(), "AWS_INSTANCE_PORT": a.addr.port().to_string()}}),
+    )
+    .await;
+
+    let root_s = root.display();
+    let cfg = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[target_group]]
+name = "api"
+discovery = {{ url = "https://{cp_addr}", trust_bundle = "{root_s}", namespace = "my-app.local", service = "api" }}
+health_check = {{ enabled = false }}
+
+[[listener]]
+name = "tls"
+listen = "127.0.0.1:0"
+protocol = "https"
+tls = {{ source = "ca", control_plane = "localhost:{port}", control_plane_tls = true, trust_bundle = "{root_s}", token = "{token}", dns_names = ["lb.my-app.local"] }}
+default_action = {{ type = "forward", target_groups = [{{ name = "api" }}] }}
+"#,
+        port = cp_addr.port()
+    );
+    let h = start(LbConfig::from_str(&cfg).unwrap(), CancellationToken::new())
+        .await
+        .unwrap();
+    let port = h.listeners[0].1.port();
+    let mut served = String::new();
+    for _ in 0..100 {
+        served = curl_h2(&root, "lb.my-app.local", port).await;
+        if served.starts_with("a ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(served, "a 2");
+    h.shutdown().await;
+
+    // Without the pinned roots, an https:// watch is refused at start, naming the group.
+    let unpinned = cfg.replace(
+        &format!(r#", trust_bundle = "{root_s}", namespace"#),
+        ", namespace",
+    );
+    let err = LbConfig::from_str(&unpinned).unwrap().compile().err();
+    let err = format!("{err:?}");
+    assert!(err.contains("trust_bundle"), "{err}");
     cp.shutdown().await;
 }
 

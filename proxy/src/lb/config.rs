@@ -214,6 +214,15 @@ pub struct TlsConfig {
     /// renewal happens at about 2/3 of it.
     #[serde(default, with = "humantime_serde")]
     pub ttl: Option<Duration>,
+    /// `source = "ca"`: the mesh's root certificate(s) (PEM, the CA's `root.crt`). Set: every
+    /// certificate the control plane returns must chain to them. Unset: the roots are fetched
+    /// from the control plane (trust on first use).
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
+    /// `source = "ca"`: reach the control plane over HTTPS (`--api-tls`), verified by its SPIFFE
+    /// id against `trust_bundle` (required then).
+    #[serde(default)]
+    pub control_plane_tls: bool,
 }
 
 /// One `host:port` or a list of them (control-plane replicas, in order of preference; IP
@@ -278,10 +287,12 @@ impl TlsConfig {
                 if self.control_plane.is_some()
                     || self.token.is_some()
                     || !self.dns_names.is_empty()
+                    || self.trust_bundle.is_some()
+                    || self.control_plane_tls
                 {
                     return Err((
                         "tls.source",
-                        "control_plane, token and dns_names need source = \"ca\"",
+                        "control_plane, token, dns_names, trust_bundle and control_plane_tls need source = \"ca\"",
                     ));
                 }
             }
@@ -302,6 +313,12 @@ impl TlsConfig {
                     return Err((
                         "tls.dns_names",
                         "name at least one DNS name clients will verify",
+                    ));
+                }
+                if self.control_plane_tls && self.trust_bundle.is_none() {
+                    return Err((
+                        "tls.control_plane_tls",
+                        "needs tls.trust_bundle (the mesh's root.crt) to verify the control plane",
                     ));
                 }
             }
@@ -420,6 +437,16 @@ pub struct DiscoverySource {
     pub addresses: Vec<String>,
     pub namespace: String,
     pub service: String,
+    /// Watch over HTTPS (`--api-tls`), verified by the control plane's SPIFFE id against
+    /// `trust_bundle`; an `https://` `url` implies it.
+    #[serde(default)]
+    pub tls: bool,
+    /// The mesh's root certificate(s) (PEM, the CA's `root.crt`), for `tls`.
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
+    /// Trust domain of the mesh, for `tls` (the control plane's SPIFFE id is in it).
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: trellis_core::TrustDomain,
 }
 
 impl DiscoverySource {
@@ -430,12 +457,13 @@ impl DiscoverySource {
             let uri: http::Uri = url
                 .parse()
                 .map_err(|_| format!("url {url:?} is not a URL"))?;
-            if uri.scheme_str() != Some("http") || !uri.path().trim_end_matches('/').is_empty() {
-                return Err(format!("url {url:?}: expected http://host:port"));
+            let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+            if !scheme_ok || !uri.path().trim_end_matches('/').is_empty() {
+                return Err(format!("url {url:?}: expected http(s)://host:port"));
             }
             let a = uri
                 .authority()
-                .ok_or_else(|| format!("url {url:?}: expected http://host:port"))?;
+                .ok_or_else(|| format!("url {url:?}: expected http(s)://host:port"))?;
             out.push(a.clone());
         }
         for a in &self.addresses {
@@ -451,7 +479,22 @@ impl DiscoverySource {
         if out.is_empty() {
             return Err("give `url` or `addresses`".into());
         }
+        if self.https() && self.trust_bundle.is_none() {
+            return Err(
+                "tls (or an https:// url) needs trust_bundle (the mesh's root.crt) to verify the control plane"
+                    .into(),
+            );
+        }
         Ok(out)
+    }
+
+    /// Whether the watch goes over HTTPS: `tls`, or an `https://` url.
+    pub fn https(&self) -> bool {
+        self.tls
+            || self
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
     }
 }
 
@@ -1317,11 +1360,23 @@ rollback = { window = "1m", max_5xx_rate = 0.05, max_p99 = "500ms" }
         for (bad, named) in [
             ("addresses = []", "give `url` or `addresses`"),
             (r#"addresses = ["no-port"]"#, "no-port"),
-            (r#"url = "https://127.0.0.1:1""#, "http://host:port"),
+            (r#"url = "ftp://127.0.0.1:1""#, "http(s)://host:port"),
+            (r#"url = "https://127.0.0.1:1""#, "needs trust_bundle"),
+            (
+                r#"addresses = ["cp:9400"], tls = true"#,
+                "needs trust_bundle",
+            ),
         ] {
             let e = err(&with(bad));
             assert!(e.contains("discovery") && e.contains(named), "{e}");
         }
+        let c = LbConfig::from_str(&with(
+            r#"url = "https://cp:9400", trust_bundle = "/etc/trellis/root.crt""#,
+        ))
+        .unwrap();
+        c.compile().unwrap();
+        let d = c.target_groups.iter().find_map(|g| g.discovery.as_ref());
+        assert!(d.unwrap().https());
     }
 
     #[test]

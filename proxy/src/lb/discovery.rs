@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use trellis_ca::TrustBundle;
+use trellis_ca::cp_client::Transport;
 use trellis_core::EndpointSet;
 
 use super::config::DiscoverySource;
@@ -38,7 +40,28 @@ impl WatchSink for GroupSink {
     }
 }
 
-pub async fn run(group: Arc<TargetGroup>, src: DiscoverySource, stop: CancellationToken) {
+/// How the watch reaches the control plane: HTTPS verified against the source's trust bundle
+/// when it asks for TLS, else plain HTTP. Read at start, so a missing bundle fails the start.
+pub fn transport(src: &DiscoverySource) -> Result<Transport, String> {
+    if !src.https() {
+        return Ok(Transport::plain());
+    }
+    let Some(path) = &src.trust_bundle else {
+        return Err("tls needs trust_bundle".into());
+    };
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| format!("trust_bundle {}: {e}", path.display()))?;
+    TrustBundle::from_pem(src.trust_domain.clone(), &pem)
+        .and_then(|b| Transport::https(&b))
+        .map_err(|e| format!("trust_bundle {}: {e}", path.display()))
+}
+
+pub async fn run(
+    group: Arc<TargetGroup>,
+    src: DiscoverySource,
+    transport: Transport,
+    stop: CancellationToken,
+) {
     // `compile` validated the source: these parse.
     let (Ok(control_planes), Ok(namespace), Ok(service)) = (
         src.control_planes(),
@@ -53,7 +76,7 @@ pub async fn run(group: Arc<TargetGroup>, src: DiscoverySource, stop: Cancellati
         namespace,
         service,
         wait: WAIT,
-        transport: trellis_ca::cp_client::Transport::plain(),
+        transport,
     };
     let sink = Arc::new(GroupSink {
         group,

@@ -39,6 +39,8 @@ pub enum LbError {
     Reload(String),
     #[error("listener {listener:?}: TLS: {reason}")]
     Tls { listener: String, reason: String },
+    #[error("target_group {group:?}: discovery: {reason}")]
+    Discovery { group: String, reason: String },
 }
 
 /// Errors of the admin weights API, with their status.

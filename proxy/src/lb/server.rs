@@ -127,7 +127,11 @@ pub async fn start(config: LbConfig, shutdown: CancellationToken) -> Result<LbHa
             stop.clone(),
         ));
         if let Some(src) = g.config.discovery.clone() {
-            tasks.spawn(discovery::run(Arc::clone(g), src, stop.clone()));
+            let transport = discovery::transport(&src).map_err(|reason| LbError::Discovery {
+                group: g.config.name.clone(),
+                reason,
+            })?;
+            tasks.spawn(discovery::run(Arc::clone(g), src, transport, stop.clone()));
         }
     }
     let shared = Arc::new(Shared {

@@ -77,7 +77,18 @@ async fn from_ca(t: &TlsConfig) -> Result<Arc<Identity>, String> {
     let Some(cp) = &t.control_plane else {
         return Err("tls.control_plane is required".into());
     };
-    let urls: Vec<String> = cp.0.iter().map(|a| format!("http://{a}")).collect();
+    let scheme = if t.control_plane_tls { "https" } else { "http" };
+    let urls: Vec<String> = cp.0.iter().map(|a| format!("{scheme}://{a}")).collect();
+    let pinned = match &t.trust_bundle {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| format!("tls.trust_bundle {}: {e}", path.display()))?;
+            let roots = trellis_ca::parse_certs(&pem)
+                .map_err(|e| format!("tls.trust_bundle {}: {e}", path.display()))?;
+            Some(roots)
+        }
+        None => None,
+    };
     let token = match (&t.token, &t.token_file) {
         (Some(tok), _) => tok.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
@@ -85,7 +96,7 @@ async fn from_ca(t: &TlsConfig) -> Result<Arc<Identity>, String> {
             .map_err(|e| format!("tls.token_file {}: {e}", path.display()))?,
         (None, None) => return Err("tls.token or tls.token_file is required".into()),
     };
-    let id = Identity::bootstrap_replicas(&urls, &token, t.trust_domain.clone(), t.ttl, None)
+    let id = Identity::bootstrap_replicas(&urls, &token, t.trust_domain.clone(), t.ttl, pinned)
         .await
         .map_err(|e| format!("certificate from the CA at {}: {e}", urls.join(", ")))?;
     let leaf = id.leaf();
