@@ -203,7 +203,7 @@ fn main() -> ExitCode {
         etcd.tls = s.etcd_tls.tls();
         config.etcd = Some(etcd);
     }
-    config.api_tls = s.api_tls.then(|| trellis_discovery::ApiTls {
+    config.api_tls = s.api_tls.then_some(trellis_discovery::ApiTls {
         names: s.api_tls_san,
     });
     config.api_rate_limit = rate(s.api_rate_limit);

@@ -198,7 +198,12 @@ impl Server {
                 let (acceptor, identity) = api_tls(t, api_addr, &mounts).await?;
                 (Some(acceptor), Some(identity))
             }
-            None => (None, None),
+            None => {
+                if !api_addr.ip().is_loopback() {
+                    tracing::warn!(%api_addr, "the API serves plain HTTP off loopback: join tokens and the watch cross the network in clear; --api-tls serves HTTPS");
+                }
+                (None, None)
+            }
         };
         let front = Arc::new(Front {
             registry: registry.clone(),

@@ -7,9 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
+use trellis_ca::cp_client::{ControlPlaneConnector, Transport};
 
 const TARGET_PREFIX: &str = "Route53AutoNaming_v20170314.";
 
@@ -33,21 +32,27 @@ pub enum CloudMapError {
 }
 
 pub struct CloudMap {
-    api: SocketAddr,
-    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+    client: Client<ControlPlaneConnector, Full<Bytes>>,
 }
 
 impl CloudMap {
+    /// A control plane serving plain HTTP.
     pub fn new(api: SocketAddr) -> Self {
+        Self::with_transport(api, &Transport::plain())
+    }
+
+    /// A control plane reached over `transport` (HTTPS with `--api-tls`).
+    pub fn with_transport(api: SocketAddr, transport: &Transport) -> Self {
         CloudMap {
-            api,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            base: transport.base_url(api),
+            client: transport.client(),
         }
     }
 
     /// One action; returns the JSON answer.
     pub async fn call(&self, action: &str, body: Value) -> Result<Value, CloudMapError> {
-        let req = http::Request::post(format!("http://{}/", self.api))
+        let req = http::Request::post(format!("{}/", self.base))
             .header("content-type", "application/x-amz-json-1.1")
             .header("x-amz-target", format!("{TARGET_PREFIX}{action}"))
             .body(Full::new(Bytes::from(body.to_string())))
@@ -56,7 +61,7 @@ impl CloudMap {
             .client
             .request(req)
             .await
-            .map_err(|e| CloudMapError::Transport(e.to_string()))?;
+            .map_err(|e| CloudMapError::Transport(trellis_ca::cp_client::error_chain(&e)))?;
         let status = resp.status();
         let bytes = resp
             .into_body()

@@ -146,10 +146,16 @@ async fn init_and_register_scripts_set_up_a_control_plane() {
     assert_eq!(mode & 0o777, 0o600);
 
     // The control plane opens the CA init.sh made, as in compose.
+    // With --api-tls, as in compose: register.sh's aws CLI verifies it with the root init.sh
+    // copied beside the tokens.
     let mut cfg = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
     cfg.data_dir = Some(data.clone());
+    cfg.api_tls = Some(trellis_discovery::ApiTls::default());
     let server = Server::start(cfg).await.expect("control plane");
-    let endpoint = format!("http://{}", server.api_addr);
+    let endpoint = server.api_url();
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+    let root = tokens.join("root.crt");
+    assert!(root.is_file(), "init.sh copies the root beside the tokens");
     for _ in 0..2 {
         // Twice: the script is idempotent.
         run_ok(
@@ -157,6 +163,7 @@ async fn init_and_register_scripts_set_up_a_control_plane() {
                 .arg(compose_dir().join("register.sh"))
                 .env("PATH", &path)
                 .env("ENDPOINT", &endpoint)
+                .env("AWS_CA_BUNDLE", &root)
                 .env("AWS_ACCESS_KEY_ID", "compose")
                 .env("AWS_SECRET_ACCESS_KEY", "compose")
                 .env("USERS_IP", "127.0.0.21")
@@ -164,7 +171,13 @@ async fn init_and_register_scripts_set_up_a_control_plane() {
                 .env("WEB_IP", "127.0.0.23"),
         );
     }
-    let cm = CloudMap::new(server.api_addr);
+    let bundle = trellis_ca::TrustBundle::from_pem(
+        "mesh.local".parse().expect("trust domain"),
+        &std::fs::read_to_string(&root).expect("root.crt"),
+    )
+    .expect("bundle");
+    let https = trellis_ca::cp_client::Transport::https(&bundle).expect("transport");
+    let cm = CloudMap::with_transport(server.api_addr, &https);
     for svc in ["users", "api", "web"] {
         let r = cm
             .call(

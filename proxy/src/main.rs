@@ -47,10 +47,15 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Health probe for containers without curl: GET an http:// URL, exit 0 on 2xx, 1 otherwise.
+    /// Health probe for containers without curl: GET an http:// or https:// URL, exit 0 on 2xx,
+    /// 1 otherwise.
     Probe {
-        /// e.g. http://127.0.0.1:9901/ready
+        /// e.g. http://127.0.0.1:9901/ready, https://127.0.0.1:9400/healthz
         url: String,
+        /// For https:// URLs: the root certificate(s) (PEM) the server's chain and name must
+        /// verify against, e.g. the control plane's `<data-dir>/ca/root.crt`.
+        #[arg(long)]
+        cacert: Option<PathBuf>,
         /// Give up after this long.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
@@ -134,7 +139,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Probe { url, timeout } => match probe(&url, timeout) {
+        Command::Probe {
+            url,
+            cacert,
+            timeout,
+        } => match probe(&url, cacert.as_deref(), timeout) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("trellis-proxy probe: {e}");
@@ -363,12 +372,17 @@ fn install_tracing(json: bool) {
     }
 }
 
-/// One blocking HTTP/1.0 GET; no runtime needed for a health check.
-fn probe(url: &str, timeout: std::time::Duration) -> Result<(), String> {
-    use std::io::{Read, Write};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("only http:// URLs are supported")?;
+/// One blocking HTTP/1.0 GET (over TLS for https://); no runtime needed for a health check.
+fn probe(
+    url: &str,
+    cacert: Option<&std::path::Path>,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let (https, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => return Err("only http:// and https:// URLs are supported".into()),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -383,9 +397,44 @@ fn probe(url: &str, timeout: std::time::Duration) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n");
+    if !https {
+        return probe_status(&mut s, &request);
+    }
+    let cacert = cacert.ok_or("an https:// URL needs --cacert FILE (e.g. the mesh's root.crt)")?;
+    let pem = std::fs::read_to_string(cacert).map_err(|e| format!("{}: {e}", cacert.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in trellis_ca::parse_certs(&pem).map_err(|e| format!("{}: {e}", cacert.display()))? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", cacert.display()))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(trellis_ca::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("{host}: {e}"))?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(|e| e.to_string())?;
+    probe_status(&mut rustls::StreamOwned::new(conn, s), &request)
+}
+
+/// Sends `request` and reads the status line: `Ok` on 2xx.
+fn probe_status(
+    io: &mut (impl std::io::Read + std::io::Write),
+    request: &str,
+) -> Result<(), String> {
+    io.write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut head = [0u8; 12];
-    s.read_exact(&mut head)
+    io.read_exact(&mut head)
         .map_err(|e| format!("reading status: {e}"))?;
     match &head[9..12] {
         [b'2', _, _] => Ok(()),

@@ -879,9 +879,18 @@ fn read_trust_bundle(
 /// How the watch and deregistration reach the control plane: HTTPS verified against the
 /// trust bundle with `control_plane.tls`, else plain HTTP.
 fn control_plane_transport(config: &Config) -> Result<Transport, StartError> {
-    let Some(cp) = config.control_plane.as_ref().filter(|cp| cp.tls) else {
+    let Some(cp) = config.control_plane.as_ref() else {
         return Ok(Transport::plain());
     };
+    if !cp.tls {
+        if !cp.addresses.iter().all(HostPort::is_loopback) {
+            tracing::warn!(
+                control_plane = ?cp.addresses,
+                "control_plane.tls is off: the join token and the watch cross the network in clear; serve the control plane with --api-tls and set control_plane.tls"
+            );
+        }
+        return Ok(Transport::plain());
+    }
     // The config refuses `tls` without a trust bundle.
     let roots = read_trust_bundle(cp)?.unwrap_or_default();
     TrustBundle::new(config.identity.trust_domain.clone(), roots)

@@ -199,3 +199,59 @@ async fn json_access_log() {
     assert_eq!(entry["fields"]["path"], "/hello", "{entry}");
     assert_eq!(entry["fields"]["upstream"], "api", "{entry}");
 }
+
+/// `trellis-proxy probe https://...` (the compose control plane's health check): the chain and
+/// the host name verify against `--cacert`; without it, or against other roots, the probe fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_checks_an_https_control_plane_against_its_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = trellis_discovery::ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_owned());
+    cfg.api_tls = Some(trellis_discovery::ApiTls::default());
+    let server = trellis_discovery::Server::start(cfg).await.unwrap();
+    let port = server.api_addr.port();
+    let root = dir.path().join("ca").join("root.crt");
+    let other = dir.path().join("other.pem");
+    std::fs::write(
+        &other,
+        trellis_ca::EphemeralCa::new("mesh.local")
+            .unwrap()
+            .roots_pem(),
+    )
+    .unwrap();
+    let probe = move |url: String, cacert: Option<std::path::PathBuf>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis-proxy"));
+        cmd.args(["probe", &url]);
+        if let Some(c) = cacert {
+            cmd.arg("--cacert").arg(c);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let run = |url: String, cacert: Option<std::path::PathBuf>| {
+        tokio::task::spawn_blocking(move || probe(url, cacert))
+    };
+    let (ok, err) = run(
+        format!("https://127.0.0.1:{port}/healthz"),
+        Some(root.clone()),
+    )
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    let (ok, err) = run(format!("https://localhost:{port}/healthz"), Some(root))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    let (ok, err) = run(format!("https://127.0.0.1:{port}/healthz"), None)
+        .await
+        .unwrap();
+    assert!(!ok && err.contains("--cacert"), "{err}");
+    let (ok, err) = run(format!("https://127.0.0.1:{port}/healthz"), Some(other))
+        .await
+        .unwrap();
+    assert!(!ok && err.contains("UnknownIssuer"), "{err}");
+    server.shutdown().await;
+}
