@@ -69,6 +69,9 @@ pub struct ControlPlaneConfig {
     /// roots are trusted and every certificate the control plane returns must chain to them;
     /// when unset, the roots are fetched from the control plane (trust on first use).
     pub trust_bundle: Option<std::path::PathBuf>,
+    /// The same roots as PEM text instead of a file (for task definitions: an environment
+    /// variable from an SSM parameter, no volume needed). At most one of the two.
+    pub trust_bundle_pem: Option<String>,
     /// Reach the control plane over HTTPS (`trellis-discovery serve --api-tls`): its certificate
     /// must carry the control plane's SPIFFE id and chain to `trust_bundle` (required then).
     pub tls: bool,
@@ -162,6 +165,8 @@ struct ControlPlaneFile {
     #[serde(default)]
     trust_bundle: Option<std::path::PathBuf>,
     #[serde(default)]
+    trust_bundle_pem: Option<String>,
+    #[serde(default)]
     tls: bool,
     #[serde(default)]
     instance_id: Option<String>,
@@ -183,9 +188,15 @@ impl TryFrom<ControlPlaneFile> for ControlPlaneConfig {
         let Some(address) = addresses.first().cloned() else {
             return Err("control_plane needs `address` or `addresses`".into());
         };
-        if f.tls && f.trust_bundle.is_none() {
+        if f.trust_bundle.is_some() && f.trust_bundle_pem.is_some() {
             return Err(
-                "control_plane.tls needs control_plane.trust_bundle (the mesh's root.crt) to verify the control plane"
+                "control_plane: give trust_bundle (a file) or trust_bundle_pem (the PEM text), not both"
+                    .into(),
+            );
+        }
+        if f.tls && f.trust_bundle.is_none() && f.trust_bundle_pem.is_none() {
+            return Err(
+                "control_plane.tls needs control_plane.trust_bundle (the mesh's root.crt) or trust_bundle_pem to verify the control plane"
                     .into(),
             );
         }
@@ -195,6 +206,7 @@ impl TryFrom<ControlPlaneFile> for ControlPlaneConfig {
             token: f.token,
             token_file: f.token_file,
             trust_bundle: f.trust_bundle,
+            trust_bundle_pem: f.trust_bundle_pem,
             tls: f.tls,
             instance_id: f.instance_id,
             service_id: f.service_id,
@@ -820,6 +832,17 @@ endpoints = [{ address = "127.0.0.1:8081" }]
         ))
         .unwrap();
         assert!(ok.control_plane.unwrap().tls);
+        let pem = Config::from_toml(&format!(
+            "{MINIMAL}\n[control_plane]\naddress = \"127.0.0.1:9400\"\ntls = true\ntrust_bundle_pem = \"-----BEGIN CERTIFICATE-----\"\n"
+        ))
+        .unwrap();
+        assert!(pem.control_plane.unwrap().trust_bundle_pem.is_some());
+        let both = Config::from_toml(&format!(
+            "{MINIMAL}\n[control_plane]\naddress = \"127.0.0.1:9400\"\ntrust_bundle = \"/r.crt\"\ntrust_bundle_pem = \"x\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("not both"), "{both}");
     }
 
     #[test]

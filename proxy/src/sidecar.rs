@@ -859,10 +859,15 @@ async fn bootstrap_identity(config: &Config) -> Result<Arc<Identity>, StartError
     .map_err(|e| StartError::Identity(format!("bootstrap from {}: {e}", urls.join(", "))))
 }
 
-/// `control_plane.trust_bundle`'s certificates, when set.
+/// `control_plane.trust_bundle`'s (or `trust_bundle_pem`'s) certificates, when set.
 fn read_trust_bundle(
     cp: &ControlPlaneConfig,
 ) -> Result<Option<Vec<CertificateDer<'static>>>, StartError> {
+    if let Some(pem) = &cp.trust_bundle_pem {
+        return trellis_ca::parse_certs(pem)
+            .map(Some)
+            .map_err(|e| StartError::Identity(format!("control_plane.trust_bundle_pem: {e}")));
+    }
     let Some(path) = &cp.trust_bundle else {
         return Ok(None);
     };
