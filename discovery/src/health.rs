@@ -214,8 +214,8 @@ async fn active(
         };
         let ok = match kind {
             CheckType::Http => http_check(target, &path, &settings).await,
-            // HTTPS: a TCP connect (no certificate verification of the app's TLS).
-            CheckType::Https | CheckType::Tcp => tcp_check(target, settings.timeout).await,
+            CheckType::Https => https_check(target, &path, &settings).await,
+            CheckType::Tcp => tcp_check(target, settings.timeout).await,
         };
         metrics
             .health_checks
@@ -257,29 +257,60 @@ fn reset_on_close(s: &TcpStream) {
 /// 2xx or 3xx, as Route 53).
 async fn http_check(target: SocketAddr, path: &str, settings: &CheckSettings) -> bool {
     let attempt = async {
-        let mut s = TcpStream::connect(target).await.ok()?;
+        let s = TcpStream::connect(target).await.ok()?;
         reset_on_close(&s);
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: trellis-health-check\r\nConnection: close\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = [0u8; 64];
-        let mut n = 0;
-        while n < 12 {
-            let r = s.read(&mut buf[n..]).await.ok()?;
-            if r == 0 {
-                break;
-            }
-            n += r;
-        }
-        let head = std::str::from_utf8(&buf[..n]).ok()?;
-        let code: u16 = head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()?;
-        Some(settings.matcher.matches(code))
+        ask(s, target, path, settings).await
     };
     matches!(
         tokio::time::timeout(settings.timeout, attempt).await,
         Ok(Some(true))
     )
+}
+
+/// As Route 53's HTTPS checks: a TLS handshake (the certificate is not validated, see
+/// `health_tls`), then the same request as [`http_check`], all within the timeout.
+async fn https_check(target: SocketAddr, path: &str, settings: &CheckSettings) -> bool {
+    let attempt = async {
+        let tls = crate::health_tls::connector()?;
+        let s = TcpStream::connect(target).await.ok()?;
+        reset_on_close(&s);
+        let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(target.ip().into());
+        let s = tls.connect(name, s).await.ok()?;
+        ask(s, target, path, settings).await
+    };
+    matches!(
+        tokio::time::timeout(settings.timeout, attempt).await,
+        Ok(Some(true))
+    )
+}
+
+/// `GET path` on a fresh connection; whether the status matches.
+async fn ask<IO>(
+    mut s: IO,
+    target: SocketAddr,
+    path: &str,
+    settings: &CheckSettings,
+) -> Option<bool>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: trellis-health-check\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    s.flush().await.ok()?;
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        let r = s.read(&mut buf[n..]).await.ok()?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    let code: u16 = head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()?;
+    Some(settings.matcher.matches(code))
 }
 
 /// Unhealthy when no heartbeat arrived within `ttl` (counting from the task's start).

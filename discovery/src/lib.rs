@@ -28,6 +28,8 @@ mod health;
 #[cfg(feature = "server")]
 pub mod health_settings;
 #[cfg(feature = "server")]
+mod health_tls;
+#[cfg(feature = "server")]
 mod http;
 #[cfg(feature = "server")]
 mod metrics;

@@ -1174,3 +1174,98 @@ async fn https_api_for_openssl_and_the_aws_cli() {
     }
     server.shutdown().await;
 }
+
+/// A loopback HTTPS app (a certificate from a CA the checker does not know) whose /health answers
+/// 200 or 500 as `up` says.
+async fn https_app(up: std::sync::Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    let ca = trellis_ca::EphemeralCa::new("apps.local").unwrap();
+    let m = ca.issue_material("apps", "web", None).unwrap();
+    let config =
+        tokio_rustls::rustls::ServerConfig::builder_with_provider(trellis_ca::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(m.chain().to_vec(), m.private_key())
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let l = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                return;
+            };
+            let (up, acceptor) = (up.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let status = if up.load(std::sync::atomic::Ordering::SeqCst) {
+                    "200 OK"
+                } else {
+                    "500 Internal Server Error"
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// HTTPS checks as Route 53's: a TLS handshake (any certificate) and then a 2xx/3xx answer. A
+/// port that accepts TCP but does not speak TLS is unhealthy (a TCP connect alone would pass it),
+/// and an HTTPS app answering 500 leaves the healthy set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_https_checks_complete_a_tls_handshake() {
+    let server = start(None).await;
+    let addr = server.api_addr;
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let tls_app = https_app(up.clone()).await;
+    let plain_app = app(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+        true,
+    )))
+    .await;
+    let (_, svc) = setup(
+        addr,
+        "tls.local",
+        serde_json::json!({
+        "HealthCheckConfig": {"Type": "HTTPS", "ResourcePath": "/health", "FailureThreshold": 1}}),
+    )
+    .await;
+    register(addr, &svc, "tls", "127.0.0.1", tls_app.port()).await;
+    register(addr, &svc, "plain", "127.0.0.1", plain_app.port()).await;
+    let health = |set: &EndpointSet, id: &str| {
+        set.endpoints
+            .iter()
+            .find(|e| e.instance_id == id)
+            .map(|e| e.health)
+    };
+    let q = "tls.local/api?health=all";
+    until(addr, q, Duration::from_secs(5), |s| {
+        health(s, "tls") == Some(trellis_discovery::HealthStatus::Healthy)
+            && health(s, "plain") == Some(trellis_discovery::HealthStatus::Unhealthy)
+    })
+    .await;
+    up.store(false, std::sync::atomic::Ordering::SeqCst);
+    until(addr, q, Duration::from_secs(5), |s| {
+        health(s, "tls") == Some(trellis_discovery::HealthStatus::Unhealthy)
+    })
+    .await;
+    let (_, m) = http(addr, "GET", "/metrics", &[], b"").await;
+    let m = String::from_utf8(m).unwrap();
+    assert!(
+        m.contains("trellis_discovery_health_checks_total{result=\"success\",type=\"HTTPS\"}"),
+        "{m}"
+    );
+    server.shutdown().await;
+}
