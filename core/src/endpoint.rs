@@ -18,6 +18,10 @@ pub struct EndpointSet {
     /// Monotonic per service; a watcher passes the last one it saw and is answered when it moves.
     pub revision: u64,
     pub endpoints: Vec<Endpoint>,
+    /// The service's `trellis:` tags: mesh policy its own sidecars apply (intentions, see
+    /// [`crate::intentions`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +93,7 @@ mod tests {
                 ep("a", HealthStatus::Healthy),
                 ep("b", HealthStatus::Unhealthy),
             ],
+            tags: BTreeMap::new(),
         };
         assert_eq!(set.serving().count(), 1);
         set.endpoints[0].health = HealthStatus::Unhealthy;

@@ -2,7 +2,7 @@
 //!
 //! What it holds: validated names ([`NamespaceName`], [`ServiceName`], [`TrustDomain`]), workload
 //! identities ([`SpiffeId`]), the endpoint-set wire type of the discovery watch API ([`EndpointSet`]),
-//! health state ([`HealthStatus`]) and AWS SigV4 verification ([`sigv4`]) for the AWS-compatible
+//! health state ([`HealthStatus`]), intentions as service tags state them ([`intentions`]) and AWS SigV4 verification ([`sigv4`]) for the AWS-compatible
 //! APIs. What it does not hold: any I/O, any async runtime, any TLS.
 //! Strings from the edge become these types once; inner code never re-checks them.
 
@@ -10,6 +10,7 @@ mod endpoint;
 #[doc(hidden)]
 pub mod fuzz;
 mod health;
+pub mod intentions;
 mod name;
 pub mod sigv4;
 mod spiffe;

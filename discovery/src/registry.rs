@@ -349,10 +349,12 @@ impl State {
                 self.requests.insert(k, v);
             }
             Change::PutTags(arn, t) => {
-                self.tags.insert(arn, t);
+                self.tags.insert(arn.clone(), t);
+                self.tags_changed(&arn);
             }
             Change::DeleteTags(arn) => {
                 self.tags.remove(&arn);
+                self.tags_changed(&arn);
             }
             Change::DeleteOperation(id) => {
                 self.operations.remove(&id);
@@ -426,6 +428,16 @@ impl State {
         }
         for c in gone {
             self.apply(c);
+        }
+    }
+}
+
+impl State {
+    /// A service's tags travel with its endpoint set (intentions): watchers hear of the change.
+    fn tags_changed(&mut self, arn: &str) {
+        let floor = self.floor;
+        if let Some(e) = self.services.values_mut().find(|e| e.service.arn == arn) {
+            bump(e, floor);
         }
     }
 }
@@ -654,12 +666,21 @@ impl Registry {
         if !all && endpoints.iter().any(|ep| ep.health.is_serving()) {
             endpoints.retain(|ep| ep.health.is_serving());
         }
+        let tags = st
+            .tags
+            .get(&e.service.arn)
+            .into_iter()
+            .flatten()
+            .filter(|t| t.key.starts_with("trellis:"))
+            .map(|t| (t.key.clone(), t.value.clone()))
+            .collect();
         Some((
             EndpointSet {
                 namespace: n.name.clone(),
                 service: e.service.name.clone(),
                 revision: e.revision,
                 endpoints,
+                tags,
             },
             rx,
         ))

@@ -33,6 +33,7 @@ mod h1;
 pub mod intercept;
 pub mod lb;
 mod listener;
+mod live_intentions;
 mod metrics;
 mod outbound;
 mod outlier;

@@ -28,14 +28,15 @@ use crate::body::ProxyBody;
 use crate::client::UpstreamClient;
 use crate::cluster::{Cluster, EndpointSpec};
 use crate::config::{
-    Config, ControlPlaneConfig, Decision, HostPort, Intentions, Protocol, ResilienceConfig,
-    StaticCluster, UpstreamConfig,
+    Config, ControlPlaneConfig, Decision, HostPort, Protocol, ResilienceConfig, StaticCluster,
+    UpstreamConfig,
 };
 use crate::deregister::Deregistration;
 use crate::egress::Egress;
 use crate::error::{ProxyError, StartError};
 use crate::forward::{ForwardPolicy, Target, error_response, forward};
 use crate::listener::{AcceptContext, bind_reuseport, spawn_accept};
+use crate::live_intentions::{LiveIntentions, OwnServiceSink};
 use crate::metrics::Metrics;
 use crate::outbound::{Router, Subset, compile as compile_routes, subset_name};
 use crate::server::{HttpMode, serve};
@@ -55,7 +56,7 @@ pub struct Running {
     pub upstream_addrs: BTreeMap<String, SocketAddr>,
     admin: Arc<Admin>,
     clusters: HashMap<String, Arc<Cluster>>,
-    intentions: Arc<ArcSwap<Intentions>>,
+    intentions: Arc<LiveIntentions>,
     identity: Option<Arc<Identity>>,
     router: Arc<Router>,
     /// Upstream service names in config order, and the route subsets after them (what the route
@@ -107,7 +108,7 @@ impl Running {
             }
         }
         if let Some(inb) = &config.inbound {
-            self.intentions.store(Arc::new(inb.intentions.clone()));
+            self.intentions.set_configured(inb.intentions.clone());
         }
         let same_upstreams = config
             .outbound
@@ -346,13 +347,25 @@ pub async fn start_with(
 
     // Inbound listener: to the local app.
     let mut inbound_addr = None;
-    let intentions = Arc::new(ArcSwap::from_pointee(
+    let intentions = LiveIntentions::new(
         config
             .inbound
             .as_ref()
             .map(|i| i.intentions.clone())
             .unwrap_or_default(),
-    ));
+    );
+    // Intentions the control plane pushes as tags of this service win over the configured ones.
+    if let (Some(_), Some(cp)) = (&config.inbound, &config.control_plane) {
+        let own = WatchTarget {
+            control_planes: cp.addresses.iter().map(|a| a.authority().clone()).collect(),
+            namespace: config.identity.namespace.clone(),
+            service: config.identity.service.clone(),
+            wait: cp.watch_wait,
+            transport: cp_transport.clone(),
+        };
+        let sink = Arc::new(OwnServiceSink(Arc::clone(&intentions)));
+        tokio::spawn(watch::run(own, sink, watch_stop.clone()));
+    }
     if let Some(inb) = &config.inbound {
         let app = Arc::new(Cluster::new(
             APP_CLUSTER,
@@ -696,7 +709,7 @@ struct InboundConn {
     builder: crate::server::HttpServer,
     stop: CancellationToken,
     header: HeaderName,
-    intentions: Arc<ArcSwap<Intentions>>,
+    intentions: Arc<LiveIntentions>,
     metrics: Metrics,
     access_log: bool,
     protocol: Protocol,

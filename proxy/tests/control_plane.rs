@@ -400,3 +400,143 @@ async fn the_whole_conversation_with_an_https_control_plane() {
     assert_eq!(left["Instances"].as_array().unwrap().len(), 0, "{left}");
     server.shutdown().await;
 }
+
+/// One request on a new mTLS connection to a sidecar's inbound listener, as `who`; the status.
+async fn inbound_status(who: &std::sync::Arc<trellis_ca::Identity>, inbound: SocketAddr) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api: trellis_core::SpiffeId = "spiffe://mesh.local/ns/my-app.local/svc/api"
+        .parse()
+        .unwrap();
+    let config = who.client_config(Some(api), &[b"http/1.1"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(inbound.ip().into());
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tls.read_exact(&mut head).await.unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+/// Intentions pushed from the control plane: `trellis:intentions-*` tags on the destination
+/// service, set with TagResource, replace the sidecar's configured intentions for new connections
+/// within a watch round trip, and removing them restores the configured ones. Bad values are
+/// refused by the API with InvalidInput.
+#[tokio::test]
+async fn intentions_pushed_as_service_tags() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = trellis_ca::CaDir::new(dir.path().join("ca"));
+    ca_dir
+        .init("mesh.local".parse().unwrap(), trellis_ca::Policy::default())
+        .unwrap();
+    let tokens = ca_dir.tokens().unwrap();
+    let token = |svc: &str| {
+        tokens
+            .create(trellis_ca::Scope::Workload {
+                namespace: "my-app.local".parse().unwrap(),
+                service: svc.parse().unwrap(),
+            })
+            .unwrap()
+            .bearer()
+    };
+    let (api_token, web_token) = (token("api"), token("web"));
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_owned());
+    let server = Server::start(cfg).await.unwrap();
+    let cp = server.api_addr;
+    let op = api(
+        cp,
+        "CreateHttpNamespace",
+        serde_json::json!({"Name": "my-app.local"}),
+    )
+    .await;
+    let got = api(
+        cp,
+        "GetOperation",
+        serde_json::json!({"OperationId": op["OperationId"]}),
+    )
+    .await;
+    let ns_id = got["Operation"]["Targets"]["NAMESPACE"].clone();
+    let svc = api(
+        cp,
+        "CreateService",
+        serde_json::json!({"Name": "api", "NamespaceId": ns_id}),
+    )
+    .await;
+    let arn = svc["Service"]["Arn"].as_str().unwrap().to_owned();
+
+    // The api's sidecar: configured to let web in.
+    let app = app("api-app", None).await;
+    let toml = format!(
+        "[identity]\nnamespace = \"my-app.local\"\nservice = \"api\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[control_plane]\naddress = \"{cp}\"\ntoken = \"{api_token}\"\nwatch_wait = \"5s\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{}\"\nintentions = {{ default = \"deny\", rules = [{{ source = \"web\", action = \"allow\" }}] }}\n",
+        app.addr
+    );
+    let (sc, stop) = sidecar(&toml).await;
+    let inbound = sc.inbound_addr.unwrap();
+    let web = trellis_ca::Identity::bootstrap(
+        &format!("http://{cp}"),
+        &web_token,
+        "mesh.local".parse().unwrap(),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(inbound_status(&web, inbound).await, 200);
+
+    let until = |want: u16| {
+        let web = web.clone();
+        async move {
+            let mut last = 0;
+            for _ in 0..100 {
+                last = inbound_status(&web, inbound).await;
+                if last == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("status {last}, expected {want} within 5 s");
+        }
+    };
+    // The control plane denies web: new connections are refused.
+    api(
+        cp,
+        "TagResource",
+        serde_json::json!({"ResourceARN": arn, "Tags": [{"Key": "trellis:intentions-deny", "Value": "web"}]}),
+    )
+    .await;
+    until(403).await;
+    // Tags withdrawn: the configured intentions again.
+    api(
+        cp,
+        "UntagResource",
+        serde_json::json!({"ResourceARN": arn, "TagKeys": ["trellis:intentions-deny"]}),
+    )
+    .await;
+    until(200).await;
+
+    // A bad source is refused where it is set, naming the tag.
+    let req = http::Request::post(format!("http://{cp}/"))
+        .header("x-amz-target", "Route53AutoNaming_v20170314.TagResource")
+        .header("content-type", "application/x-amz-json-1.1")
+        .body(support::body(
+            serde_json::json!({"ResourceARN": arn, "Tags": [{"Key": "trellis:intentions-allow", "Value": "web, not a name"}]})
+                .to_string(),
+        ))
+        .unwrap();
+    let resp = h1_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("InvalidInput") && text.contains("trellis:intentions-allow"),
+        "{text}"
+    );
+    stop.cancel();
+    sc.wait().await;
+    server.shutdown().await;
+}

@@ -53,6 +53,8 @@ pub fn tags(t: &Option<Vec<Tag>>) -> Result<(), ApiError> {
         }
         crate::health_settings::validate_tag(tag).map_err(ApiError::InvalidInput)?;
     }
+    trellis_core::intentions::from_tags(t.iter().map(|t| (t.key.as_str(), t.value.as_str())))
+        .map_err(ApiError::InvalidInput)?;
     Ok(())
 }
 

@@ -164,6 +164,7 @@ pub async fn control_plane(namespace: &str, service: &str) -> ControlPlane {
         service: service.into(),
         revision: 0,
         endpoints: vec![],
+        tags: Default::default(),
     });
     let stop = CancellationToken::new();
     let s = stop.clone();
