@@ -103,6 +103,14 @@ enum Cmd {
         /// Region shown in the CA's ARN.
         #[arg(long, default_value = "us-east-1")]
         region: String,
+        /// Serve HTTPS with a certificate this CA issues for the control plane's SPIFFE id (as
+        /// `trellis-discovery serve --api-tls`); clients verify it against `<dir>/root.crt`.
+        #[arg(long)]
+        tls: bool,
+        /// More DNS names or IP addresses for that certificate (comma-separated), besides
+        /// `localhost`, loopback and the listen address.
+        #[arg(long, value_delimiter = ',', requires = "tls")]
+        tls_san: Vec<String>,
     },
     /// Manage scoped credentials.
     Token {
@@ -286,6 +294,8 @@ fn run(cli: Cli) -> Result<(), String> {
             dir,
             listen,
             region,
+            tls,
+            tls_san,
         } => {
             let ca = CaDir::new(&dir);
             let a = ca.open().map_err(s)?;
@@ -298,11 +308,18 @@ fn run(cli: Cli) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("bind {listen}: {e}"))?;
                 let addr = listener.local_addr().map_err(|e| e.to_string())?;
+                let (acceptor, _renewal) = if tls {
+                    let (acceptor, identity) = tls_acceptor(&api, addr, tls_san).await?;
+                    (Some(acceptor), Some(AbortOnDrop(identity.spawn_renewal())))
+                } else {
+                    (None, None)
+                };
+                let scheme = if tls { "https" } else { "http" };
                 println!(
-                    "trellis-ca listening on http://{addr} (CA ARN {})",
+                    "trellis-ca listening on {scheme}://{addr} (CA ARN {})",
                     api.ca_arn()
                 );
-                serve(listener, api, async {
+                serve(listener, acceptor, api, async {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await
@@ -385,4 +402,48 @@ fn write_secret(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
         .open(path)
         .and_then(|mut f| f.write_all(bytes))
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The API's TLS acceptor: a certificate from this CA for the control plane's SPIFFE id, with
+/// `localhost`, loopback, the listen address and `extra` as host names.
+async fn tls_acceptor(
+    api: &CaApi,
+    listen: std::net::SocketAddr,
+    extra: Vec<String>,
+) -> Result<
+    (
+        tokio_rustls::TlsAcceptor,
+        std::sync::Arc<trellis_ca::Identity>,
+    ),
+    String,
+> {
+    let authority = api.authority();
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    names.extend(extra);
+    let bundle =
+        trellis_ca::TrustBundle::new(authority.trust_domain().clone(), authority.roots().to_vec())
+            .map_err(|e| e.to_string())?;
+    let renewer = trellis_ca::ControlPlaneRenewer::new(authority.clone(), names, None);
+    let identity = trellis_ca::Identity::new(renewer, bundle)
+        .await
+        .map_err(|e| format!("the API's certificate: {e}"))?;
+    let config = identity
+        .public_server_config(&[b"h2", b"http/1.1"])
+        .map_err(|e| e.to_string())?;
+    Ok((
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+        identity,
+    ))
+}
+
+/// Stops the certificate renewal when serving ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -197,9 +197,14 @@ async fn read_body(body: Incoming) -> Result<Bytes, ()> {
         .map_err(|_| ())
 }
 
+/// Bound on one client's TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the API (plus `GET /metrics`) on `listener` until `shutdown` resolves.
+/// With `tls`, each connection is a TLS one first (handshakes bounded to 10 s).
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     api: CaApi,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
@@ -224,12 +229,27 @@ pub async fn serve(
             let api = api.clone();
             async move { Ok::<_, std::convert::Infallible>(route(&api, req).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let Some(tls) = &tls else {
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task: a slow client does not hold up accepts.
+        let accept = tls.accept(stream);
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _ = conn.await;
+            let Ok(Ok(stream)) = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await else {
+                return;
+            };
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned();
+            let _ = watcher.watch(conn).await;
         });
     }
     maintenance.abort();

@@ -72,7 +72,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })?;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/v1/ca/sign", l.local_addr()?);
-        tokio::spawn(serve(l, api, std::future::pending()));
+        tokio::spawn(serve(l, None, api, std::future::pending()));
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let auth = format!("Bearer {}", token.bearer());
         let work: Vec<String> = csrs[..http_n].to_vec();

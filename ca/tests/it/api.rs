@@ -35,7 +35,7 @@ pub async fn start() -> Running {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(l, api.clone(), async move {
+    tokio::spawn(serve(l, None, api.clone(), async move {
         let _ = rx.await;
     }));
     Running {
@@ -293,7 +293,7 @@ async fn identity_fails_over_between_ca_replicas() {
     let second = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let second_url = format!("http://{}", second.local_addr().unwrap());
     let (stop_second, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(second, ca.api.clone(), async move {
+    tokio::spawn(serve(second, None, ca.api.clone(), async move {
         let _ = stopped.await;
     }));
 

@@ -22,8 +22,13 @@ impl Drop for Server {
 }
 
 fn serve(dir: &str) -> (Server, String, String) {
+    serve_with(dir, &[])
+}
+
+fn serve_with(dir: &str, extra: &[&str]) -> (Server, String, String) {
     let mut child = Command::new(BIN)
         .args(["serve", "--dir", dir, "--listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -35,7 +40,7 @@ fn serve(dir: &str) -> (Server, String, String) {
     // "trellis-ca listening on http://127.0.0.1:PORT (CA ARN arn:...)"
     let url = line
         .split_whitespace()
-        .find(|w| w.starts_with("http://"))
+        .find(|w| w.starts_with("http://") || w.starts_with("https://"))
         .unwrap()
         .to_owned();
     let arn = line
@@ -488,4 +493,53 @@ fn cli_external_root_signed_by_openssl() {
         .arg(&crt)
         .arg(&crt));
     assert!(ok, "{out}");
+}
+
+/// `serve --tls`: curl verifies the API against the CA's root.crt (and refuses without it), and a
+/// workload bootstraps its identity over HTTPS with the root pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_tls_verified_against_the_root() {
+    let Some(curl) = tool("curl") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    let d = dir.to_str().unwrap().to_owned();
+    ca(&["init", "--dir", &d, "--trust-domain", "mesh.local"]);
+    let cred: serde_json::Value = serde_json::from_str(&ca(&[
+        "token",
+        "create",
+        "--dir",
+        &d,
+        "--namespace",
+        "my-app",
+        "--service",
+        "api",
+    ]))
+    .unwrap();
+    let (_server, url, _arn) = serve_with(&d, &["--tls"]);
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let root = dir.join("root.crt");
+    let (ok, out) = run(Command::new(&curl)
+        .args(["-sS", "--cacert"])
+        .arg(&root)
+        .arg(format!("{url}/v1/ca/roots")));
+    assert!(ok && out.contains("BEGIN CERTIFICATE"), "{out}");
+    let (ok, out) = run(Command::new(&curl).args(["-sS", &format!("{url}/v1/ca/roots")]));
+    assert!(!ok, "curl trusted the API without the root: {out}");
+
+    let roots = trellis_ca::parse_certs(&std::fs::read_to_string(&root).unwrap()).unwrap();
+    let id = trellis_ca::Identity::bootstrap(
+        &url,
+        cred["token"].as_str().unwrap(),
+        "mesh.local".parse().unwrap(),
+        None,
+        Some(roots),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        id.spiffe_id().to_string(),
+        "spiffe://mesh.local/ns/my-app/svc/api"
+    );
 }
