@@ -286,13 +286,7 @@ impl Authority {
         clamp_ttl: bool,
         requester: &str,
     ) -> Result<Issued, CaError> {
-        let start = Instant::now();
-        let res = self.inner.policy.ttl(ttl, clamp_ttl).and_then(|ttl| {
-            let now = OffsetDateTime::now_utc();
-            self.issue_with_validity(csr, id, now - BACKDATE, now + ttl, requester)
-        });
-        self.observe(start, &res);
-        res
+        self.issue_now(csr, id, (ttl, clamp_ttl), requester, &[])
     }
 
     /// Signs the control plane's own API certificate: its reserved SPIFFE id plus `names` as DNS
@@ -304,12 +298,24 @@ impl Authority {
         names: &[String],
         ttl: Option<Duration>,
     ) -> Result<Issued, CaError> {
-        let start = Instant::now();
         let id = SpiffeId::control_plane(self.inner.trust_domain.clone());
-        let res = san_list(names).and_then(|extra| {
-            let ttl = self.inner.policy.ttl(ttl, true)?;
+        let extra = san_list(names)?;
+        self.issue_now(csr, &id, (ttl, true), "control-plane", &extra)
+    }
+
+    /// Valid from now (backdated) for the policy's TTL; counted in the metrics.
+    fn issue_now(
+        &self,
+        csr: &VerifiedCsr,
+        id: &SpiffeId,
+        (ttl, clamp_ttl): (Option<Duration>, bool),
+        requester: &str,
+        extra: &[SanType],
+    ) -> Result<Issued, CaError> {
+        let start = Instant::now();
+        let res = self.inner.policy.ttl(ttl, clamp_ttl).and_then(|ttl| {
             let now = OffsetDateTime::now_utc();
-            self.issue_loop(csr, &id, now - BACKDATE, now + ttl, "control-plane", &extra)
+            self.issue_loop(csr, id, now - BACKDATE, now + ttl, requester, extra)
         });
         self.observe(start, &res);
         res

@@ -38,9 +38,7 @@ pub use error::CaError;
 pub use identity::{Credential, Identity, RenewFuture, Renewer, renew_delay};
 pub use metrics::CaMetrics;
 pub use policy::{DnsSans, Policy, parse_duration};
-pub use renewer::{
-    ControlPlaneRenewer, FileRenewer, HttpRenewer, LocalRenewer, generate_key_and_csr,
-};
+pub use renewer::{FileRenewer, HttpRenewer, LocalRenewer, generate_key_and_csr};
 pub use serial::Serial;
 pub use state::CaState;
 pub use token::{AuthError, NewToken, Scope, TokenRecord, Tokens};

@@ -426,7 +426,7 @@ async fn tls_acceptor(
     let bundle =
         trellis_ca::TrustBundle::new(authority.trust_domain().clone(), authority.roots().to_vec())
             .map_err(|e| e.to_string())?;
-    let renewer = trellis_ca::ControlPlaneRenewer::new(authority.clone(), names, None);
+    let renewer = trellis_ca::LocalRenewer::control_plane(authority.clone(), names, None);
     let identity = trellis_ca::Identity::new(renewer, bundle)
         .await
         .map_err(|e| format!("the API's certificate: {e}"))?;

@@ -234,16 +234,41 @@ impl Renewer for HttpRenewer {
     }
 }
 
-/// Renews from an in-process [`Authority`] (tests, the demo, single-binary setups).
+/// Renews from an in-process [`Authority`] (tests, the demo, single-binary setups), and the
+/// control plane's own API certificate ([`LocalRenewer::control_plane`]).
 pub struct LocalRenewer {
     authority: Authority,
-    id: SpiffeId,
+    subject: Subject,
     ttl: Option<Duration>,
+}
+
+/// Whom a [`LocalRenewer`] certifies.
+enum Subject {
+    Workload(SpiffeId),
+    /// The reserved control-plane id plus these DNS names and IP addresses (what clients dial).
+    ControlPlane(Vec<String>),
 }
 
 impl LocalRenewer {
     pub fn new(authority: Authority, id: SpiffeId, ttl: Option<Duration>) -> Arc<Self> {
-        Arc::new(Self { authority, id, ttl })
+        Arc::new(Self {
+            authority,
+            subject: Subject::Workload(id),
+            ttl,
+        })
+    }
+
+    /// The control plane's own API certificate: its reserved SPIFFE id and `names` as SANs.
+    pub fn control_plane(
+        authority: Authority,
+        names: Vec<String>,
+        ttl: Option<Duration>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            authority,
+            subject: Subject::ControlPlane(names),
+            ttl,
+        })
     }
 }
 
@@ -252,48 +277,15 @@ impl Renewer for LocalRenewer {
         Box::pin(async move {
             let (key, csr) = generate_key_and_csr()?;
             let csr = VerifiedCsr::parse(csr.as_bytes())?;
-            let issued = self
-                .authority
-                .issue(&csr, &self.id, self.ttl, true, "local")?;
+            let a = &self.authority;
+            let issued = match &self.subject {
+                Subject::Workload(id) => a.issue(&csr, id, self.ttl, true, "local")?,
+                Subject::ControlPlane(names) => a.issue_control_plane(&csr, names, self.ttl)?,
+            };
             Ok(Credential {
                 chain: issued.chain,
                 key: key_der(&key),
-                roots: Some(self.authority.roots().to_vec()),
-            })
-        })
-    }
-}
-
-/// Renews the control plane's own API certificate from its in-process [`Authority`]: the
-/// reserved control-plane SPIFFE id plus `names` (DNS names and IP addresses clients dial).
-pub struct ControlPlaneRenewer {
-    authority: Authority,
-    names: Vec<String>,
-    ttl: Option<Duration>,
-}
-
-impl ControlPlaneRenewer {
-    pub fn new(authority: Authority, names: Vec<String>, ttl: Option<Duration>) -> Arc<Self> {
-        Arc::new(Self {
-            authority,
-            names,
-            ttl,
-        })
-    }
-}
-
-impl Renewer for ControlPlaneRenewer {
-    fn renew(&self) -> RenewFuture<'_> {
-        Box::pin(async move {
-            let (key, csr) = generate_key_and_csr()?;
-            let csr = VerifiedCsr::parse(csr.as_bytes())?;
-            let issued = self
-                .authority
-                .issue_control_plane(&csr, &self.names, self.ttl)?;
-            Ok(Credential {
-                chain: issued.chain,
-                key: key_der(&key),
-                roots: Some(self.authority.roots().to_vec()),
+                roots: Some(a.roots().to_vec()),
             })
         })
     }

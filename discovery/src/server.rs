@@ -153,7 +153,7 @@ async fn api_tls(
         trellis_ca::TrustBundle::new(authority.trust_domain().clone(), authority.roots().to_vec())
             .map_err(err)?;
     let renewer =
-        trellis_ca::ControlPlaneRenewer::new(authority.clone(), tls.all_names(listen), None);
+        trellis_ca::LocalRenewer::control_plane(authority.clone(), tls.all_names(listen), None);
     let identity = trellis_ca::Identity::new(renewer, bundle)
         .await
         .map_err(err)?;

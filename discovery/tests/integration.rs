@@ -616,34 +616,56 @@ async fn dns_truncation_and_weighted() {
 
 /// A loopback HTTP app whose /health answers 200 or 500 as `up` says.
 async fn app(up: std::sync::Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    app_with(up, None).await
+}
+
+/// [`app`], over TLS when `tls` is given.
+async fn app_with(
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> SocketAddr {
     let l = tokio::net::TcpListener::bind(loopback()).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else {
+            let Ok((s, _)) = l.accept().await else {
                 return;
             };
-            let up = up.load(std::sync::atomic::Ordering::SeqCst);
+            let (up, tls) = (up.clone(), tls.clone());
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let status = if up {
-                    "200 OK"
-                } else {
-                    "500 Internal Server Error"
-                };
-                let _ = s
-                    .write_all(
-                        format!(
-                            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                        )
-                        .as_bytes(),
-                    )
-                    .await;
+                match tls {
+                    None => answer_health(s, &up).await,
+                    Some(tls) => {
+                        if let Ok(s) = tls.accept(s).await {
+                            answer_health(s, &up).await;
+                        }
+                    }
+                }
             });
         }
     });
     addr
+}
+
+/// Reads a request and answers 200 or 500 as `up` says, then closes.
+async fn answer_health<IO>(mut s: IO, up: &std::sync::atomic::AtomicBool)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = [0u8; 1024];
+    let _ = s.read(&mut buf).await;
+    let status = if up.load(std::sync::atomic::Ordering::SeqCst) {
+        "200 OK"
+    } else {
+        "500 Internal Server Error"
+    };
+    let _ = s
+        .write_all(
+            format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+    let _ = s.shutdown().await;
 }
 
 /// Polls the watch API until `pred` holds for the full set; returns the time it took.
@@ -1188,38 +1210,7 @@ async fn https_app(up: std::sync::Arc<std::sync::atomic::AtomicBool>) -> SocketA
             .with_single_cert(m.chain().to_vec(), m.private_key())
             .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let l = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                return;
-            };
-            let (up, acceptor) = (up.clone(), acceptor.clone());
-            tokio::spawn(async move {
-                let Ok(mut s) = acceptor.accept(s).await else {
-                    return;
-                };
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let status = if up.load(std::sync::atomic::Ordering::SeqCst) {
-                    "200 OK"
-                } else {
-                    "500 Internal Server Error"
-                };
-                let _ = s
-                    .write_all(
-                        format!(
-                            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                        )
-                        .as_bytes(),
-                    )
-                    .await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
+    app_with(up, Some(acceptor)).await
 }
 
 /// HTTPS checks as Route 53's: a TLS handshake (any certificate) and then a 2xx/3xx answer. A

@@ -10,24 +10,40 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
+use support::cp_fixtures;
 use support::*;
 use trellis_discovery::{Server, ServerConfig};
 
 async fn api(addr: SocketAddr, action: &str, body: serde_json::Value) -> serde_json::Value {
-    let req = http::Request::post(format!("http://{addr}/"))
-        .header(
-            "x-amz-target",
-            format!("Route53AutoNaming_v20170314.{action}"),
-        )
-        .header("content-type", "application/x-amz-json-1.1")
-        .body(support::body(body.to_string()))
-        .unwrap();
-    let resp = h1_client().request(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    assert_eq!(status, 200, "{action}: {v}");
-    v
+    cp_fixtures::call(
+        &trellis_ca::cp_client::Transport::plain(),
+        addr,
+        action,
+        body,
+    )
+    .await
+}
+
+/// Waits (up to 5 s) until the sidecar's `/ready` answers 200.
+async fn wait_ready(admin: SocketAddr) {
+    let c = h1_client();
+    for _ in 0..250 {
+        if get(&c, &format!("http://{admin}/ready")).await.0 == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not ready within 5 s");
+}
+
+/// The backends `n` requests through a local upstream port reached.
+async fn backends(port: SocketAddr, n: usize) -> std::collections::BTreeSet<String> {
+    let c = h1_client();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        seen.insert(get(&c, &format!("http://{port}/")).await.1);
+    }
+    seen
 }
 
 async fn register(cp: SocketAddr, svc: &str, id: &str, at: SocketAddr) {
@@ -82,21 +98,9 @@ async fn endpoints_follow_the_real_control_plane() {
     );
     let (sc, stop) = sidecar(&toml).await;
     let c = h1_client();
-    let ready = format!("http://{}/ready", sc.admin_addr);
-    let mut ok = false;
-    for _ in 0..100 {
-        if get(&c, &ready).await.0 == 200 {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ok, "ready within 2 s");
+    wait_ready(sc.admin_addr).await;
     let port = sc.upstream_addrs["api"];
-    let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..10 {
-        seen.insert(get(&c, &format!("http://{port}/")).await.1);
-    }
+    let seen = backends(port, 10).await;
     assert_eq!(seen.len(), 2, "{seen:?}");
 
     api(
@@ -116,10 +120,7 @@ async fn endpoints_follow_the_real_control_plane() {
     let c2 = app("c", None).await;
     register(cp, &svc_id, "c", c2.addr).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..10 {
-        seen.insert(get(&c, &format!("http://{port}/")).await.1);
-    }
+    let seen = backends(port, 10).await;
     assert!(seen.contains("c"), "{seen:?}");
 
     stop.cancel();
@@ -245,19 +246,7 @@ async fn shutdown_deregisters_from_discovery_before_draining() {
 #[tokio::test]
 async fn the_whole_conversation_with_an_https_control_plane() {
     let dir = tempfile::tempdir().unwrap();
-    let ca_dir = trellis_ca::CaDir::new(dir.path().join("ca"));
-    ca_dir
-        .init("mesh.local".parse().unwrap(), trellis_ca::Policy::default())
-        .unwrap();
-    let token = ca_dir
-        .tokens()
-        .unwrap()
-        .create(trellis_ca::Scope::Workload {
-            namespace: "my-app.local".parse().unwrap(),
-            service: "web".parse().unwrap(),
-        })
-        .unwrap()
-        .bearer();
+    let token = cp_fixtures::ca_with_tokens(dir.path(), &[("my-app.local", "web")]).remove(0);
     let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     cfg.data_dir = Some(dir.path().to_owned());
     cfg.api_tls = Some(trellis_discovery::ApiTls::default());
@@ -265,12 +254,7 @@ async fn the_whole_conversation_with_an_https_control_plane() {
     let cp = server.api_addr;
     assert_eq!(server.api_url(), format!("https://{cp}"));
     let root = dir.path().join("ca").join("root.crt");
-    let bundle = trellis_ca::TrustBundle::from_pem(
-        "mesh.local".parse().unwrap(),
-        &std::fs::read_to_string(&root).unwrap(),
-    )
-    .unwrap();
-    let https = trellis_ca::cp_client::Transport::https(&bundle).unwrap();
+    let https = cp_fixtures::https_transport(&root);
 
     // Plain HTTP to the TLS port gets no HTTP answer.
     let plain = h1_client()
@@ -286,40 +270,13 @@ async fn the_whole_conversation_with_an_https_control_plane() {
         plain.map(|r| r.status())
     );
 
-    let op = support::https_api::call(
-        &https,
-        cp,
-        "CreateHttpNamespace",
-        serde_json::json!({"Name": "my-app.local"}),
-    )
-    .await;
-    let got = support::https_api::call(
-        &https,
-        cp,
-        "GetOperation",
-        serde_json::json!({"OperationId": op["OperationId"]}),
-    )
-    .await;
-    let ns_id = got["Operation"]["Targets"]["NAMESPACE"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut ids = Vec::new();
-    for name in ["api", "web"] {
-        let svc = support::https_api::call(
-            &https,
-            cp,
-            "CreateService",
-            serde_json::json!({"Name": name, "NamespaceId": ns_id}),
-        )
-        .await;
-        ids.push(svc["Service"]["Id"].as_str().unwrap().to_owned());
-    }
-    let (api_id, web_id) = (ids[0].clone(), ids[1].clone());
+    let svcs =
+        cp_fixtures::namespace_with_services(&https, cp, "my-app.local", &["api", "web"]).await;
+    let (api_id, web_id) = (svcs[0]["Id"].clone(), svcs[1]["Id"].clone());
     let a = app("a", None).await;
     let b = app("b", None).await;
     for (id, at) in [("a", a.addr), ("b", b.addr)] {
-        support::https_api::call(
+        cp_fixtures::call(
             &https,
             cp,
             "RegisterInstance",
@@ -357,28 +314,14 @@ async fn the_whole_conversation_with_an_https_control_plane() {
     );
 
     let (sc, stop) = sidecar(&toml(&root)).await;
-    let c = h1_client();
-    let ready = format!("http://{}/ready", sc.admin_addr);
-    let mut ok = false;
-    for _ in 0..250 {
-        if get(&c, &ready).await.0 == 200 {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ok, "ready (certificate and endpoints loaded) within 5 s");
+    wait_ready(sc.admin_addr).await;
     // The endpoints came through the watch over HTTPS.
-    let port = sc.upstream_addrs["api"];
-    let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..10 {
-        seen.insert(get(&c, &format!("http://{port}/")).await.1);
-    }
+    let seen = backends(sc.upstream_addrs["api"], 10).await;
     assert_eq!(seen.len(), 2, "{seen:?}");
 
     // Deregistration at shutdown over HTTPS too.
     let inbound = sc.inbound_addr.unwrap();
-    support::https_api::call(
+    cp_fixtures::call(
         &https,
         cp,
         "RegisterInstance",
@@ -390,7 +333,7 @@ async fn the_whole_conversation_with_an_https_control_plane() {
     tokio::time::timeout(Duration::from_secs(10), sc.wait())
         .await
         .unwrap();
-    let left = support::https_api::call(
+    let left = cp_fixtures::call(
         &https,
         cp,
         "DiscoverInstances",
@@ -429,45 +372,18 @@ async fn inbound_status(who: &std::sync::Arc<trellis_ca::Identity>, inbound: Soc
 #[tokio::test]
 async fn intentions_pushed_as_service_tags() {
     let dir = tempfile::tempdir().unwrap();
-    let ca_dir = trellis_ca::CaDir::new(dir.path().join("ca"));
-    ca_dir
-        .init("mesh.local".parse().unwrap(), trellis_ca::Policy::default())
-        .unwrap();
-    let tokens = ca_dir.tokens().unwrap();
-    let token = |svc: &str| {
-        tokens
-            .create(trellis_ca::Scope::Workload {
-                namespace: "my-app.local".parse().unwrap(),
-                service: svc.parse().unwrap(),
-            })
-            .unwrap()
-            .bearer()
-    };
-    let (api_token, web_token) = (token("api"), token("web"));
+    let tokens = cp_fixtures::ca_with_tokens(
+        dir.path(),
+        &[("my-app.local", "api"), ("my-app.local", "web")],
+    );
+    let (api_token, web_token) = (&tokens[0], &tokens[1]);
     let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     cfg.data_dir = Some(dir.path().to_owned());
     let server = Server::start(cfg).await.unwrap();
     let cp = server.api_addr;
-    let op = api(
-        cp,
-        "CreateHttpNamespace",
-        serde_json::json!({"Name": "my-app.local"}),
-    )
-    .await;
-    let got = api(
-        cp,
-        "GetOperation",
-        serde_json::json!({"OperationId": op["OperationId"]}),
-    )
-    .await;
-    let ns_id = got["Operation"]["Targets"]["NAMESPACE"].clone();
-    let svc = api(
-        cp,
-        "CreateService",
-        serde_json::json!({"Name": "api", "NamespaceId": ns_id}),
-    )
-    .await;
-    let arn = svc["Service"]["Arn"].as_str().unwrap().to_owned();
+    let plain = trellis_ca::cp_client::Transport::plain();
+    let svcs = cp_fixtures::namespace_with_services(&plain, cp, "my-app.local", &["api"]).await;
+    let arn = svcs[0]["Arn"].as_str().unwrap().to_owned();
 
     // The api's sidecar: configured to let web in.
     let app = app("api-app", None).await;
@@ -479,7 +395,7 @@ async fn intentions_pushed_as_service_tags() {
     let inbound = sc.inbound_addr.unwrap();
     let web = trellis_ca::Identity::bootstrap(
         &format!("http://{cp}"),
-        &web_token,
+        web_token,
         "mesh.local".parse().unwrap(),
         None,
         None,

@@ -20,8 +20,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use trellis_proxy::lb::{LbConfig, LbHandle, start};
 
-#[path = "support/https_api.rs"]
-mod https_api;
+#[path = "support/cp_fixtures.rs"]
+mod cp_fixtures;
 
 /// A demo upstream: answers its name, `/health` by its health flag, `/slow` after 400 ms.
 struct Upstream {
@@ -1182,19 +1182,7 @@ async fn https_listener_with_a_certificate_from_the_built_in_ca() {
     }
     // The real control plane with its CA, and a join token scoped to the LB's workload name.
     let dir = tempfile::tempdir().unwrap();
-    let ca_dir = trellis_ca::CaDir::new(dir.path().join("ca"));
-    ca_dir
-        .init("mesh.local".parse().unwrap(), trellis_ca::Policy::default())
-        .unwrap();
-    let token = ca_dir
-        .tokens()
-        .unwrap()
-        .create(trellis_ca::Scope::Workload {
-            namespace: "my-app.local".parse().unwrap(),
-            service: "lb".parse().unwrap(),
-        })
-        .unwrap()
-        .bearer();
+    let token = cp_fixtures::ca_with_tokens(dir.path(), &[("my-app.local", "lb")]).remove(0);
     let mut cp_cfg = trellis_discovery::ServerConfig::new("127.0.0.1:0".parse().unwrap());
     cp_cfg.data_dir = Some(dir.path().to_owned());
     let cp = trellis_discovery::Server::start(cp_cfg).await.unwrap();
@@ -1322,54 +1310,21 @@ async fn https_control_plane_for_the_listener_certificate_and_the_watch() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ca_dir = trellis_ca::CaDir::new(dir.path().join("ca"));
-    ca_dir
-        .init("mesh.local".parse().unwrap(), trellis_ca::Policy::default())
-        .unwrap();
-    let token = ca_dir
-        .tokens()
-        .unwrap()
-        .create(trellis_ca::Scope::Workload {
-            namespace: "my-app.local".parse().unwrap(),
-            service: "lb".parse().unwrap(),
-        })
-        .unwrap()
-        .bearer();
+    let token = cp_fixtures::ca_with_tokens(dir.path(), &[("my-app.local", "lb")]).remove(0);
     let mut cp_cfg = trellis_discovery::ServerConfig::new("127.0.0.1:0".parse().unwrap());
     cp_cfg.data_dir = Some(dir.path().to_owned());
     cp_cfg.api_tls = Some(trellis_discovery::ApiTls::default());
     let cp = trellis_discovery::Server::start(cp_cfg).await.unwrap();
     let cp_addr = cp.api_addr;
     let root = dir.path().join("ca").join("root.crt");
-    let bundle = trellis_ca::TrustBundle::from_pem(
-        "mesh.local".parse().unwrap(),
-        &std::fs::read_to_string(&root).unwrap(),
-    )
-    .unwrap();
-    let https = trellis_ca::cp_client::Transport::https(&bundle).unwrap();
-    let call = |action: &'static str, body: serde_json::Value| {
-        let https = https.clone();
-        async move { https_api::call(&https, cp_addr, action, body).await }
-    };
-    let op = call(
-        "CreateHttpNamespace",
-        serde_json::json!({"Name": "my-app.local"}),
-    )
-    .await;
-    let got = call(
-        "GetOperation",
-        serde_json::json!({"OperationId": op["OperationId"]}),
-    )
-    .await;
-    let ns = got["Operation"]["Targets"]["NAMESPACE"].clone();
-    let svc = call(
-        "CreateService",
-        serde_json::json!({"Name": "api", "NamespaceId": ns}),
-    )
-    .await["Service"]["Id"]
+    let https = cp_fixtures::https_transport(&root);
+    let svc = cp_fixtures::namespace_with_services(&https, cp_addr, "my-app.local", &["api"]).await
+        [0]["Id"]
         .clone();
     let a = upstream("a").await;
-    call(
+    cp_fixtures::call(
+        &https,
+        cp_addr,
         "RegisterInstance",
         serde_json::json!({"ServiceId": svc, "InstanceId": "a", "Attributes": {
             "AWS_INSTANCE_IPV4": a.addr.ip().to_string(), "AWS_INSTANCE_PORT": a.addr.port().to_string()}}),

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_core::{Endpoint, EndpointSet, HealthStatus};
 use trellis_proxy::{Config, Running};
 
-pub mod https_api;
+pub mod cp_fixtures;
 pub mod slow;
 
 type Body = BoxBody<Bytes, hyper::Error>;
