@@ -390,8 +390,14 @@ pub async fn serve(
             // The handshake is bounded like a request head: a silent client holds nothing long.
             match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
                 Ok(Ok(stream)) => serve_conn(stream, front, peer.ip(), stop).await,
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "API TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "API TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    front.metrics.api_tls_handshake_failures.inc();
+                    tracing::debug!(%peer, error = %e, "API TLS handshake failed");
+                }
+                Err(_) => {
+                    front.metrics.api_tls_handshake_failures.inc();
+                    tracing::debug!(%peer, "API TLS handshake timed out");
+                }
             }
         });
     }

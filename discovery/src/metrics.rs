@@ -22,6 +22,10 @@ pub struct Metrics {
     pub instances: IntGaugeVec,
     pub watchers: prometheus::IntGauge,
     pub store_stale: prometheus::IntGauge,
+    /// TLS handshakes on the HTTPS API that failed or timed out.
+    pub api_tls_handshake_failures: IntCounter,
+    /// With `--api-tls`: the API certificate's holder, read for its expiry at scrape time.
+    api_identity: std::sync::OnceLock<(Arc<trellis_ca::Identity>, prometheus::IntGauge)>,
 }
 
 impl Metrics {
@@ -93,8 +97,14 @@ impl Metrics {
             "1 while the replicated store has no quorum (reads served from the last view).",
         )
         .unwrap_or_else(|_| unreachable_metric());
+        let api_tls_handshake_failures = IntCounter::new(
+            "trellis_discovery_api_tls_handshake_failures_total",
+            "TLS handshakes on the HTTPS API (--api-tls) that failed or timed out.",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         for c in [
             Box::new(store_stale.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(api_tls_handshake_failures.clone()),
             Box::new(api_requests.clone()),
             Box::new(api_latency.clone()),
             Box::new(dns_queries.clone()),
@@ -118,7 +128,23 @@ impl Metrics {
             instances,
             watchers,
             store_stale,
+            api_tls_handshake_failures,
+            api_identity: std::sync::OnceLock::new(),
         })
+    }
+
+    /// With `--api-tls`: exports `trellis_discovery_api_certificate_expiry_timestamp_seconds`
+    /// from now on (the current certificate's `notAfter`, read at each scrape).
+    pub fn set_api_identity(&self, identity: Arc<trellis_ca::Identity>) {
+        let gauge = prometheus::IntGauge::new(
+            "trellis_discovery_api_certificate_expiry_timestamp_seconds",
+            "notAfter of the HTTPS API's current certificate (renewed at ~2/3 of its lifetime).",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        if self.api_identity.set((identity, gauge.clone())).is_ok() {
+            // Set once: the name cannot be registered twice.
+            let _ = self.registry.register(Box::new(gauge));
+        }
     }
 
     /// Text exposition; instance gauges are computed at scrape time.
@@ -137,6 +163,9 @@ impl Metrics {
         self.instances.with_label_values(&["UNHEALTHY"]).set(u);
         self.instances.with_label_values(&["UNKNOWN"]).set(k);
         self.store_stale.set(i64::from(reg.store_stale()));
+        if let Some((identity, gauge)) = self.api_identity.get() {
+            gauge.set(identity.not_after().unix_timestamp());
+        }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf

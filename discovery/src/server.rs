@@ -251,6 +251,7 @@ impl Server {
 
         if let Some(identity) = &api_identity {
             maintenance.push(identity.spawn_renewal());
+            metrics.set_api_identity(Arc::clone(identity));
         }
         let scheme = if api_identity.is_some() {
             "https"

@@ -1194,6 +1194,42 @@ async fn https_api_for_openssl_and_the_aws_cli() {
             text(&unverified)
         );
     }
+
+    // Plain HTTP on the TLS port fails its handshake, and the metrics say so; the API
+    // certificate's expiry is exported.
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut sink)).await;
+    if tool("curl").is_some() {
+        let root_s = root.display().to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("curl")
+                .args(["-sS", "--cacert", &root_s])
+                .arg(format!("https://127.0.0.1:{}/metrics", addr.port()))
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let m = String::from_utf8_lossy(&out.stdout).to_string();
+        let value = |name: &str| -> i64 {
+            m.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} not in:\n{m}"))
+        };
+        assert!(value("trellis_discovery_api_tls_handshake_failures_total ") >= 1);
+        let expiry = value("trellis_discovery_api_certificate_expiry_timestamp_seconds ");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(expiry > now, "expiry {expiry} not after now {now}");
+    }
     server.shutdown().await;
 }
 
