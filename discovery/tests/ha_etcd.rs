@@ -111,7 +111,21 @@ fn cluster(members: usize) -> Option<EtcdCluster> {
 
 /// One request with curl (`data` as the body, `@FILE` for a file's): (HTTP status, body).
 fn curl(method: &str, url: &str, headers: &[String], data: &str) -> (u16, String) {
+    curl_with(None, method, url, headers, data)
+}
+
+/// [`curl`], verifying an `https://` URL against `cacert`.
+fn curl_with(
+    cacert: Option<&std::path::Path>,
+    method: &str,
+    url: &str,
+    headers: &[String],
+    data: &str,
+) -> (u16, String) {
     let mut cmd = Command::new("curl");
+    if let Some(ca) = cacert {
+        cmd.arg("--cacert").arg(ca);
+    }
     cmd.args([
         "-s",
         "-m",
@@ -134,16 +148,22 @@ fn curl(method: &str, url: &str, headers: &[String], data: &str) -> (u16, String
 
 /// One Cloud Map call with curl: (HTTP status, JSON body).
 fn api(addr: SocketAddr, action: &str, body: &Value) -> (u16, Value) {
+    api_at(&format!("http://{addr}"), None, action, body)
+}
+
+/// [`api`] at a base URL; an `https://` one verified against `cacert`.
+fn api_at(
+    base: &str,
+    cacert: Option<&std::path::Path>,
+    action: &str,
+    body: &Value,
+) -> (u16, Value) {
     let headers = [
         "content-type: application/x-amz-json-1.1".to_owned(),
         format!("x-amz-target: Route53AutoNaming_v20170314.{action}"),
     ];
-    let (status, body) = curl(
-        "POST",
-        &format!("http://{addr}/"),
-        &headers,
-        &body.to_string(),
-    );
+    let url = format!("{base}/");
+    let (status, body) = curl_with(cacert, "POST", &url, &headers, &body.to_string());
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
@@ -643,6 +663,114 @@ fn sidecar_fails_over_between_control_plane_replicas() {
     let _ = sidecar.kill();
     let _ = sidecar.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Copies a directory tree (a CA directory shared by replicas, as an operator would).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// `--api-tls` on replicas that share one CA directory: each serves HTTPS with its own
+/// certificate that the shared root verifies, and a sidecar with `control_plane.tls` fails over
+/// from one to the other like over plain HTTP.
+#[test]
+fn https_replicas_share_one_root_and_the_sidecar_fails_over() {
+    let Some(etcd) = cluster(1) else { return };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    trellis_ca::CaDir::new(dir_a.path().join("ca"))
+        .init("mesh.local".parse().unwrap(), trellis_ca::Policy::default())
+        .unwrap();
+    copy_dir(&dir_a.path().join("ca"), &dir_b.path().join("ca"));
+    let keep = tempfile::tempdir().unwrap();
+    let root = keep.path().join("root.crt");
+    std::fs::copy(dir_a.path().join("ca").join("root.crt"), &root).unwrap();
+    let mut a = Replica::spawn_in(&etcd, "/tls/", &["--api-tls"], dir_a).unwrap();
+    let b = Replica::spawn_in(&etcd, "/tls/", &["--api-tls"], dir_b).unwrap();
+    let ok_at = |addr: SocketAddr, action: &str, body: Value| {
+        let (s, v) = api_at(&format!("https://{addr}"), Some(&root), action, &body);
+        assert_eq!(s, 200, "{action} on {addr}: {v}");
+        v
+    };
+    // Both replicas verify against the one root.
+    for r in [&a, &b] {
+        let (s, _) = curl_with(
+            Some(&root),
+            "GET",
+            &format!("https://{}/v1/ca/roots", r.api),
+            &[],
+            "",
+        );
+        assert_eq!(s, 200, "replica {} over HTTPS", r.api);
+    }
+    let op = ok_at(a.api, "CreateHttpNamespace", json!({"Name": "tls.local"}));
+    let got = ok_at(
+        a.api,
+        "GetOperation",
+        json!({"OperationId": op["OperationId"]}),
+    );
+    let ns = got["Operation"]["Targets"]["NAMESPACE"].clone();
+    let svc = ok_at(
+        a.api,
+        "CreateService",
+        json!({"Name": "api", "NamespaceId": ns}),
+    )["Service"]["Id"]
+        .clone();
+    let register = |via: SocketAddr, id: &str, at: SocketAddr| {
+        ok_at(
+            via,
+            "RegisterInstance",
+            json!({"ServiceId": svc, "InstanceId": id, "Attributes": {
+                "AWS_INSTANCE_IPV4": at.ip().to_string(), "AWS_INSTANCE_PORT": at.port().to_string()}}),
+        );
+    };
+    register(a.api, "one", app("one"));
+
+    let config = keep.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[identity]\nnamespace = \"tls.local\"\nservice = \"web\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [control_plane]\naddresses = [\"{}\", \"{}\"]\ntls = true\ntrust_bundle = \"{}\"\nwatch_wait = \"2s\"\n\n\
+             [outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n",
+            a.api,
+            b.api,
+            root.display()
+        ),
+    )
+    .unwrap();
+    let proxy = trellis_test_support::bins::binary("trellis-proxy", "trellis-proxy");
+    let (mut sidecar, line) = spawn_reading_first_line(
+        Command::new(proxy)
+            .args(["sidecar", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "error")
+            .stderr(Stdio::null()),
+    );
+    let addrs: Value = serde_json::from_str(&line).unwrap();
+    let admin: SocketAddr = addrs["admin"].as_str().unwrap().parse().unwrap();
+    let port: SocketAddr = addrs["upstreams"]["api"].as_str().unwrap().parse().unwrap();
+    eventually(Duration::from_secs(5), "sidecar ready", || {
+        get(admin, "/ready").0 == 200
+    });
+    assert_eq!(get(port, "/"), (200, "one".to_owned()));
+
+    // Replica A dies; a change made on B reaches the sidecar over B's HTTPS watch.
+    a.kill();
+    register(b.api, "two", app("two"));
+    eventually(Duration::from_secs(10), "sidecar follows B", || {
+        get(port, "/").1 == "two"
+    });
+    let _ = sidecar.kill();
+    let _ = sidecar.wait();
 }
 
 #[test]
