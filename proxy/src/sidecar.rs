@@ -110,6 +110,19 @@ impl Running {
         if let Some(inb) = &config.inbound {
             self.intentions.set_configured(inb.intentions.clone());
         }
+        // Pinned roots follow their file: the identity's bundle checks peers, renewals and the
+        // HTTPS control plane alike.
+        if let (Some(id), Some(cp)) = (&self.identity, &config.control_plane) {
+            match read_trust_bundle(cp) {
+                Ok(Some(roots)) => {
+                    if let Err(e) = id.trust_bundle().update(roots) {
+                        tracing::warn!(error = %e, "control_plane.trust_bundle not reloaded");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "control_plane.trust_bundle not reloaded"),
+            }
+        }
         let same_upstreams = config
             .outbound
             .upstreams
@@ -129,7 +142,7 @@ impl Running {
             .config_json
             .store(Arc::new(config.redacted_json()));
         tracing::info!(
-            "configuration reloaded (static clusters, intentions, routes); listener and identity changes need a restart"
+            "configuration reloaded (static clusters, intentions, routes, pinned roots); listener and identity changes need a restart"
         );
     }
 }
@@ -180,7 +193,6 @@ pub async fn start_with(
         max_retries: r.max_retries,
     };
     let plain_h1 = UpstreamClient::plain(r.connect_timeout, r.pool_idle_timeout, false);
-    let cp_transport = control_plane_transport(&config)?;
 
     // Identity: needed unless every hop is (dangerously) plaintext.
     let needs_tls = config
@@ -218,6 +230,7 @@ pub async fn start_with(
         );
     }
     health.set_identity_loaded();
+    let cp_transport = control_plane_transport(&config, identity.as_ref())?;
 
     // Outbound clusters, one per upstream, in config order (route tables index them).
     let mut clusters: HashMap<String, Arc<Cluster>> = HashMap::new();
@@ -895,8 +908,12 @@ fn read_trust_bundle(
 }
 
 /// How the watch and deregistration reach the control plane: HTTPS verified against the
-/// trust bundle with `control_plane.tls`, else plain HTTP.
-fn control_plane_transport(config: &Config) -> Result<Transport, StartError> {
+/// trust bundle with `control_plane.tls`, else plain HTTP. With an identity, its bundle (the
+/// pinned roots, updated by reloads) is the one checked.
+fn control_plane_transport(
+    config: &Config,
+    identity: Option<&Arc<Identity>>,
+) -> Result<Transport, StartError> {
     let Some(cp) = config.control_plane.as_ref() else {
         return Ok(Transport::plain());
     };
@@ -908,6 +925,10 @@ fn control_plane_transport(config: &Config) -> Result<Transport, StartError> {
             );
         }
         return Ok(Transport::plain());
+    }
+    if let Some(id) = identity {
+        return Transport::https(id.trust_bundle())
+            .map_err(|e| StartError::Identity(format!("control_plane.trust_bundle: {e}")));
     }
     // The config refuses `tls` without a trust bundle.
     let roots = read_trust_bundle(cp)?.unwrap_or_default();

@@ -313,11 +313,46 @@ async fn the_whole_conversation_with_an_https_control_plane() {
         "{err}"
     );
 
-    let (sc, stop) = sidecar(&toml(&root)).await;
+    // The sidecar's own copy of the root, as an operator would place it.
+    let pinned = dir.path().join("pinned.pem");
+    std::fs::copy(&root, &pinned).unwrap();
+    let (sc, stop) = sidecar(&toml(&pinned)).await;
     wait_ready(sc.admin_addr).await;
     // The endpoints came through the watch over HTTPS.
     let seen = backends(sc.upstream_addrs["api"], 10).await;
     assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // Root rotation's first step: a second root added to the pinned file reaches the identity's
+    // bundle on reload, and the HTTPS watch (checked against that bundle) goes on.
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(&root).unwrap(),
+        impostor.roots_pem()
+    );
+    std::fs::write(&pinned, both).unwrap();
+    sc.reload(&trellis_proxy::Config::from_toml(&toml(&pinned)).unwrap());
+    assert_eq!(sc.identity().unwrap().trust_bundle().roots().len(), 2);
+    let c = app("c", None).await;
+    cp_fixtures::call(
+        &https,
+        cp,
+        "RegisterInstance",
+        serde_json::json!({"ServiceId": api_id, "InstanceId": "c",
+            "Attributes": {"AWS_INSTANCE_IPV4": c.addr.ip().to_string(), "AWS_INSTANCE_PORT": c.addr.port().to_string()}}),
+    )
+    .await;
+    let mut seen_c = false;
+    for _ in 0..50 {
+        if backends(sc.upstream_addrs["api"], 6).await.contains("c") {
+            seen_c = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        seen_c,
+        "a registration after the reload reaches the sidecar"
+    );
 
     // Deregistration at shutdown over HTTPS too.
     let inbound = sc.inbound_addr.unwrap();
