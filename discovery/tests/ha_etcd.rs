@@ -626,24 +626,7 @@ fn sidecar_fails_over_between_control_plane_replicas() {
         ),
     )
     .unwrap();
-    let proxy = trellis_test_support::bins::binary("trellis-proxy", "trellis-proxy");
-    let (mut sidecar, line) = spawn_reading_first_line(
-        Command::new(proxy)
-            .args(["sidecar", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "error")
-            .stderr(Stdio::null()),
-    );
-    let addrs: Value = serde_json::from_str(&line).unwrap();
-    let (admin, port) = (
-        addrs["admin"].as_str().unwrap().to_owned(),
-        addrs["upstreams"]["api"].as_str().unwrap().to_owned(),
-    );
-    let admin: SocketAddr = admin.parse().unwrap();
-    let port: SocketAddr = port.parse().unwrap();
-    eventually(Duration::from_secs(5), "sidecar ready", || {
-        get(admin, "/ready").0 == 200
-    });
+    let (mut sidecar, port) = ready_sidecar(&config);
     assert_eq!(get(port, "/"), (200, "one".to_owned()));
 
     // The first replica dies: every request is still served (from the last snapshot, then B).
@@ -663,6 +646,26 @@ fn sidecar_fails_over_between_control_plane_replicas() {
     let _ = sidecar.kill();
     let _ = sidecar.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `trellis-proxy sidecar` process on `config`, once ready: the process and its `api` upstream
+/// port.
+fn ready_sidecar(config: &std::path::Path) -> (Child, SocketAddr) {
+    let proxy = trellis_test_support::bins::binary("trellis-proxy", "trellis-proxy");
+    let (sidecar, line) = spawn_reading_first_line(
+        Command::new(proxy)
+            .args(["sidecar", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "error")
+            .stderr(Stdio::null()),
+    );
+    let addrs: Value = serde_json::from_str(&line).unwrap();
+    let admin: SocketAddr = addrs["admin"].as_str().unwrap().parse().unwrap();
+    let port: SocketAddr = addrs["upstreams"]["api"].as_str().unwrap().parse().unwrap();
+    eventually(Duration::from_secs(5), "sidecar ready", || {
+        get(admin, "/ready").0 == 200
+    });
+    (sidecar, port)
 }
 
 /// Copies a directory tree (a CA directory shared by replicas, as an operator would).
@@ -747,20 +750,7 @@ fn https_replicas_share_one_root_and_the_sidecar_fails_over() {
         ),
     )
     .unwrap();
-    let proxy = trellis_test_support::bins::binary("trellis-proxy", "trellis-proxy");
-    let (mut sidecar, line) = spawn_reading_first_line(
-        Command::new(proxy)
-            .args(["sidecar", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "error")
-            .stderr(Stdio::null()),
-    );
-    let addrs: Value = serde_json::from_str(&line).unwrap();
-    let admin: SocketAddr = addrs["admin"].as_str().unwrap().parse().unwrap();
-    let port: SocketAddr = addrs["upstreams"]["api"].as_str().unwrap().parse().unwrap();
-    eventually(Duration::from_secs(5), "sidecar ready", || {
-        get(admin, "/ready").0 == 200
-    });
+    let (mut sidecar, port) = ready_sidecar(&config);
     assert_eq!(get(port, "/"), (200, "one".to_owned()));
 
     // Replica A dies; a change made on B reaches the sidecar over B's HTTPS watch.
