@@ -72,14 +72,6 @@ impl ControlPlaneConnector {
             ..Self::plain()
         })
     }
-
-    /// Either of the above, as the caller has a bundle or not.
-    pub fn new(bundle: Option<&Arc<TrustBundle>>) -> Result<Self, CaError> {
-        match bundle {
-            Some(b) => Self::with_bundle(b),
-            None => Ok(Self::plain()),
-        }
-    }
 }
 
 impl tower::Service<Uri> for ControlPlaneConnector {

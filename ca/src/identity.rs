@@ -224,6 +224,32 @@ impl Identity {
         Ok(cfg)
     }
 
+    /// The control plane's own API identity, issued in-process by `authority` with `names` (DNS
+    /// names and IP addresses clients dial) as SANs; call [`Identity::spawn_renewal`] to keep it
+    /// fresh. Used by `trellis-discovery serve --api-tls` and `trellis-ca serve --tls`.
+    pub async fn control_plane(
+        authority: &crate::Authority,
+        names: Vec<String>,
+    ) -> Result<Arc<Self>, CaError> {
+        let bundle =
+            TrustBundle::new(authority.trust_domain().clone(), authority.roots().to_vec())?;
+        let renewer = crate::LocalRenewer::control_plane(authority.clone(), names, None);
+        Self::new(renewer, bundle).await
+    }
+
+    /// Names every control-plane API certificate carries for an API bound to `listen`:
+    /// `localhost`, `127.0.0.1`, `::1` and the listen address unless it is a wildcard.
+    pub fn local_api_names(listen: std::net::SocketAddr) -> Vec<String> {
+        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        if !listen.ip().is_unspecified() {
+            names.push(listen.ip().to_string());
+        }
+        names
+    }
+
     /// TLS server config without client certificates (the control plane's HTTPS API, whose
     /// callers authenticate with tokens or SigV4): presents this identity.
     pub fn public_server_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Result<ServerConfig, CaError> {

@@ -308,11 +308,10 @@ fn run(cli: Cli) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("bind {listen}: {e}"))?;
                 let addr = listener.local_addr().map_err(|e| e.to_string())?;
-                let (acceptor, _renewal) = if tls {
-                    let (acceptor, identity) = tls_acceptor(&api, addr, tls_san).await?;
-                    (Some(acceptor), Some(AbortOnDrop(identity.spawn_renewal())))
+                let acceptor = if tls {
+                    Some(tls_acceptor(&api, addr, tls_san).await?)
                 } else {
-                    (None, None)
+                    None
                 };
                 let scheme = if tls { "https" } else { "http" };
                 println!(
@@ -405,45 +404,21 @@ fn write_secret(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
 }
 
 /// The API's TLS acceptor: a certificate from this CA for the control plane's SPIFFE id, with
-/// `localhost`, loopback, the listen address and `extra` as host names.
+/// `localhost`, loopback, the listen address and `extra` as host names, renewed while the
+/// runtime runs (the renewal task ends with the identity or the runtime).
 async fn tls_acceptor(
     api: &CaApi,
     listen: std::net::SocketAddr,
     extra: Vec<String>,
-) -> Result<
-    (
-        tokio_rustls::TlsAcceptor,
-        std::sync::Arc<trellis_ca::Identity>,
-    ),
-    String,
-> {
-    let authority = api.authority();
-    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-    if !listen.ip().is_unspecified() {
-        names.push(listen.ip().to_string());
-    }
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    let mut names = trellis_ca::Identity::local_api_names(listen);
     names.extend(extra);
-    let bundle =
-        trellis_ca::TrustBundle::new(authority.trust_domain().clone(), authority.roots().to_vec())
-            .map_err(|e| e.to_string())?;
-    let renewer = trellis_ca::LocalRenewer::control_plane(authority.clone(), names, None);
-    let identity = trellis_ca::Identity::new(renewer, bundle)
+    let identity = trellis_ca::Identity::control_plane(api.authority(), names)
         .await
         .map_err(|e| format!("the API's certificate: {e}"))?;
+    identity.spawn_renewal();
     let config = identity
         .public_server_config(&[b"h2", b"http/1.1"])
         .map_err(|e| e.to_string())?;
-    Ok((
-        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
-        identity,
-    ))
-}
-
-/// Stops the certificate renewal when serving ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }

@@ -75,13 +75,7 @@ pub struct ApiTls {
 impl ApiTls {
     /// Every name the certificate carries for an API bound to `listen`.
     pub fn all_names(&self, listen: SocketAddr) -> Vec<String> {
-        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
-        if !listen.ip().is_unspecified() {
-            names.push(listen.ip().to_string());
-        }
+        let mut names = trellis_ca::Identity::local_api_names(listen);
         if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
             let h = h.trim();
             if !h.is_empty() {
@@ -149,12 +143,7 @@ async fn api_tls(
             "the API's certificate comes from the built-in CA: set a data directory".into(),
         )
     })?;
-    let bundle =
-        trellis_ca::TrustBundle::new(authority.trust_domain().clone(), authority.roots().to_vec())
-            .map_err(err)?;
-    let renewer =
-        trellis_ca::LocalRenewer::control_plane(authority.clone(), tls.all_names(listen), None);
-    let identity = trellis_ca::Identity::new(renewer, bundle)
+    let identity = trellis_ca::Identity::control_plane(authority, tls.all_names(listen))
         .await
         .map_err(err)?;
     let config = identity.public_server_config(&[b"http/1.1"]).map_err(err)?;
