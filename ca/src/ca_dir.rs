@@ -355,6 +355,12 @@ pub(crate) fn parse_one_cert(pem_text: &str) -> Result<CertificateDer<'static>, 
     Ok(certs.remove(0))
 }
 
+/// Reads a PEM file's certificates ([`parse_certs`]); errors name the file.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_certs(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Parses every PEM `CERTIFICATE` block; at least one.
 pub fn parse_certs(pem_text: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let blocks = pem::parse_many(pem_text).map_err(|e| format!("bad PEM: {e}"))?;

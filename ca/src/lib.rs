@@ -31,7 +31,7 @@ mod token;
 mod trust;
 
 pub use authority::{AuditRecord, Authority, IndexRecord, Issued, RevokeReason};
-pub use ca_dir::{CaConfig, CaDir, parse_certs};
+pub use ca_dir::{CaConfig, CaDir, parse_certs, read_certs};
 pub use csr::{KeyKind, VerifiedCsr};
 pub use ephemeral::{EphemeralCa, IdentityMaterial};
 pub use error::CaError;

@@ -402,9 +402,8 @@ fn probe(
         return probe_status(&mut s, &request);
     }
     let cacert = cacert.ok_or("an https:// URL needs --cacert FILE (e.g. the mesh's root.crt)")?;
-    let pem = std::fs::read_to_string(cacert).map_err(|e| format!("{}: {e}", cacert.display()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in trellis_ca::parse_certs(&pem).map_err(|e| format!("{}: {e}", cacert.display()))? {
+    for cert in trellis_ca::read_certs(cacert)? {
         roots
             .add(cert)
             .map_err(|e| format!("{}: {e}", cacert.display()))?;

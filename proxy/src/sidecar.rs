@@ -897,14 +897,9 @@ fn read_trust_bundle(
     let Some(path) = &cp.trust_bundle else {
         return Ok(None);
     };
-    let bad = |e: &dyn std::fmt::Display| {
-        StartError::Identity(format!(
-            "control_plane.trust_bundle {}: {e}",
-            path.display()
-        ))
-    };
-    let pem = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
-    trellis_ca::parse_certs(&pem).map(Some).map_err(|e| bad(&e))
+    trellis_ca::read_certs(path)
+        .map(Some)
+        .map_err(|e| StartError::Identity(format!("control_plane.trust_bundle {e}")))
 }
 
 /// How the watch and deregistration reach the control plane: HTTPS verified against the

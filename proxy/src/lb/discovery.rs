@@ -49,9 +49,8 @@ pub fn transport(src: &DiscoverySource) -> Result<Transport, String> {
     let Some(path) = &src.trust_bundle else {
         return Err("tls needs trust_bundle".into());
     };
-    let pem = std::fs::read_to_string(path)
-        .map_err(|e| format!("trust_bundle {}: {e}", path.display()))?;
-    TrustBundle::from_pem(src.trust_domain.clone(), &pem)
+    let roots = trellis_ca::read_certs(path).map_err(|e| format!("trust_bundle {e}"))?;
+    TrustBundle::new(src.trust_domain.clone(), roots)
         .and_then(|b| Transport::https(&b))
         .map_err(|e| format!("trust_bundle {}: {e}", path.display()))
 }

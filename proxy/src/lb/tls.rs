@@ -81,11 +81,7 @@ async fn from_ca(t: &TlsConfig) -> Result<Arc<Identity>, String> {
     let urls: Vec<String> = cp.0.iter().map(|a| format!("{scheme}://{a}")).collect();
     let pinned = match &t.trust_bundle {
         Some(path) => {
-            let pem = std::fs::read_to_string(path)
-                .map_err(|e| format!("tls.trust_bundle {}: {e}", path.display()))?;
-            let roots = trellis_ca::parse_certs(&pem)
-                .map_err(|e| format!("tls.trust_bundle {}: {e}", path.display()))?;
-            Some(roots)
+            Some(trellis_ca::read_certs(path).map_err(|e| format!("tls.trust_bundle {e}"))?)
         }
         None => None,
     };
