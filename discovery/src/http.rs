@@ -58,11 +58,11 @@ pub trait Mount: Send + Sync + 'static {
     fn metrics(&self) -> Option<Vec<u8>> {
         None
     }
-    /// Background upkeep started with the server and stopped with it.
     /// The built-in CA, when this mount is it (the API's own certificate comes from it).
     fn authority(&self) -> Option<&trellis_ca::Authority> {
         None
     }
+    /// Background upkeep started with the server and stopped with it.
     fn spawn_maintenance(&self) -> Option<tokio::task::JoinHandle<()>> {
         None
     }

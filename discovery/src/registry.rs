@@ -430,9 +430,7 @@ impl State {
             self.apply(c);
         }
     }
-}
 
-impl State {
     /// A service's tags travel with its endpoint set (intentions): watchers hear of the change.
     fn tags_changed(&mut self, arn: &str) {
         let floor = self.floor;
