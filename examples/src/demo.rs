@@ -111,6 +111,8 @@ pub struct Demo {
     cloudmap: CloudMap,
     /// How the control plane was started (bound addresses), for a restart.
     control_plane_config: ServerConfig,
+    /// From the start until the mesh served its first request through the LB.
+    ready_in: Duration,
 }
 
 /// One demo instance: what it is, whom it calls, who may call it.
@@ -165,10 +167,10 @@ impl Progress {
         self.step += 1;
         if self.on {
             eprintln!(
-                "[{}/{}] {what} ({:.1}s)",
+                "[{}/{}] {what} ({} ms)",
                 self.step,
                 self.total,
-                self.started.elapsed().as_secs_f64()
+                self.started.elapsed().as_millis()
             );
         }
     }
@@ -357,8 +359,10 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
         lb_sidecar_stop,
         cloudmap,
         control_plane_config,
+        ready_in: Duration::ZERO,
     };
     demo.wait_ready().await?;
+    demo.ready_in = progress.started.elapsed();
     Ok(demo)
 }
 
@@ -459,7 +463,10 @@ impl Demo {
         let api = self.api_addr();
         let dns = self.dns_addr();
         let mut s = String::new();
-        s.push_str("\ntrellis demo mesh is up.\n\n");
+        s.push_str(&format!(
+            "\ntrellis demo mesh is up ({} ms).\n\n",
+            self.ready_in.as_millis()
+        ));
         s.push_str(&format!(
             "  load balancer     http://{}/  (/api/* → api 90% / api-canary 10%)\n",
             self.lb_addr
