@@ -33,6 +33,8 @@ pub enum ApiError {
     #[error("{0}")]
     TooManyTags(String),
     #[error("{0}")]
+    ServiceAttributesLimitExceeded(String),
+    #[error("{0}")]
     UnknownOperation(String),
     #[error("{0}")]
     MissingAuthenticationToken(String),
@@ -74,6 +76,10 @@ impl ApiError {
             CustomHealthNotFound(_) => ("CustomHealthNotFound", StatusCode::NOT_FOUND),
             ResourceLimitExceeded(_) => ("ResourceLimitExceeded", StatusCode::BAD_REQUEST),
             TooManyTags(_) => ("TooManyTagsException", StatusCode::BAD_REQUEST),
+            ServiceAttributesLimitExceeded(_) => (
+                "ServiceAttributesLimitExceededException",
+                StatusCode::BAD_REQUEST,
+            ),
             UnknownOperation(_) => ("UnknownOperationException", StatusCode::BAD_REQUEST),
             MissingAuthenticationToken(_) => {
                 ("MissingAuthenticationTokenException", StatusCode::FORBIDDEN)

@@ -144,6 +144,9 @@ pub struct Service {
     /// Persisted instances revision (bumped on every register/deregister).
     #[serde(default)]
     pub revision: u64,
+    /// Service-level attributes (`UpdateServiceAttributes`), at most 30.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -383,11 +383,25 @@ async fn state_survives_restart_and_corrupt_store_refuses() {
     let server = start(Some(dir.path())).await;
     let (_, svc) = setup(server.api_addr, "persist.local", serde_json::json!({})).await;
     register(server.api_addr, &svc, "a", "10.1.1.1", 80).await;
+    let attrs = serde_json::json!({"ServiceId": svc, "Attributes": {"team": "core"}});
+    let (s, body) = api(server.api_addr, "UpdateServiceAttributes", attrs).await;
+    assert_eq!(s, 200, "{body}");
     server.shutdown().await;
     let server = start(Some(dir.path())).await;
     let (s, set) = watch(server.api_addr, "persist.local/api").await;
     assert_eq!(s, 200);
     assert_eq!(set.unwrap().endpoints[0].instance_id, "a");
+    let (s, got) = api(
+        server.api_addr,
+        "GetServiceAttributes",
+        serde_json::json!({"ServiceId": svc}),
+    )
+    .await;
+    assert_eq!(s, 200, "{got}");
+    assert_eq!(
+        got["ServiceAttributes"]["Attributes"],
+        serde_json::json!({"team": "core"})
+    );
     server.shutdown().await;
     std::fs::write(
         dir.path().join(trellis_discovery::STORE_FILE),

@@ -187,6 +187,45 @@ def test_service_and_instances(sd):
     sd.delete_namespace(Id=ns_id)
 
 
+def test_service_attributes(sd):
+    ns_id, _ = make_ns(sd, kind="http")
+    svc = sd.create_service(Name="attrs", NamespaceId=ns_id)["Service"]
+    got = sd.get_service_attributes(ServiceId=svc["Id"])["ServiceAttributes"]
+    assert got["ServiceArn"] == svc["Arn"] and got["Attributes"] == {}
+    assert got["ResourceOwner"]
+    sd.update_service_attributes(ServiceId=svc["Id"], Attributes={"team": "core", "tier": "1"})
+    # Later updates add and overwrite; the ARN names the service too.
+    sd.update_service_attributes(ServiceId=svc["Arn"], Attributes={"tier": "2", "owner": "ops@example.com"})
+    got = sd.get_service_attributes(ServiceId=svc["Id"])["ServiceAttributes"]["Attributes"]
+    assert got == {"team": "core", "tier": "2", "owner": "ops@example.com"}
+    # Deleting keys the service lacks is not an error.
+    sd.delete_service_attributes(ServiceId=svc["Id"], Attributes=["team", "never-set"])
+    got = sd.get_service_attributes(ServiceId=svc["Id"])["ServiceAttributes"]["Attributes"]
+    assert got == {"tier": "2", "owner": "ops@example.com"}
+    # Attributes are not instance data: the service itself is unchanged.
+    assert "Attributes" not in sd.get_service(Id=svc["Id"])["Service"]
+
+    # 30 at most, counting the ones already there; a refused update changes nothing.
+    with pytest.raises(sd.exceptions.ServiceAttributesLimitExceededException) as e:
+        sd.update_service_attributes(ServiceId=svc["Id"], Attributes={f"k{i}": "v" for i in range(29)})
+    assert status(e) == 400
+    got = sd.get_service_attributes(ServiceId=svc["Id"])["ServiceAttributes"]["Attributes"]
+    assert len(got) == 2
+    sd.update_service_attributes(ServiceId=svc["Id"], Attributes={f"k{i}": "v" for i in range(28)})
+    assert len(sd.get_service_attributes(ServiceId=svc["Id"])["ServiceAttributes"]["Attributes"]) == 30
+
+    with pytest.raises(sd.exceptions.InvalidInput):
+        sd.update_service_attributes(ServiceId=svc["Id"], Attributes={"k0": "x" * 1025})
+    with pytest.raises(sd.exceptions.InvalidInput):
+        sd.update_service_attributes(ServiceId=svc["Id"], Attributes={"": "x"})
+    with pytest.raises(sd.exceptions.ServiceNotFound):
+        sd.get_service_attributes(ServiceId="srv-doesnotexist")
+    with pytest.raises(sd.exceptions.ServiceNotFound):
+        sd.update_service_attributes(ServiceId="srv-doesnotexist", Attributes={"a": "b"})
+    with pytest.raises(sd.exceptions.ServiceNotFound):
+        sd.delete_service_attributes(ServiceId="srv-doesnotexist", Attributes=["a"])
+
+
 def test_custom_health_requires_custom_config(sd):
     ns_id, _ = make_ns(sd, kind="http")
     svc = sd.create_service(Name="plain", NamespaceId=ns_id)["Service"]

@@ -47,6 +47,9 @@ fn dispatch(reg: &Registry, action: &str, body: &[u8]) -> Result<Value, ApiError
         "GetService" => get_service(reg, parse(body)?),
         "ListServices" => list_services(reg, parse(body)?),
         "UpdateService" => update_service(reg, parse(body)?),
+        "GetServiceAttributes" => get_service_attributes(reg, parse(body)?),
+        "UpdateServiceAttributes" => update_service_attributes(reg, parse(body)?),
+        "DeleteServiceAttributes" => delete_service_attributes(reg, parse(body)?),
         "DeleteService" => delete_service(reg, parse(body)?),
         "RegisterInstance" => register_instance(reg, parse(body)?),
         "DeregisterInstance" => deregister_instance(reg, parse(body)?),
@@ -457,6 +460,7 @@ fn create_service(reg: &Registry, req: CreateService) -> Result<Value, ApiError>
         create_date: now_epoch(),
         creator_request_id: req.creator_request_id,
         revision: 0,
+        attributes: BTreeMap::new(),
     };
     let mut changes = vec![Change::PutService(svc.clone())];
     if let Some(t) = req.tags.filter(|t| !t.is_empty()) {
@@ -525,6 +529,72 @@ fn update_service(reg: &Registry, req: UpdateService) -> Result<Value, ApiError>
     let op_id = op.id.clone();
     reg.commit(vec![Change::PutService(svc), Change::PutOperation(op)])?;
     Ok(json!({"OperationId": op_id}))
+}
+
+/// At most this many attributes per service (Cloud Map's quota).
+const MAX_SERVICE_ATTRIBUTES: usize = 30;
+
+fn get_service_attributes(reg: &Registry, req: ServiceIdOnly) -> Result<Value, ApiError> {
+    max_len("ServiceId", &req.service_id, 255)?;
+    let st = reg.read();
+    let s = &service(&st, &req.service_id)?.service;
+    Ok(json!({"ServiceAttributes": {
+        "ServiceArn": s.arn, "ResourceOwner": reg.config().account, "Attributes": s.attributes,
+    }}))
+}
+
+fn update_service_attributes(
+    reg: &Registry,
+    req: UpdateServiceAttributes,
+) -> Result<Value, ApiError> {
+    max_len("ServiceId", &req.service_id, 255)?;
+    if req.attributes.is_empty() || req.attributes.len() > MAX_SERVICE_ATTRIBUTES {
+        return Err(ApiError::InvalidInput(format!(
+            "Attributes must hold 1-{MAX_SERVICE_ATTRIBUTES} entries"
+        )));
+    }
+    for (k, v) in &req.attributes {
+        if k.is_empty() || k.len() > 255 || v.len() > 1024 {
+            return Err(ApiError::InvalidInput(format!(
+                "attribute {k:?}: keys are 1-255 characters and values 0-1024"
+            )));
+        }
+    }
+    let _w = reg.writer();
+    let mut svc = service(&reg.read(), &req.service_id)?.service.clone();
+    svc.attributes.extend(req.attributes);
+    if svc.attributes.len() > MAX_SERVICE_ATTRIBUTES {
+        return Err(ApiError::ServiceAttributesLimitExceeded(format!(
+            "Service {} would have {} attributes; at most {MAX_SERVICE_ATTRIBUTES}",
+            svc.id,
+            svc.attributes.len()
+        )));
+    }
+    reg.commit(vec![Change::PutService(svc)])?;
+    Ok(json!({}))
+}
+
+fn delete_service_attributes(
+    reg: &Registry,
+    req: DeleteServiceAttributes,
+) -> Result<Value, ApiError> {
+    max_len("ServiceId", &req.service_id, 255)?;
+    if req.attributes.is_empty() || req.attributes.len() > MAX_SERVICE_ATTRIBUTES {
+        return Err(ApiError::InvalidInput(format!(
+            "Attributes must list 1-{MAX_SERVICE_ATTRIBUTES} keys"
+        )));
+    }
+    let _w = reg.writer();
+    let mut svc = service(&reg.read(), &req.service_id)?.service.clone();
+    // Keys the service does not have are not an error (as in Cloud Map).
+    let before = svc.attributes.len();
+    for k in &req.attributes {
+        svc.attributes.remove(k);
+    }
+    if svc.attributes.len() != before {
+        reg.commit(vec![Change::PutService(svc)])?;
+    }
+    Ok(json!({}))
 }
 
 fn delete_service(reg: &Registry, req: IdOnly) -> Result<Value, ApiError> {

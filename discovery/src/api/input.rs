@@ -142,6 +142,26 @@ pub struct CreateService {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
+pub struct ServiceIdOnly {
+    pub service_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateServiceAttributes {
+    pub service_id: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeleteServiceAttributes {
+    pub service_id: String,
+    pub attributes: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
 pub struct UpdateService {
     pub id: String,
     pub service: ServiceChange,
