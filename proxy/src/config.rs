@@ -338,55 +338,7 @@ pub struct RouteConfig {
     pub targets: Vec<RouteTarget>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteMatch {
-    /// The path starts with this text. At most one of `prefix`, `path`, `path_regex`.
-    #[serde(default)]
-    pub prefix: Option<String>,
-    /// The path is exactly this.
-    #[serde(default)]
-    pub path: Option<String>,
-    /// The whole path matches this regular expression (RE2 syntax).
-    #[serde(default)]
-    pub path_regex: Option<String>,
-    /// HTTP method, e.g. `GET`.
-    #[serde(default)]
-    pub method: Option<String>,
-    #[serde(default)]
-    pub headers: Vec<HeaderMatchConfig>,
-}
-
-/// One header condition: exactly one of `exact`, `prefix`, `regex`, `present = true`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HeaderMatchConfig {
-    pub name: String,
-    #[serde(default)]
-    pub exact: Option<String>,
-    #[serde(default)]
-    pub prefix: Option<String>,
-    #[serde(default)]
-    pub regex: Option<String>,
-    #[serde(default)]
-    pub present: bool,
-    /// Match when the condition does not hold.
-    #[serde(default)]
-    pub invert: bool,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteTarget {
-    /// An upstream's service name.
-    pub cluster: ServiceName,
-    #[serde(default = "one")]
-    pub weight: u32,
-    /// Only the cluster's endpoints whose instance attributes include all of these (a subset,
-    /// e.g. `{ version = "v2" }`, like an App Mesh virtual node per version).
-    #[serde(default)]
-    pub attributes: BTreeMap<String, String>,
-}
+pub use trellis_core::route_spec::{HeaderMatchConfig, RouteMatch, RouteTarget};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, Method, Request};
 
+use trellis_core::route_spec::check_targets;
+
 use crate::config::{HeaderMatchConfig, OutboundConfig, Protocol, RouteConfig, RouteMatch};
 use crate::error::ConfigError;
 use crate::forward::Target;
@@ -150,6 +152,9 @@ pub fn compile(outbound: &OutboundConfig) -> Result<RouteTables, ConfigError> {
                 format!("`{}` is not in outbound.upstreams", r.upstream),
             ));
         };
+        // What holds for any sidecar is checked where pushed routes are checked too (core).
+        r.matches.check().map_err(|(f, p)| invalid(&f, p))?;
+        check_targets(&r.targets).map_err(|(f, p)| invalid(&f, p))?;
         let conditions = conditions(&r.matches).map_err(|(f, p)| invalid(&f, p))?;
         if ups[u].protocol == Protocol::Tcp && !conditions.is_empty() {
             return Err(invalid(
@@ -249,31 +254,14 @@ fn forward(
     Forward::new(groups, None).map_err(|e| (".targets".to_owned(), e.to_string()))
 }
 
+/// The conditions of a match that [`RouteMatch::check`] accepted.
 fn conditions(m: &RouteMatch) -> Result<Vec<Condition>, FieldError> {
     let mut out = Vec::new();
-    let paths = [&m.prefix, &m.path, &m.path_regex]
-        .iter()
-        .filter(|p| p.is_some())
-        .count();
-    if paths > 1 {
-        return Err((
-            ".match".into(),
-            "give at most one of prefix, path, path_regex".into(),
-        ));
-    }
-    if let Some(p) = &m.prefix {
-        if !p.starts_with('/') {
-            return Err((".match.prefix".into(), "must start with '/'".into()));
-        }
-        // `/` matches everything: no condition needed.
-        if p != "/" {
-            out.push(Condition::PathPrefix(p.as_str().into()));
-        }
+    // `/` matches everything: no condition needed.
+    if let Some(p) = m.prefix.as_ref().filter(|p| p.as_str() != "/") {
+        out.push(Condition::PathPrefix(p.as_str().into()));
     }
     if let Some(p) = &m.path {
-        if !p.starts_with('/') {
-            return Err((".match.path".into(), "must start with '/'".into()));
-        }
         out.push(Condition::PathExact(p.as_str().into()));
     }
     if let Some(p) = &m.path_regex {
@@ -283,15 +271,12 @@ fn conditions(m: &RouteMatch) -> Result<Vec<Condition>, FieldError> {
         out.push(Condition::PathRegex(re));
     }
     if let Some(method) = &m.method {
-        let parsed = Method::from_bytes(method.as_bytes())
-            .ok()
-            .filter(|_| method.bytes().all(|b| b.is_ascii_uppercase()))
-            .ok_or_else(|| {
-                (
-                    ".match.method".to_owned(),
-                    format!("`{method}` is not an uppercase HTTP method"),
-                )
-            })?;
+        let parsed = Method::from_bytes(method.as_bytes()).ok().ok_or_else(|| {
+            (
+                ".match.method".to_owned(),
+                format!("`{method}` is not an uppercase HTTP method"),
+            )
+        })?;
         out.push(Condition::HttpRequestMethod(vec![parsed]));
     }
     for (k, h) in m.headers.iter().enumerate() {
@@ -307,18 +292,6 @@ fn header(h: &HeaderMatchConfig) -> Result<Condition, FieldError> {
             format!("`{}` is not a header name", h.name),
         )
     })?;
-    let given = [
-        h.exact.is_some(),
-        h.prefix.is_some(),
-        h.regex.is_some(),
-        h.present,
-    ];
-    if given.iter().filter(|g| **g).count() != 1 {
-        return Err((
-            String::new(),
-            "give exactly one of exact, prefix, regex, present = true".into(),
-        ));
-    }
     let matcher = match (&h.exact, &h.prefix, &h.regex) {
         (Some(e), _, _) => HeaderMatch::Exact(e.as_str().into()),
         (_, Some(p), _) => HeaderMatch::Prefix(p.as_str().into()),

@@ -192,11 +192,7 @@ impl FromStr for HostPattern {
     }
 }
 
-/// Longest regular expression accepted (App Mesh allows 255; Envoy's default program size caps
-/// the rest).
-pub const MAX_REGEX_LEN: usize = 1024;
-/// Compiled-program ceiling per regex, so one config line cannot take megabytes.
-const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+pub use trellis_core::route_spec::MAX_REGEX_LEN;
 
 /// A regular expression that must match the whole input (Envoy `safe_regex`, App Mesh `regex`).
 /// RE2 semantics from the `regex` crate: linear time in the input, no backtracking blow-up.
@@ -229,16 +225,12 @@ impl FromStr for RegexPattern {
     type Err = PatternError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.is_empty() {
-            return Err(PatternError::Empty);
-        }
-        if s.len() > MAX_REGEX_LEN {
-            return Err(PatternError::RegexTooLong);
-        }
-        let re = regex::RegexBuilder::new(&format!("^(?:{s})$"))
-            .size_limit(REGEX_SIZE_LIMIT)
-            .build()
-            .map_err(|e| PatternError::Regex(e.to_string()))?;
+        use trellis_core::route_spec::{RegexError, whole_match_regex};
+        let re = whole_match_regex(s).map_err(|e| match e {
+            RegexError::Empty => PatternError::Empty,
+            RegexError::TooLong => PatternError::RegexTooLong,
+            RegexError::Bad(m) => PatternError::Regex(m),
+        })?;
         Ok(Self { re, text: s.into() })
     }
 }
