@@ -22,6 +22,10 @@ pub struct EndpointSet {
     /// [`crate::intentions`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// The service's `trellis:` service attributes: routes its callers' sidecars apply (see
+    /// [`crate::route_spec`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +98,7 @@ mod tests {
                 ep("b", HealthStatus::Unhealthy),
             ],
             tags: BTreeMap::new(),
+            attributes: BTreeMap::new(),
         };
         assert_eq!(set.serving().count(), 1);
         set.endpoints[0].health = HealthStatus::Unhealthy;

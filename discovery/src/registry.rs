@@ -285,10 +285,17 @@ impl State {
                     (s.namespace_id.clone(), s.name.to_ascii_lowercase()),
                     s.id.clone(),
                 );
+                let floor = self.floor;
                 match self.services.get_mut(&s.id) {
                     Some(e) => {
                         e.revision = e.revision.max(s.revision);
+                        // Mesh attributes travel with the endpoint set: watchers hear of a change.
+                        let moved = !mesh_attributes(&e.service.attributes)
+                            .eq(mesh_attributes(&s.attributes));
                         e.service = s;
+                        if moved {
+                            bump(e, floor);
+                        }
                     }
                     None => {
                         let revision = match self.floor {
@@ -438,6 +445,11 @@ impl State {
             bump(e, floor);
         }
     }
+}
+
+/// A service's `trellis:` attributes (pushed routes), which its endpoint set carries.
+fn mesh_attributes(a: &BTreeMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
+    a.iter().filter(|(k, _)| k.starts_with("trellis:"))
 }
 
 fn bump(e: &mut ServiceEntry, floor: Option<u64>) {
@@ -679,6 +691,9 @@ impl Registry {
                 revision: e.revision,
                 endpoints,
                 tags,
+                attributes: mesh_attributes(&e.service.attributes)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             },
             rx,
         ))

@@ -1310,3 +1310,59 @@ async fn active_https_checks_complete_a_tls_handshake() {
     );
     server.shutdown().await;
 }
+
+/// Pushed routes: `trellis:` service attributes travel with the endpoint set and move its revision
+/// (watchers hear of them); other attributes do neither. A bad route is refused, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_service_attributes_travel_with_the_endpoint_set() {
+    let server = start(None).await;
+    let addr = server.api_addr;
+    let (_, svc) = setup(addr, "attrs.local", serde_json::json!({})).await;
+    register(addr, &svc, "a", "127.0.0.1", 8080).await;
+    let (_, set) = watch(addr, "attrs.local/api").await;
+    let first = set.unwrap();
+    assert!(first.attributes.is_empty());
+
+    let set_attrs = |attrs: serde_json::Value| {
+        api(
+            addr,
+            "UpdateServiceAttributes",
+            serde_json::json!({"ServiceId": svc, "Attributes": attrs}),
+        )
+    };
+    let (s, _) = set_attrs(serde_json::json!({"team": "core"})).await;
+    assert_eq!(s, 200);
+    let (_, same) = watch(
+        addr,
+        &format!("attrs.local/api?revision={}&wait=200ms", first.revision),
+    )
+    .await;
+    let same = same.unwrap();
+    assert_eq!(same.revision, first.revision, "a plain attribute moved it");
+    assert!(same.attributes.is_empty());
+
+    let route = r#"{"match":{"prefix":"/v2"},"targets":[{"cluster":"api-v2"}]}"#;
+    let (s, _) = set_attrs(serde_json::json!({"trellis:route:v2": route})).await;
+    assert_eq!(s, 200);
+    let (_, moved) = watch(
+        addr,
+        &format!("attrs.local/api?revision={}&wait=5s", first.revision),
+    )
+    .await;
+    let moved = moved.unwrap();
+    assert!(moved.revision > first.revision);
+    assert_eq!(
+        moved.attributes,
+        [("trellis:route:v2".to_owned(), route.to_owned())].into()
+    );
+
+    let (s, body) = set_attrs(serde_json::json!({"trellis:route:x": "{\"targets\": []}"})).await;
+    assert_eq!(s, 400);
+    assert_eq!(body["__type"], "InvalidInput");
+    let msg = body["message"]
+        .as_str()
+        .or(body["Message"].as_str())
+        .unwrap_or_default();
+    assert!(msg.contains("trellis:route:x.targets"), "{body}");
+    server.shutdown().await;
+}

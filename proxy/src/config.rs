@@ -319,7 +319,7 @@ impl Destination {
 }
 
 /// One outbound route (App Mesh `httpRoute` parity).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// The upstream whose traffic this route takes (its `Host` names on the egress listener and

@@ -34,6 +34,7 @@ pub mod intercept;
 pub mod lb;
 mod listener;
 mod live_intentions;
+mod live_routes;
 mod metrics;
 mod outbound;
 mod outlier;

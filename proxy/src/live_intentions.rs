@@ -141,6 +141,7 @@ mod tests {
                 "lb".to_owned(),
             )]
             .into(),
+            attributes: Default::default(),
         };
         let sink = OwnServiceSink(Arc::clone(&live));
         sink.apply(&set);

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub authz_denied: IntCounter,
     pub connections_rejected: IntCounter,
     pub cert_expiry: IntGauge,
+    pub pushed_routes: IntGauge,
+    pub pushed_routes_rejected: IntCounter,
 }
 
 /// Handles for one upstream cluster (or the inbound app), resolved once.
@@ -116,6 +118,15 @@ impl Metrics {
                 "Expiry of the current leaf certificate",
             )
             .unwrap_or_else(|_| unreachable!("static metric definition")),
+            pushed_routes: IntGauge::new(
+                "trellis_proxy_pushed_routes",
+                "Outbound routes pushed from the control plane (service attributes) in effect",
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            pushed_routes_rejected: counter(
+                "trellis_proxy_pushed_routes_rejected_total",
+                "Route pushes this sidecar refused (the routes before them stay)",
+            ),
             registry,
         };
         for c in [
@@ -129,6 +140,8 @@ impl Metrics {
             Box::new(m.authz_denied.clone()),
             Box::new(m.connections_rejected.clone()),
             Box::new(m.cert_expiry.clone()),
+            Box::new(m.pushed_routes.clone()),
+            Box::new(m.pushed_routes_rejected.clone()),
         ] {
             // Names are unique by construction; a duplicate would be a programming error caught by tests.
             let _ = m.registry.register(c);

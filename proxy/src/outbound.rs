@@ -15,7 +15,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, Method, Request};
 
-use trellis_core::route_spec::check_targets;
+use trellis_core::route_spec::{ROUTE_ATTRIBUTE_PREFIX, check_targets};
 
 use crate::config::{HeaderMatchConfig, OutboundConfig, Protocol, RouteConfig, RouteMatch};
 use crate::error::ConfigError;
@@ -136,12 +136,25 @@ impl Router {
 
 /// Compiles `[[outbound.routes]]` into one table per upstream. Errors name the key.
 pub fn compile(outbound: &OutboundConfig) -> Result<RouteTables, ConfigError> {
+    compile_with(outbound, None)
+}
+
+/// [`compile`] onto the target slots of a running sidecar: the attribute subsets are `known` (their
+/// clusters exist), and a route that needs another one is refused.
+pub fn compile_with(
+    outbound: &OutboundConfig,
+    known: Option<&[Subset]>,
+) -> Result<RouteTables, ConfigError> {
     let ups = &outbound.upstreams;
     let position = |name: &str| ups.iter().position(|u| u.service.as_str() == name);
     let mut rules: Vec<Vec<Rule>> = vec![Vec::new(); ups.len()];
-    let mut subsets: Vec<Subset> = Vec::new();
+    let mut subsets: Vec<Subset> = known.map(<[Subset]>::to_vec).unwrap_or_default();
     for (i, r) in outbound.routes.iter().enumerate() {
-        let key = |field: &str| format!("outbound.routes[{i}]{field}");
+        // A pushed route is named by its service attribute (`trellis:route:v2`).
+        let key = |field: &str| match r.name.as_deref() {
+            Some(n) if n.starts_with(ROUTE_ATTRIBUTE_PREFIX) => format!("{n}{field}"),
+            _ => format!("outbound.routes[{i}]{field}"),
+        };
         let invalid = |field: &str, problem: String| ConfigError::Invalid {
             key: key(field),
             problem,
@@ -175,7 +188,8 @@ pub fn compile(outbound: &OutboundConfig) -> Result<RouteTables, ConfigError> {
             priority,
             conditions,
             action: Action::Forward(
-                forward(r, &position, ups.len(), &mut subsets).map_err(|(f, p)| invalid(&f, p))?,
+                forward(r, &position, ups.len(), &mut subsets, known.is_some())
+                    .map_err(|(f, p)| invalid(&f, p))?,
             ),
         });
     }
@@ -215,6 +229,7 @@ fn forward(
     position: &dyn Fn(&str) -> Option<usize>,
     upstreams: usize,
     subsets: &mut Vec<Subset>,
+    fixed: bool,
 ) -> Result<Forward, FieldError> {
     let mut groups = Vec::with_capacity(r.targets.len());
     for (j, t) in r.targets.iter().enumerate() {
@@ -235,6 +250,16 @@ fn forward(
             };
             let i = match subsets.iter().position(|s| *s == subset) {
                 Some(i) => i,
+                None if fixed => {
+                    return Err((
+                        field("attributes"),
+                        format!(
+                            "subset `{}` has no cluster in this sidecar (subsets are made at start, \
+                             from the configured routes); restart to add it",
+                            subset_name(t.cluster.as_str(), &t.attributes)
+                        ),
+                    ));
+                }
                 None => {
                     subsets.push(subset);
                     subsets.len() - 1

@@ -37,11 +37,12 @@ use crate::error::{ProxyError, StartError};
 use crate::forward::{ForwardPolicy, Target, error_response, forward};
 use crate::listener::{AcceptContext, bind_reuseport, spawn_accept};
 use crate::live_intentions::{LiveIntentions, OwnServiceSink};
+use crate::live_routes::{LiveRoutes, UpstreamSink};
 use crate::metrics::Metrics;
 use crate::outbound::{Router, Subset, compile as compile_routes, subset_name};
 use crate::server::{HttpMode, serve};
 use crate::tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, client_config};
-use crate::watch::{self, WatchTarget};
+use crate::watch::{self, WatchSink, WatchTarget};
 
 /// Name of the cluster holding the local app behind the inbound listener.
 pub const APP_CLUSTER: &str = "local_app";
@@ -58,7 +59,7 @@ pub struct Running {
     clusters: HashMap<String, Arc<Cluster>>,
     intentions: Arc<LiveIntentions>,
     identity: Option<Arc<Identity>>,
-    router: Arc<Router>,
+    routes: Arc<LiveRoutes>,
     /// Upstream service names in config order, and the route subsets after them (what the route
     /// tables' target slots index).
     upstreams: Vec<String>,
@@ -123,20 +124,8 @@ impl Running {
                 Err(e) => tracing::warn!(error = %e, "control_plane.trust_bundle not reloaded"),
             }
         }
-        let same_upstreams = config
-            .outbound
-            .upstreams
-            .iter()
-            .map(|u| u.service.as_str())
-            .eq(self.upstreams.iter().map(String::as_str));
-        match compile_routes(&config.outbound) {
-            Ok(tables) if same_upstreams && tables.subsets() == self.subsets.as_slice() => {
-                self.router.swap(tables)
-            }
-            Ok(_) => tracing::warn!(
-                "outbound.upstreams or route subsets changed: routes kept; restart to apply"
-            ),
-            Err(e) => tracing::warn!(error = %e, "outbound.routes not reloaded"),
+        if let Err(e) = self.routes.set_configured(&config.outbound) {
+            tracing::warn!(error = %e, "outbound.routes not reloaded");
         }
         self.admin
             .config_json
@@ -243,7 +232,6 @@ pub async fn start_with(
             r,
             metrics.upstream(&name),
         ));
-        feed(&cluster, u, &config, &cp_transport, &watch_stop);
         clusters.insert(name.clone(), Arc::clone(&cluster));
         let (client, tcp_tls) = match (&identity, u.danger_plaintext) {
             (Some(id), false) => {
@@ -285,12 +273,41 @@ pub async fn start_with(
             Cluster::new(&name, balancer(u.balancer), r, metrics.upstream(&name))
                 .with_subset(sub.attributes.clone()),
         );
-        feed(&cluster, u, &config, &cp_transport, &watch_stop);
+        let sink = || Arc::clone(&cluster);
+        feed(&cluster, sink, u, &config, &cp_transport, &watch_stop);
         clusters.insert(name, Arc::clone(&cluster));
         targets.push(Target { cluster, ..base });
     }
     let subsets = tables.subsets().to_vec();
+    let upstream_clusters: Vec<Arc<Cluster>> = targets
+        .iter()
+        .take(config.outbound.upstreams.len())
+        .map(|t| Arc::clone(&t.cluster))
+        .collect();
     let router = Arc::new(Router::new(tables, targets));
+    // Each upstream's watch also brings the routes its service pushes.
+    let routes = Arc::new(LiveRoutes::new(
+        config.outbound.clone(),
+        subsets.clone(),
+        Arc::clone(&router),
+        metrics.clone(),
+    ));
+    for (pos, (u, cluster)) in config
+        .outbound
+        .upstreams
+        .iter()
+        .zip(&upstream_clusters)
+        .enumerate()
+    {
+        let sink = || {
+            Arc::new(UpstreamSink {
+                cluster: Arc::clone(cluster),
+                routes: Arc::clone(&routes),
+                upstream: pos,
+            })
+        };
+        feed(cluster, sink, u, &config, &cp_transport, &watch_stop);
+    }
 
     // Per-upstream local listeners.
     let mut upstream_addrs = BTreeMap::new();
@@ -527,7 +544,7 @@ pub async fn start_with(
         clusters,
         intentions,
         identity,
-        router,
+        routes,
         subsets,
         upstreams: config
             .outbound
@@ -556,9 +573,10 @@ fn deregistration(config: &Config, transport: &Transport) -> Option<Deregistrati
 }
 
 /// Gives `cluster` (upstream `u`'s, or a subset of it) its endpoints: the static cluster's (those
-/// the cluster accepts), or a discovery watch until `stop`.
-fn feed(
+/// the cluster accepts), or a discovery watch into `sink` until `stop`.
+fn feed<S: WatchSink>(
     cluster: &Arc<Cluster>,
+    sink: impl FnOnce() -> Arc<S>,
     u: &UpstreamConfig,
     config: &Config,
     transport: &Transport,
@@ -577,7 +595,7 @@ fn feed(
             wait: cp.watch_wait,
             transport: transport.clone(),
         };
-        tokio::spawn(watch::run(target, Arc::clone(cluster), stop.clone()));
+        tokio::spawn(watch::run(target, sink(), stop.clone()));
     }
 }
 

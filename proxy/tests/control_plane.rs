@@ -491,3 +491,126 @@ async fn intentions_pushed_as_service_tags() {
     sc.wait().await;
     server.shutdown().await;
 }
+
+/// Routes pushed from the control plane: a `trellis:route:<name>` service attribute on `api`,
+/// set with UpdateServiceAttributes, replaces the sidecar's routes for `api` within a watch round
+/// trip; deleting it restores the configured ones. A route the control plane finds bad is refused
+/// there (InvalidInput naming the attribute); one only this sidecar cannot apply (a target that is
+/// not its upstream) is refused by the sidecar, counted, and the routes before it stay.
+#[tokio::test]
+async fn routes_pushed_as_service_attributes() {
+    let server = Server::start(ServerConfig::new("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let cp = server.api_addr;
+    let plain = trellis_ca::cp_client::Transport::plain();
+    let svcs =
+        cp_fixtures::namespace_with_services(&plain, cp, "my-app.local", &["api", "api-v2"]).await;
+    let (api_id, v2_id) = (
+        svcs[0]["Id"].as_str().unwrap().to_owned(),
+        svcs[1]["Id"].as_str().unwrap().to_owned(),
+    );
+    let (v1, v2) = (app("v1", None).await, app("v2", None).await);
+    register(cp, &api_id, "v1", v1.addr).await;
+    register(cp, &v2_id, "v2", v2.addr).await;
+
+    let toml = format!(
+        "{}\n[control_plane]\naddress = \"{cp}\"\nwatch_wait = \"5s\"\n\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}, {{ service = \"api-v2\", danger_plaintext = true }}]\n",
+        base()
+    );
+    let (sc, stop) = sidecar(&toml).await;
+    wait_ready(sc.admin_addr).await;
+    let port = sc.upstream_addrs["api"];
+    let c = h1_client();
+    let at = |path: &'static str| {
+        let c = c.clone();
+        async move { get(&c, &format!("http://{port}{path}")).await.1 }
+    };
+    let until = |path: &'static str, want: &'static str| async move {
+        let mut last = String::new();
+        for _ in 0..100 {
+            last = at(path).await;
+            if last == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{path} answered by {last}, expected {want} within 5 s");
+    };
+    assert_eq!(at("/v2/x").await, "v1");
+
+    // The control plane sends /v2 to api-v2.
+    let route =
+        r#"{"priority": 10, "match": {"prefix": "/v2"}, "targets": [{"cluster": "api-v2"}]}"#;
+    api(
+        cp,
+        "UpdateServiceAttributes",
+        serde_json::json!({"ServiceId": api_id, "Attributes": {"trellis:route:v2": route, "team": "core"}}),
+    )
+    .await;
+    until("/v2/x", "v2").await;
+    assert_eq!(at("/other").await, "v1");
+
+    // Bad where it is set: refused by the API, naming the attribute and the field.
+    let req = http::Request::post(format!("http://{cp}/"))
+        .header(
+            "x-amz-target",
+            "Route53AutoNaming_v20170314.UpdateServiceAttributes",
+        )
+        .header("content-type", "application/x-amz-json-1.1")
+        .body(support::body(
+            serde_json::json!({"ServiceId": api_id, "Attributes": {"trellis:route:bad": r#"{"match": {"prefix": "v3"}, "targets": [{"cluster": "api"}]}"#}})
+                .to_string(),
+        ))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("InvalidInput") && text.contains("trellis:route:bad.match.prefix"),
+        "{text}"
+    );
+
+    // Fine for the control plane, not for this sidecar (no such upstream): refused here, counted,
+    // and /v2 keeps going to api-v2.
+    let elsewhere = r#"{"match": {"prefix": "/v3"}, "targets": [{"cluster": "billing"}]}"#;
+    api(
+        cp,
+        "UpdateServiceAttributes",
+        serde_json::json!({"ServiceId": api_id, "Attributes": {"trellis:route:v3": elsewhere}}),
+    )
+    .await;
+    let metrics = format!("http://{}/metrics", sc.admin_addr);
+    let mut refused = false;
+    for _ in 0..100 {
+        let text = String::from_utf8_lossy(&get(&c, &metrics).await.2).into_owned();
+        if text.contains("trellis_proxy_pushed_routes_rejected_total 1") {
+            assert!(text.contains("trellis_proxy_pushed_routes 1"), "{text}");
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        refused,
+        "the push naming billing was not refused: {:?}",
+        get(&c, &metrics).await.2
+    );
+    assert_eq!(at("/v2/x").await, "v2");
+    assert_eq!(at("/v3/x").await, "v1");
+
+    // Withdrawn: the configured routes (none) again.
+    api(
+        cp,
+        "DeleteServiceAttributes",
+        serde_json::json!({"ServiceId": api_id, "Attributes": ["trellis:route:v2", "trellis:route:v3"]}),
+    )
+    .await;
+    until("/v2/x", "v1").await;
+    let text = get(&c, &metrics).await.2;
+    assert!(String::from_utf8_lossy(&text).contains("trellis_proxy_pushed_routes 0"));
+    stop.cancel();
+    sc.wait().await;
+    server.shutdown().await;
+}

@@ -563,6 +563,11 @@ fn update_service_attributes(
     let _w = reg.writer();
     let mut svc = service(&reg.read(), &req.service_id)?.service.clone();
     svc.attributes.extend(req.attributes);
+    // Pushed routes are checked as a whole (priorities are unique across them).
+    trellis_core::route_spec::pushed_routes(
+        svc.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(ApiError::InvalidInput)?;
     if svc.attributes.len() > MAX_SERVICE_ATTRIBUTES {
         return Err(ApiError::ServiceAttributesLimitExceeded(format!(
             "Service {} would have {} attributes; at most {MAX_SERVICE_ATTRIBUTES}",

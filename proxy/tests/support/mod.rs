@@ -165,6 +165,7 @@ pub async fn control_plane(namespace: &str, service: &str) -> ControlPlane {
         revision: 0,
         endpoints: vec![],
         tags: Default::default(),
+        attributes: Default::default(),
     });
     let stop = CancellationToken::new();
     let s = stop.clone();
