@@ -543,16 +543,22 @@ fn get_service_attributes(reg: &Registry, req: ServiceIdOnly) -> Result<Value, A
     }}))
 }
 
-fn update_service_attributes(
-    reg: &Registry,
-    req: UpdateServiceAttributes,
-) -> Result<Value, ApiError> {
-    max_len("ServiceId", &req.service_id, 255)?;
-    if req.attributes.is_empty() || req.attributes.len() > MAX_SERVICE_ATTRIBUTES {
+/// The bounds an attributes update or delete shares: the service id, 1–30 entries.
+fn attributes_request(service_id: &str, entries: usize) -> Result<(), ApiError> {
+    max_len("ServiceId", service_id, 255)?;
+    if entries == 0 || entries > MAX_SERVICE_ATTRIBUTES {
         return Err(ApiError::InvalidInput(format!(
             "Attributes must hold 1-{MAX_SERVICE_ATTRIBUTES} entries"
         )));
     }
+    Ok(())
+}
+
+fn update_service_attributes(
+    reg: &Registry,
+    req: UpdateServiceAttributes,
+) -> Result<Value, ApiError> {
+    attributes_request(&req.service_id, req.attributes.len())?;
     for (k, v) in &req.attributes {
         if k.is_empty() || k.len() > 255 || v.len() > 1024 {
             return Err(ApiError::InvalidInput(format!(
@@ -583,12 +589,7 @@ fn delete_service_attributes(
     reg: &Registry,
     req: DeleteServiceAttributes,
 ) -> Result<Value, ApiError> {
-    max_len("ServiceId", &req.service_id, 255)?;
-    if req.attributes.is_empty() || req.attributes.len() > MAX_SERVICE_ATTRIBUTES {
-        return Err(ApiError::InvalidInput(format!(
-            "Attributes must list 1-{MAX_SERVICE_ATTRIBUTES} keys"
-        )));
-    }
+    attributes_request(&req.service_id, req.attributes.len())?;
     let _w = reg.writer();
     let mut svc = service(&reg.read(), &req.service_id)?.service.clone();
     // Keys the service does not have are not an error (as in Cloud Map).
