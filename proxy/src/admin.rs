@@ -1,5 +1,6 @@
 //! The admin listener (default 127.0.0.1:9901): `/metrics`, `/ready`, `/live`, `/config` (secrets
-//! redacted), `/clusters` (endpoints, health, outlier state).
+//! redacted), `/clusters` (endpoints, health, outlier state), `/routes` (the outbound routes in
+//! effect, configured or pushed, by upstream).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +43,8 @@ pub struct Admin {
     /// The running config, redacted, as JSON.
     pub config_json: ArcSwap<String>,
     pub clusters: ArcSwap<Vec<Arc<Cluster>>>,
+    /// The outbound routes in effect, as JSON (kept by [`crate::live_routes::LiveRoutes`]).
+    pub routes_json: Arc<ArcSwap<String>>,
 }
 
 impl Admin {
@@ -73,6 +76,7 @@ impl Admin {
                 r
             }
             "/config" => json(self.config_json.load().as_str().to_owned()),
+            "/routes" => json(self.routes_json.load().as_str().to_owned()),
             "/clusters" => {
                 let status: Vec<_> = self.clusters.load().iter().map(|c| c.status()).collect();
                 json(serde_json::to_string_pretty(&status).unwrap_or_default())
@@ -108,6 +112,7 @@ mod tests {
             health: Arc::new(Health::default()),
             config_json: ArcSwap::from_pointee("{}".into()),
             clusters: ArcSwap::from_pointee(Vec::new()),
+            routes_json: Arc::new(ArcSwap::from_pointee("{}".into())),
         };
         let get = |p: &str| admin.handle(&Request::get(p).body(()).unwrap()).status();
         assert_eq!(get("/live"), StatusCode::OK);

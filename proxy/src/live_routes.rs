@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use trellis_core::EndpointSet;
 use trellis_core::route_spec::{ROUTE_ATTRIBUTE_PREFIX, pushed_routes};
@@ -27,6 +28,8 @@ pub struct LiveRoutes {
     state: Mutex<State>,
     router: Arc<Router>,
     metrics: Metrics,
+    /// What the admin's `/routes` shows: the routes in effect, by upstream.
+    view: Arc<ArcSwap<String>>,
 }
 
 impl std::fmt::Debug for LiveRoutes {
@@ -65,10 +68,37 @@ impl State {
         out
     }
 
-    fn compile_into(&self, router: &Router) -> Result<(), ConfigError> {
-        let tables = compile_with(&self.effective(), Some(&self.subsets))?;
+    fn compile_into(&self, router: &Router, view: &ArcSwap<String>) -> Result<(), ConfigError> {
+        let effective = self.effective();
+        let tables = compile_with(&effective, Some(&self.subsets))?;
         router.swap(tables);
+        view.store(Arc::new(self.view_json(&effective)));
         Ok(())
+    }
+
+    /// `{"api": {"source": "pushed", "routes": [...]}, ...}`, in upstream order.
+    fn view_json(&self, effective: &OutboundConfig) -> String {
+        let by_upstream: serde_json::Map<String, serde_json::Value> = effective
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(u, up)| {
+                let pushed = self.pushed.get(u).is_some_and(Option::is_some);
+                let routes: Vec<&RouteConfig> = effective
+                    .routes
+                    .iter()
+                    .filter(|r| r.upstream == up.service)
+                    .collect();
+                (
+                    up.service.to_string(),
+                    serde_json::json!({
+                        "source": if pushed { "pushed" } else { "configured" },
+                        "routes": routes,
+                    }),
+                )
+            })
+            .collect();
+        serde_json::to_string_pretty(&by_upstream).unwrap_or_default()
     }
 }
 
@@ -79,16 +109,20 @@ impl LiveRoutes {
         subsets: Vec<Subset>,
         router: Arc<Router>,
         metrics: Metrics,
+        view: Arc<ArcSwap<String>>,
     ) -> Self {
         let pushed = vec![None; configured.upstreams.len()];
+        let state = State {
+            configured,
+            pushed,
+            subsets,
+        };
+        view.store(Arc::new(state.view_json(&state.effective())));
         Self {
-            state: Mutex::new(State {
-                configured,
-                pushed,
-                subsets,
-            }),
+            state: Mutex::new(state),
             router,
             metrics,
+            view,
         }
     }
 
@@ -105,7 +139,7 @@ impl LiveRoutes {
             return Err("outbound.upstreams changed: routes kept; restart to apply".into());
         }
         let before = std::mem::replace(&mut st.configured, outbound.clone());
-        if let Err(e) = st.compile_into(&self.router) {
+        if let Err(e) = st.compile_into(&self.router, &self.view) {
             st.configured = before;
             return Err(e.to_string());
         }
@@ -141,7 +175,7 @@ impl LiveRoutes {
             return;
         }
         let before = std::mem::replace(&mut st.pushed[u], routes);
-        match st.compile_into(&self.router) {
+        match st.compile_into(&self.router, &self.view) {
             Ok(()) => {
                 let n = st.pushed.iter().flatten().map(Vec::len).sum::<usize>();
                 self.metrics.pushed_routes.set(n as i64);

@@ -286,11 +286,13 @@ pub async fn start_with(
         .collect();
     let router = Arc::new(Router::new(tables, targets));
     // Each upstream's watch also brings the routes its service pushes.
+    let routes_json = Arc::new(ArcSwap::from_pointee(String::new()));
     let routes = Arc::new(LiveRoutes::new(
         config.outbound.clone(),
         subsets.clone(),
         Arc::clone(&router),
         metrics.clone(),
+        Arc::clone(&routes_json),
     ));
     for (pos, (u, cluster)) in config
         .outbound
@@ -467,6 +469,7 @@ pub async fn start_with(
         health: Arc::clone(&health),
         config_json: ArcSwap::from_pointee(config.redacted_json()),
         clusters: ArcSwap::from_pointee(clusters.values().cloned().collect()),
+        routes_json,
     });
     let listeners = bind_reuseport(config.admin.listen, 1).map_err(|source| StartError::Bind {
         what: "admin listener",

@@ -550,6 +550,13 @@ async fn routes_pushed_as_service_attributes() {
     .await;
     until("/v2/x", "v2").await;
     assert_eq!(at("/other").await, "v1");
+    // The admin shows the routes in effect and where they came from.
+    let routes_url = format!("http://{}/routes", sc.admin_addr);
+    let view: serde_json::Value = serde_json::from_slice(&get(&c, &routes_url).await.2).unwrap();
+    assert_eq!(view["api"]["source"], "pushed", "{view}");
+    assert_eq!(view["api"]["routes"][0]["name"], "trellis:route:v2");
+    assert_eq!(view["api"]["routes"][0]["match"]["prefix"], "/v2");
+    assert_eq!(view["api-v2"]["source"], "configured");
 
     // Bad where it is set: refused by the API, naming the attribute and the field.
     let req = http::Request::post(format!("http://{cp}/"))
@@ -608,6 +615,9 @@ async fn routes_pushed_as_service_attributes() {
     )
     .await;
     until("/v2/x", "v1").await;
+    let view: serde_json::Value = serde_json::from_slice(&get(&c, &routes_url).await.2).unwrap();
+    assert_eq!(view["api"]["source"], "configured", "{view}");
+    assert_eq!(view["api"]["routes"], serde_json::json!([]));
     let text = get(&c, &metrics).await.2;
     assert!(String::from_utf8_lossy(&text).contains("trellis_proxy_pushed_routes 0"));
     stop.cancel();
