@@ -46,6 +46,9 @@ struct State {
     configured: OutboundConfig,
     /// By upstream position: the routes its service pushes, if any.
     pushed: Vec<Option<Vec<RouteConfig>>>,
+    /// By upstream position: the route attributes last heard (applied or refused), so that a
+    /// watch answer for other reasons (endpoints) does not redo or re-report them.
+    heard: Vec<BTreeMap<String, String>>,
     /// The target slots made at start (their clusters exist).
     subsets: Vec<Subset>,
 }
@@ -112,9 +115,11 @@ impl LiveRoutes {
         view: Arc<ArcSwap<String>>,
     ) -> Self {
         let pushed = vec![None; configured.upstreams.len()];
+        let heard = vec![BTreeMap::new(); configured.upstreams.len()];
         let state = State {
             configured,
             pushed,
+            heard,
             subsets,
         };
         view.store(Arc::new(state.view_json(&state.effective())));
@@ -152,6 +157,16 @@ impl LiveRoutes {
         let Some(upstream) = st.configured.upstreams.get(u).map(|c| c.service.clone()) else {
             return;
         };
+        let heard: BTreeMap<String, String> = attributes
+            .iter()
+            .filter(|(k, _)| k.starts_with(ROUTE_ATTRIBUTE_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        match st.heard.get_mut(u) {
+            Some(h) if *h == heard => return,
+            Some(h) => *h = heard,
+            None => return,
+        }
         let routes = match pushed_routes(attributes.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
             Ok(r) => r.map(|routes| {
                 routes
@@ -254,6 +269,7 @@ mod tests {
         let st = State {
             configured,
             pushed: vec![Some(pushed), None, None],
+            heard: vec![BTreeMap::new(); 3],
             subsets: vec![],
         };
         let eff = st.effective();

@@ -606,6 +606,22 @@ async fn routes_pushed_as_service_attributes() {
     );
     assert_eq!(at("/v2/x").await, "v2");
     assert_eq!(at("/v3/x").await, "v1");
+    // A watch answer for another reason (a new api instance) does not re-report the same push.
+    let v1b = app("v1", None).await;
+    register(cp, &api_id, "v1b", v1b.addr).await;
+    for _ in 0..100 {
+        if v1b.hits.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            break;
+        }
+        at("/other").await;
+    }
+    assert!(v1b.hits.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    let text = get(&c, &metrics).await.2;
+    assert!(
+        String::from_utf8_lossy(&text).contains("trellis_proxy_pushed_routes_rejected_total 1"),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
 
     // Withdrawn: the configured routes (none) again.
     api(
