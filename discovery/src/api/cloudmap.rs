@@ -1099,6 +1099,24 @@ mod tests {
     }
 
     #[test]
+    fn every_known_action_is_dispatched() {
+        // The metrics' `action` label and the fuzzer take their names from this list.
+        let r = reg();
+        assert_eq!(
+            crate::http::KNOWN_ACTIONS.len(),
+            30,
+            "botocore's model has 30"
+        );
+        for action in crate::http::KNOWN_ACTIONS {
+            let got = call(&r, action, json!({}));
+            assert!(
+                !matches!(got, Err(ApiError::UnknownOperation(_))),
+                "{action} is listed but not dispatched"
+            );
+        }
+    }
+
+    #[test]
     fn wrong_types_and_unknown_actions_are_invalid_input() {
         let r = reg();
         assert!(matches!(
