@@ -33,10 +33,10 @@ pub const ROUTE_ATTRIBUTE_PREFIX: &str = "trellis:route:";
 pub const MAX_REGEX_LEN: usize = 1024;
 /// Compiled-program ceiling per regex, so one route cannot take megabytes.
 const REGEX_SIZE_LIMIT: usize = 256 * 1024;
-/// Route priorities, lowest first (as ALB's).
+/// Route and rule priorities, lowest first (as ALB's); the route engine's too.
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<u32> = 1..=50_000;
-/// The largest target weight.
-pub const MAX_WEIGHT: u32 = 999;
+/// The largest target weight (as ALB's); the route engine's too.
+pub const MAX_WEIGHT: u16 = 999;
 
 /// What a route matches; all given fields must match, none given matches every request.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -209,7 +209,7 @@ pub fn check_targets(targets: &[RouteTarget]) -> Result<(), FieldError> {
         return Err((".targets".into(), "give at least one target".into()));
     }
     for (j, t) in targets.iter().enumerate() {
-        if t.weight > MAX_WEIGHT {
+        if t.weight > u32::from(MAX_WEIGHT) {
             return Err((
                 format!(".targets[{j}].weight"),
                 format!("{} is above {MAX_WEIGHT}", t.weight),

@@ -296,7 +296,7 @@ fn conditions(m: &RouteMatch) -> Result<Vec<Condition>, FieldError> {
         out.push(Condition::PathRegex(re));
     }
     if let Some(method) = &m.method {
-        let parsed = Method::from_bytes(method.as_bytes()).ok().ok_or_else(|| {
+        let parsed = Method::from_bytes(method.as_bytes()).map_err(|_| {
             (
                 ".match.method".to_owned(),
                 format!("`{method}` is not an uppercase HTTP method"),

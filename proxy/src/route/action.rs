@@ -14,8 +14,7 @@ use super::request::RequestView;
 pub const STICKY_COOKIE: &str = "TRELLISTG";
 /// Largest fixed-response body, as ALB.
 pub const MAX_FIXED_BODY: usize = 1024;
-/// Largest weight of one target group in a forward action, as ALB.
-pub const MAX_WEIGHT: u16 = 999;
+pub use trellis_core::route_spec::MAX_WEIGHT;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

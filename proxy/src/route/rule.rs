@@ -6,8 +6,7 @@ use super::action::Action;
 use super::condition::Condition;
 use super::request::RequestView;
 
-/// Lowest and highest rule priority, as ALB.
-pub const PRIORITY_RANGE: std::ops::RangeInclusive<u32> = 1..=50_000;
+pub use trellis_core::route_spec::PRIORITY_RANGE;
 
 /// A rule priority, 1–50000; lower is evaluated first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
