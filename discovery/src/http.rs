@@ -334,9 +334,6 @@ pub(crate) const KNOWN_ACTIONS: &[&str] = &[
     "ListServices",
     "UpdateService",
     "DeleteService",
-    "GetServiceAttributes",
-    "UpdateServiceAttributes",
-    "DeleteServiceAttributes",
     "RegisterInstance",
     "DeregisterInstance",
     "GetInstance",
@@ -350,6 +347,10 @@ pub(crate) const KNOWN_ACTIONS: &[&str] = &[
     "TagResource",
     "UntagResource",
     "ListTagsForResource",
+    // Appended, not sorted in: a fuzz input's first byte picks the action by position.
+    "GetServiceAttributes",
+    "UpdateServiceAttributes",
+    "DeleteServiceAttributes",
 ];
 
 /// Accepts connections until `shutdown` flips to true, then returns once every connection has
