@@ -42,7 +42,8 @@ pub struct Admin {
     pub health: Arc<Health>,
     /// The running config, redacted, as JSON.
     pub config_json: ArcSwap<String>,
-    pub clusters: ArcSwap<Vec<Arc<Cluster>>>,
+    /// Shared with the live routes, which add attribute subsets as they make them.
+    pub clusters: Arc<ArcSwap<Vec<Arc<Cluster>>>>,
     /// The outbound routes in effect, as JSON (kept by [`crate::live_routes::LiveRoutes`]).
     pub routes_json: Arc<ArcSwap<String>>,
 }
@@ -111,7 +112,7 @@ mod tests {
             metrics: Metrics::new(),
             health: Arc::new(Health::default()),
             config_json: ArcSwap::from_pointee("{}".into()),
-            clusters: ArcSwap::from_pointee(Vec::new()),
+            clusters: Arc::default(),
             routes_json: Arc::new(ArcSwap::from_pointee("{}".into())),
         };
         let get = |p: &str| admin.handle(&Request::get(p).body(()).unwrap()).status();

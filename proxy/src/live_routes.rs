@@ -5,9 +5,12 @@
 //!
 //! Changes come from two sides, a reload and an upstream's watch, and are rare: they meet under a
 //! mutex here, compile, and are swapped into the [`Router`] whole, which the request path only
-//! loads. A push this sidecar cannot apply (a target that is not one of its upstreams, an
-//! attribute subset it has no cluster for) is refused with a warning and counted; the routes
-//! before it stay.
+//! loads. An attribute subset named for the first time (`{ cluster = "api", attributes = { version
+//! = "v2" } }`) gets its cluster and target slot before the tables that use it are swapped in, and
+//! starts from its upstream's last endpoint set, so its first requests find endpoints. Subset
+//! clusters are fed by their upstream's watch (one watch per upstream). A push this sidecar cannot
+//! apply (a target that is not one of its upstreams, more subsets than it keeps) is refused with a
+//! warning and counted; the routes before it stay.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,9 +23,16 @@ use trellis_core::route_spec::{ROUTE_ATTRIBUTE_PREFIX, pushed_routes};
 use crate::cluster::Cluster;
 use crate::config::{OutboundConfig, RouteConfig};
 use crate::error::ConfigError;
+use crate::forward::Target;
 use crate::metrics::Metrics;
 use crate::outbound::{Router, Subset, compile_with};
-use crate::watch::WatchSink;
+use crate::watch::{self, WatchSink};
+
+/// Makes the cluster of a new attribute subset: named, with its upstream's balancer and
+/// resilience settings, holding a static upstream's endpoints, then given the endpoints the live
+/// routes know (the second argument) before it is listed in the admin's `/clusters` (so readiness
+/// never sees it empty). A watched upstream's subsets are fed here afterwards.
+pub type SubsetClusters = Box<dyn Fn(&Subset, &dyn Fn(&Cluster)) -> Arc<Cluster> + Send + Sync>;
 
 pub struct LiveRoutes {
     state: Mutex<State>,
@@ -30,6 +40,7 @@ pub struct LiveRoutes {
     metrics: Metrics,
     /// What the admin's `/routes` shows: the routes in effect, by upstream.
     view: Arc<ArcSwap<String>>,
+    make_cluster: SubsetClusters,
 }
 
 impl std::fmt::Debug for LiveRoutes {
@@ -37,6 +48,7 @@ impl std::fmt::Debug for LiveRoutes {
         let st = self.state.lock();
         f.debug_struct("LiveRoutes")
             .field("pushed", &st.pushed)
+            .field("subsets", &st.subsets.len())
             .finish_non_exhaustive()
     }
 }
@@ -49,8 +61,10 @@ struct State {
     /// By upstream position: the route attributes last heard (applied or refused), so that a
     /// watch answer for other reasons (endpoints) does not redo or re-report them.
     heard: Vec<BTreeMap<String, String>>,
-    /// The target slots made at start (their clusters exist).
-    subsets: Vec<Subset>,
+    /// The attribute subsets with a target slot, in slot order, and their clusters.
+    subsets: Vec<(Subset, Arc<Cluster>)>,
+    /// By upstream position: the endpoint set its watch brought last (a new subset starts there).
+    last_sets: Vec<Option<EndpointSet>>,
 }
 
 impl State {
@@ -71,9 +85,48 @@ impl State {
         out
     }
 
-    fn compile_into(&self, router: &Router, view: &ArcSwap<String>) -> Result<(), ConfigError> {
+    /// Compiles the routes in effect, makes the subsets they name for the first time, and swaps
+    /// the tables in.
+    fn compile_into(
+        &mut self,
+        router: &Router,
+        view: &ArcSwap<String>,
+        make_cluster: &SubsetClusters,
+    ) -> Result<(), ConfigError> {
         let effective = self.effective();
-        let tables = compile_with(&effective, Some(&self.subsets))?;
+        let known: Vec<Subset> = self.subsets.iter().map(|(s, _)| s.clone()).collect();
+        let tables = compile_with(&effective, Some(&known))?;
+        for sub in tables.subsets().iter().skip(known.len()) {
+            let Some(base) = router.target(sub.upstream).cloned() else {
+                return Err(ConfigError::Invalid {
+                    key: "outbound.routes".into(),
+                    problem: format!("subset of upstream #{} which has no target", sub.upstream),
+                });
+            };
+            let last = self.last_sets.get(sub.upstream).and_then(Option::as_ref);
+            let seed = |cluster: &Cluster| match last {
+                Some(set) => watch::apply(cluster, set),
+                // Known to be empty (the control plane does not know the service).
+                None if base.cluster.is_loaded() && !cluster.is_loaded() => {
+                    cluster.update([], base.cluster.revision())
+                }
+                None => {}
+            };
+            let cluster = make_cluster(sub, &seed);
+            let slot = self.subsets.len();
+            let target = Target {
+                cluster: Arc::clone(&cluster),
+                ..base
+            };
+            if !router.add_subset(slot, target) {
+                return Err(ConfigError::Invalid {
+                    key: "outbound.routes".into(),
+                    problem: format!("subset slot {slot} is taken"),
+                });
+            }
+            tracing::info!(subset = %cluster.name(), "attribute subset added");
+            self.subsets.push((sub.clone(), cluster));
+        }
         router.swap(tables);
         view.store(Arc::new(self.view_json(&effective)));
         Ok(())
@@ -106,29 +159,40 @@ impl State {
 }
 
 impl LiveRoutes {
-    /// `subsets` are the ones `router`'s target slots were made for.
+    /// Compiles the configured routes onto `router` (whose slots hold the upstreams' targets),
+    /// making the attribute subsets they name with `make_cluster`.
     pub fn new(
         configured: OutboundConfig,
-        subsets: Vec<Subset>,
         router: Arc<Router>,
         metrics: Metrics,
         view: Arc<ArcSwap<String>>,
-    ) -> Self {
-        let pushed = vec![None; configured.upstreams.len()];
-        let heard = vec![BTreeMap::new(); configured.upstreams.len()];
-        let state = State {
+        make_cluster: SubsetClusters,
+    ) -> Result<Self, ConfigError> {
+        let n = configured.upstreams.len();
+        let mut state = State {
             configured,
-            pushed,
-            heard,
-            subsets,
+            pushed: vec![None; n],
+            heard: vec![BTreeMap::new(); n],
+            subsets: Vec::new(),
+            last_sets: vec![None; n],
         };
-        view.store(Arc::new(state.view_json(&state.effective())));
-        Self {
+        state.compile_into(&router, &view, &make_cluster)?;
+        Ok(Self {
             state: Mutex::new(state),
             router,
             metrics,
             view,
-        }
+            make_cluster,
+        })
+    }
+
+    /// The attribute subsets' clusters, with their upstream positions.
+    pub fn subset_clusters(&self) -> Vec<(usize, Arc<Cluster>)> {
+        let st = self.state.lock();
+        st.subsets
+            .iter()
+            .map(|(s, c)| (s.upstream, Arc::clone(c)))
+            .collect()
     }
 
     /// A reload's routes (same upstreams, else they are kept: the listeners and clusters are made
@@ -144,16 +208,36 @@ impl LiveRoutes {
             return Err("outbound.upstreams changed: routes kept; restart to apply".into());
         }
         let before = std::mem::replace(&mut st.configured, outbound.clone());
-        if let Err(e) = st.compile_into(&self.router, &self.view) {
+        if let Err(e) = st.compile_into(&self.router, &self.view, &self.make_cluster) {
             st.configured = before;
             return Err(e.to_string());
         }
         Ok(())
     }
 
-    /// What upstream `u`'s service pushes now (its endpoint set's attributes).
-    pub fn set_pushed(&self, u: usize, attributes: &BTreeMap<String, String>) {
+    /// Upstream `u`'s watch brought `set`: its subsets' endpoints, and the routes its service
+    /// pushes (the set's attributes).
+    pub fn upstream_set(&self, u: usize, set: &EndpointSet) {
         let mut st = self.state.lock();
+        if let Some(last) = st.last_sets.get_mut(u) {
+            *last = Some(set.clone());
+        }
+        for (_, cluster) in st.subsets.iter().filter(|(s, _)| s.upstream == u) {
+            watch::apply(cluster, set);
+        }
+        self.set_pushed(&mut st, u, &set.attributes);
+    }
+
+    /// The control plane does not know upstream `u`'s service (yet).
+    pub fn upstream_unknown(&self, u: usize) {
+        let st = self.state.lock();
+        for (_, cluster) in st.subsets.iter().filter(|(s, _)| s.upstream == u) {
+            WatchSink::unknown(&**cluster);
+        }
+    }
+
+    /// What upstream `u`'s service pushes now (its endpoint set's attributes).
+    fn set_pushed(&self, st: &mut State, u: usize, attributes: &BTreeMap<String, String>) {
         let Some(upstream) = st.configured.upstreams.get(u).map(|c| c.service.clone()) else {
             return;
         };
@@ -190,7 +274,7 @@ impl LiveRoutes {
             return;
         }
         let before = std::mem::replace(&mut st.pushed[u], routes);
-        match st.compile_into(&self.router, &self.view) {
+        match st.compile_into(&self.router, &self.view, &self.make_cluster) {
             Ok(()) => {
                 let n = st.pushed.iter().flatten().map(Vec::len).sum::<usize>();
                 self.metrics.pushed_routes.set(n as i64);
@@ -214,7 +298,8 @@ impl LiveRoutes {
     }
 }
 
-/// An upstream's watch: endpoints to its cluster, pushed routes to the live routes.
+/// An upstream's watch: endpoints to its cluster and its subsets', pushed routes to the live
+/// routes.
 pub struct UpstreamSink {
     pub cluster: Arc<Cluster>,
     pub routes: Arc<LiveRoutes>,
@@ -224,13 +309,14 @@ pub struct UpstreamSink {
 impl WatchSink for UpstreamSink {
     fn apply(&self, set: &EndpointSet) {
         self.cluster.apply(set);
-        self.routes.set_pushed(self.upstream, &set.attributes);
+        self.routes.upstream_set(self.upstream, set);
     }
     fn is_loaded(&self) -> bool {
         WatchSink::is_loaded(&*self.cluster)
     }
     fn unknown(&self) {
         self.cluster.unknown();
+        self.routes.upstream_unknown(self.upstream);
     }
 }
 
@@ -270,7 +356,8 @@ mod tests {
             configured,
             pushed: vec![Some(pushed), None, None],
             heard: vec![BTreeMap::new(); 3],
-            subsets: vec![],
+            subsets: Vec::new(),
+            last_sets: vec![None; 3],
         };
         let eff = st.effective();
         let got: Vec<(&str, Option<&str>)> = eff
@@ -286,15 +373,43 @@ mod tests {
         bad.routes[1].targets[0].cluster = "billing".parse().unwrap();
         let err = compile_with(&bad, Some(&[])).unwrap_err().to_string();
         assert!(err.contains("trellis:route:v2.targets[0].cluster"), "{err}");
-        // So does one needing an attribute subset the sidecar has no cluster for.
+        // A subset named for the first time gets the slot after the known ones...
         let mut sub = eff;
         sub.routes[1].targets[0]
             .attributes
             .insert("version".into(), "v3".into());
-        let err = compile_with(&sub, Some(&[])).unwrap_err().to_string();
+        let v3 = Subset {
+            upstream: 1,
+            attributes: [("version".to_owned(), "v3".to_owned())].into(),
+        };
+        let known: Vec<Subset> = (0..3)
+            .map(|i| Subset {
+                upstream: 0,
+                attributes: [("zone".to_owned(), i.to_string())].into(),
+            })
+            .collect();
+        let t = compile_with(&sub, Some(&known)).unwrap();
+        assert_eq!(t.subsets()[..3], known[..]);
+        assert_eq!(t.subsets()[3..], *std::slice::from_ref(&v3));
+        // ...up to the most a sidecar keeps; then the push is refused, naming the attribute.
+        let full: Vec<Subset> = (0..crate::outbound::MAX_SUBSETS)
+            .map(|i| Subset {
+                upstream: 0,
+                attributes: [("zone".to_owned(), i.to_string())].into(),
+            })
+            .collect();
+        let err = compile_with(&sub, Some(&full)).unwrap_err().to_string();
         assert!(
-            err.contains("api-v2[version=v3]") && err.contains("restart"),
+            err.contains("trellis:route:v2.targets[0].attributes")
+                && err.contains("api-v2[version=v3]")
+                && err.contains("64"),
             "{err}"
+        );
+        let mut again = full.clone();
+        again[5] = v3;
+        assert!(
+            compile_with(&sub, Some(&again)).is_ok(),
+            "a known one is fine"
         );
     }
 }

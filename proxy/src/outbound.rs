@@ -6,11 +6,13 @@
 //! forwards to the upstream's own cluster. A forward action's weighted groups are target slots —
 //! the upstreams in config order, then the attribute subsets routes name (`{ cluster = "api",
 //! attributes = { version = "v2" } }`) — so a pick is an index into the target table: no lookup by
-//! name, no allocation.
+//! name, no allocation. A subset that a reload or a pushed route names for the first time gets the
+//! next free slot while the sidecar runs (at most [`MAX_SUBSETS`]); slots are filled once and never
+//! change, so a request borrows its target without a lock or a reference count.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, Method, Request};
@@ -27,6 +29,10 @@ use crate::route::{
 
 /// Priority of the first route written without one; later ones follow in order.
 const IMPLICIT_PRIORITY_BASE: u32 = 40_000;
+
+/// Attribute subsets one sidecar keeps at most (configured and pushed, over its lifetime: a subset's
+/// cluster stays until restart once made).
+pub const MAX_SUBSETS: usize = 64;
 
 /// A route target that is part of an upstream's cluster: its endpoints with these attributes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,25 +93,44 @@ impl RouteTables {
 #[derive(Debug)]
 pub struct Router {
     tables: ArcSwap<RouteTables>,
-    /// By upstream position.
-    targets: Vec<Target>,
+    /// By slot: the upstreams in config order, then the attribute subsets as they are made (the
+    /// slots after them are empty until then).
+    targets: Box<[OnceLock<Target>]>,
+    upstreams: usize,
 }
 
 impl Router {
-    pub fn new(tables: RouteTables, targets: Vec<Target>) -> Self {
+    /// A router over the upstreams' `targets` (in config order), with room for [`MAX_SUBSETS`]
+    /// subsets. Until the first [`Router::swap`] every request goes to its own upstream.
+    pub fn new(targets: Vec<Target>) -> Self {
+        let upstreams = targets.len();
+        let slots = targets
+            .into_iter()
+            .map(OnceLock::from)
+            .chain(std::iter::repeat_with(OnceLock::new).take(MAX_SUBSETS))
+            .collect();
         Self {
-            tables: ArcSwap::from_pointee(tables),
-            targets,
+            tables: ArcSwap::from_pointee(RouteTables::new(Vec::new(), Vec::new())),
+            targets: slots,
+            upstreams,
         }
     }
 
-    /// Installs new route tables; requests already routed keep their target.
+    /// Installs new route tables; requests already routed keep their target. Every slot they
+    /// name must have its target ([`Router::add_subset`]) first.
     pub fn swap(&self, tables: RouteTables) {
         self.tables.store(Arc::new(tables));
     }
 
+    /// Fills subset `i`'s slot; `false` if it already had a target (which stays).
+    pub fn add_subset(&self, i: usize, target: Target) -> bool {
+        self.targets
+            .get(self.upstreams + i)
+            .is_some_and(|slot| slot.set(target).is_ok())
+    }
+
     pub fn target(&self, u: usize) -> Option<&Target> {
-        self.targets.get(u)
+        self.targets.get(u).and_then(OnceLock::get)
     }
 
     /// Where an HTTP request for upstream `u` goes.
@@ -115,7 +140,7 @@ impl Router {
             Some(&Some(slot)) => slot,
             _ => tables.pick(u, &RequestView::of(req, source), rand::random()),
         };
-        self.targets.get(slot)
+        self.target(slot)
     }
 
     /// Where a TCP connection for upstream `u` goes (routes without HTTP conditions only).
@@ -130,7 +155,7 @@ impl Router {
             source_ip: source,
         };
         let slot = self.tables.load().pick(u, &view, rand::random());
-        self.targets.get(slot)
+        self.target(slot)
     }
 }
 
@@ -139,8 +164,9 @@ pub fn compile(outbound: &OutboundConfig) -> Result<RouteTables, ConfigError> {
     compile_with(outbound, None)
 }
 
-/// [`compile`] onto the target slots of a running sidecar: the attribute subsets are `known` (their
-/// clusters exist), and a route that needs another one is refused.
+/// [`compile`] onto the target slots of a running sidecar: the attribute subsets `known` keep their
+/// slots (their clusters exist); any other a route names is added after them, up to
+/// [`MAX_SUBSETS`] in all.
 pub fn compile_with(
     outbound: &OutboundConfig,
     known: Option<&[Subset]>,
@@ -188,8 +214,7 @@ pub fn compile_with(
             priority,
             conditions,
             action: Action::Forward(
-                forward(r, &position, ups.len(), &mut subsets, known.is_some())
-                    .map_err(|(f, p)| invalid(&f, p))?,
+                forward(r, &position, ups.len(), &mut subsets).map_err(|(f, p)| invalid(&f, p))?,
             ),
         });
     }
@@ -229,7 +254,6 @@ fn forward(
     position: &dyn Fn(&str) -> Option<usize>,
     upstreams: usize,
     subsets: &mut Vec<Subset>,
-    fixed: bool,
 ) -> Result<Forward, FieldError> {
     let mut groups = Vec::with_capacity(r.targets.len());
     for (j, t) in r.targets.iter().enumerate() {
@@ -250,12 +274,12 @@ fn forward(
             };
             let i = match subsets.iter().position(|s| *s == subset) {
                 Some(i) => i,
-                None if fixed => {
+                None if subsets.len() >= MAX_SUBSETS => {
                     return Err((
                         field("attributes"),
                         format!(
-                            "subset `{}` has no cluster in this sidecar (subsets are made at start, \
-                             from the configured routes); restart to add it",
+                            "subset `{}` would be more than the {MAX_SUBSETS} attribute subsets a \
+                             sidecar keeps (a subset stays until restart once made)",
                             subset_name(t.cluster.as_str(), &t.attributes)
                         ),
                     ));

@@ -37,9 +37,9 @@ use crate::error::{ProxyError, StartError};
 use crate::forward::{ForwardPolicy, Target, error_response, forward};
 use crate::listener::{AcceptContext, bind_reuseport, spawn_accept};
 use crate::live_intentions::{LiveIntentions, OwnServiceSink};
-use crate::live_routes::{LiveRoutes, UpstreamSink};
+use crate::live_routes::{LiveRoutes, SubsetClusters, UpstreamSink};
 use crate::metrics::Metrics;
-use crate::outbound::{Router, Subset, compile as compile_routes, subset_name};
+use crate::outbound::{Router, Subset, subset_name};
 use crate::server::{HttpMode, serve};
 use crate::tls::{ALPN_H2, ALPN_HTTP1, InboundTls, MtlsConnector, client_config};
 use crate::watch::{self, WatchSink, WatchTarget};
@@ -60,10 +60,10 @@ pub struct Running {
     intentions: Arc<LiveIntentions>,
     identity: Option<Arc<Identity>>,
     routes: Arc<LiveRoutes>,
-    /// Upstream service names in config order, and the route subsets after them (what the route
-    /// tables' target slots index).
+    /// The static clusters as last loaded (attribute subsets made later start from them).
+    static_clusters: Arc<ArcSwap<Vec<StaticCluster>>>,
+    /// Upstream service names in config order.
     upstreams: Vec<String>,
-    subsets: Vec<Subset>,
     /// Cancelled when the drain has finished (or its task ended any other way).
     drained: CancellationToken,
 }
@@ -95,17 +95,18 @@ impl Running {
     /// routes (same upstreams), the `/config` view.
     /// Listeners and identity need a restart (reported in the log).
     pub fn reload(&self, config: &Config) {
+        self.static_clusters
+            .store(Arc::new(config.clusters.clone()));
+        let subsets = self.routes.subset_clusters();
         for c in &config.clusters {
             let service = c.service.as_str();
-            let subsets = self
-                .subsets
+            let own = self.clusters.get(service);
+            let subsets = subsets
                 .iter()
-                .filter(|sub| self.upstreams.get(sub.upstream).map(String::as_str) == Some(service))
-                .map(|sub| subset_name(service, &sub.attributes));
-            for name in std::iter::once(service.to_owned()).chain(subsets) {
-                if let Some(cluster) = self.clusters.get(&name) {
-                    update_static(cluster, c, cluster.revision() + 1);
-                }
+                .filter(|(u, _)| self.upstreams.get(*u).map(String::as_str) == Some(service))
+                .map(|(_, c)| c);
+            for cluster in own.into_iter().chain(subsets) {
+                update_static(cluster, c, cluster.revision() + 1);
             }
         }
         if let Some(inb) = &config.inbound {
@@ -258,42 +259,29 @@ pub async fn start_with(
             tcp_tls,
         });
     }
-    // Attribute subsets that routes target: a cluster each, fed by the same source but keeping
-    // only matching endpoints, reached like their upstream (same identity, same client).
-    let tables = compile_routes(&config.outbound)?;
-    for sub in tables.subsets() {
-        let (Some(u), Some(base)) = (
-            config.outbound.upstreams.get(sub.upstream),
-            targets.get(sub.upstream).cloned(),
-        ) else {
-            continue; // compile() only makes subsets of listed upstreams
-        };
-        let name = subset_name(u.service.as_str(), &sub.attributes);
-        let cluster = Arc::new(
-            Cluster::new(&name, balancer(u.balancer), r, metrics.upstream(&name))
-                .with_subset(sub.attributes.clone()),
-        );
-        let sink = || Arc::clone(&cluster);
-        feed(&cluster, sink, u, &config, &cp_transport, &watch_stop);
-        clusters.insert(name, Arc::clone(&cluster));
-        targets.push(Target { cluster, ..base });
-    }
-    let subsets = tables.subsets().to_vec();
-    let upstream_clusters: Vec<Arc<Cluster>> = targets
-        .iter()
-        .take(config.outbound.upstreams.len())
-        .map(|t| Arc::clone(&t.cluster))
-        .collect();
-    let router = Arc::new(Router::new(tables, targets));
+    let upstream_clusters: Vec<Arc<Cluster>> =
+        targets.iter().map(|t| Arc::clone(&t.cluster)).collect();
+    let router = Arc::new(Router::new(targets));
+    // The admin's `/clusters` (and readiness): the upstreams', the app's, and subsets as made.
+    let cluster_list: Arc<ArcSwap<Vec<Arc<Cluster>>>> = Arc::default();
+    // Static clusters as the latest reload has them: a subset made later starts from these.
+    let static_clusters = Arc::new(ArcSwap::from_pointee(config.clusters.clone()));
+    let make_cluster = subset_clusters(
+        &config.outbound.upstreams,
+        r,
+        &metrics,
+        &cluster_list,
+        &static_clusters,
+    );
     // Each upstream's watch also brings the routes its service pushes.
     let routes_json = Arc::new(ArcSwap::from_pointee(String::new()));
     let routes = Arc::new(LiveRoutes::new(
         config.outbound.clone(),
-        subsets.clone(),
         Arc::clone(&router),
         metrics.clone(),
         Arc::clone(&routes_json),
-    ));
+        make_cluster,
+    )?);
     for (pos, (u, cluster)) in config
         .outbound
         .upstreams
@@ -468,7 +456,16 @@ pub async fn start_with(
         metrics: metrics.clone(),
         health: Arc::clone(&health),
         config_json: ArcSwap::from_pointee(config.redacted_json()),
-        clusters: ArcSwap::from_pointee(clusters.values().cloned().collect()),
+        clusters: {
+            cluster_list.rcu(|subsets| {
+                clusters
+                    .values()
+                    .chain(subsets.iter())
+                    .cloned()
+                    .collect::<Vec<_>>()
+            });
+            cluster_list
+        },
         routes_json,
     });
     let listeners = bind_reuseport(config.admin.listen, 1).map_err(|source| StartError::Bind {
@@ -548,7 +545,7 @@ pub async fn start_with(
         intentions,
         identity,
         routes,
-        subsets,
+        static_clusters,
         upstreams: config
             .outbound
             .upstreams
@@ -600,6 +597,44 @@ fn feed<S: WatchSink>(
         };
         tokio::spawn(watch::run(target, sink(), stop.clone()));
     }
+}
+
+/// How the live routes make an attribute subset's cluster: named `api[version=v2]`, with its
+/// upstream's balancer (the subset's target reuses the upstream's client and identity), holding the
+/// static endpoints that carry the attributes, seeded, then listed in `list` (`/clusters`).
+fn subset_clusters(
+    upstreams: &[UpstreamConfig],
+    r: &ResilienceConfig,
+    metrics: &Metrics,
+    list: &Arc<ArcSwap<Vec<Arc<Cluster>>>>,
+    statics: &Arc<ArcSwap<Vec<StaticCluster>>>,
+) -> SubsetClusters {
+    let (upstreams, r, metrics) = (upstreams.to_vec(), r.clone(), metrics.clone());
+    let (list, statics) = (Arc::clone(list), Arc::clone(statics));
+    Box::new(move |sub: &Subset, seed: &dyn Fn(&Cluster)| {
+        let u = upstreams.get(sub.upstream);
+        let service = u.map_or("", |u| u.service.as_str());
+        let name = subset_name(service, &sub.attributes);
+        let kind = u.map_or_else(Default::default, |u| u.balancer);
+        let cluster = Arc::new(
+            Cluster::new(&name, balancer(kind), &r, metrics.upstream(&name))
+                .with_subset(sub.attributes.clone()),
+        );
+        if let Some(sc) = statics
+            .load()
+            .iter()
+            .find(|c| c.service.as_str() == service)
+        {
+            update_static(&cluster, sc, 1);
+        }
+        seed(&cluster);
+        list.rcu(|l| {
+            let mut l = Vec::clone(l);
+            l.push(Arc::clone(&cluster));
+            l
+        });
+        cluster
+    })
 }
 
 /// Installs a static cluster's endpoints that `cluster` accepts.

@@ -640,3 +640,126 @@ async fn routes_pushed_as_service_attributes() {
     sc.wait().await;
     server.shutdown().await;
 }
+
+/// A canary by instance attribute, decided centrally: routes pushed for `api` that target attribute
+/// subsets its sidecar never had (`api[version=v2]`, `api[version=v1]`) get their clusters while
+/// the sidecar runs, start from the endpoints it already knows (no request fails while they appear),
+/// follow the service's later registrations, and are listed in `/clusters`.
+#[tokio::test]
+async fn pushed_routes_make_the_attribute_subsets_they_name() {
+    let server = Server::start(ServerConfig::new("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let cp = server.api_addr;
+    let plain = trellis_ca::cp_client::Transport::plain();
+    let svcs = cp_fixtures::namespace_with_services(&plain, cp, "my-app.local", &["api"]).await;
+    let api_id = svcs[0]["Id"].as_str().unwrap().to_owned();
+    let register_version = |id: &'static str, at: SocketAddr, version: &'static str| {
+        let api_id = api_id.clone();
+        async move {
+            api(
+                cp,
+                "RegisterInstance",
+                serde_json::json!({"ServiceId": api_id, "InstanceId": id, "Attributes": {
+                    "AWS_INSTANCE_IPV4": at.ip().to_string(),
+                    "AWS_INSTANCE_PORT": at.port().to_string(),
+                    "version": version}}),
+            )
+            .await;
+        }
+    };
+    let (blue, green) = (app("blue", None).await, app("green", None).await);
+    register_version("blue", blue.addr, "v1").await;
+    register_version("green", green.addr, "v2").await;
+
+    let toml = format!(
+        "{}\n[control_plane]\naddress = \"{cp}\"\nwatch_wait = \"5s\"\n\n[outbound]\nupstreams = [{{ service = \"api\", local_port = 0, danger_plaintext = true }}]\n",
+        base()
+    );
+    let (sc, stop) = sidecar(&toml).await;
+    wait_ready(sc.admin_addr).await;
+    let port = sc.upstream_addrs["api"];
+    assert_eq!(
+        backends(port, 8).await.len(),
+        2,
+        "both versions before the push"
+    );
+
+    let c = h1_client();
+    let canary = || {
+        let req = http::Request::get(format!("http://{port}/"))
+            .header("x-canary", "1")
+            .body(support::body(""))
+            .unwrap();
+        let c = c.clone();
+        async move {
+            let resp = c.request(req).await.unwrap();
+            let backend = resp.headers().get("x-backend").cloned();
+            (
+                resp.status().as_u16(),
+                backend.map(|b| b.to_str().unwrap().to_owned()),
+            )
+        }
+    };
+    let stable = r#"{"priority": 20, "match": {"prefix": "/"}, "targets": [{"cluster": "api", "attributes": {"version": "v1"}}]}"#;
+    let canaried = r#"{"priority": 10, "match": {"headers": [{"name": "x-canary", "exact": "1"}]}, "targets": [{"cluster": "api", "attributes": {"version": "v2"}}]}"#;
+    api(
+        cp,
+        "UpdateServiceAttributes",
+        serde_json::json!({"ServiceId": api_id, "Attributes": {"trellis:route:stable": stable, "trellis:route:canary": canaried}}),
+    )
+    .await;
+    // Until the push lands and after, every request is answered by an instance: none fails while
+    // the subsets appear.
+    let mut pinned = 0;
+    for _ in 0..200 {
+        let (status, backend, _) = get(&c, &format!("http://{port}/")).await;
+        assert_eq!(status, 200, "a request failed while the subsets were made");
+        pinned = if backend == "blue" { pinned + 1 } else { 0 };
+        if pinned == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pinned, 10, "plain requests did not settle on version v1");
+    for _ in 0..5 {
+        assert_eq!(canary().await, (200, Some("green".to_owned())));
+    }
+    let clusters = String::from_utf8_lossy(
+        &get(&c, &format!("http://{}/clusters", sc.admin_addr))
+            .await
+            .2,
+    )
+    .into_owned();
+    assert!(
+        clusters.contains("api[version=v1]") && clusters.contains("api[version=v2]"),
+        "{clusters}"
+    );
+    assert_eq!(
+        get(&c, &format!("http://{}/ready", sc.admin_addr)).await.0,
+        200
+    );
+
+    // A new v2 instance joins the canary subset through the upstream's watch.
+    let green2 = app("green2", None).await;
+    register_version("green2", green2.addr, "v2").await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        if let (200, Some(b)) = canary().await {
+            seen.insert(b);
+        }
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        seen,
+        ["green".to_owned(), "green2".to_owned()].into(),
+        "the canary subset did not follow the new registration"
+    );
+    assert!(blue.hits.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    stop.cancel();
+    sc.wait().await;
+    server.shutdown().await;
+}

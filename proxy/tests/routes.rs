@@ -321,6 +321,23 @@ async fn weighted_split_by_instance_attribute_static_and_from_discovery() {
         (share - 0.5).abs() <= 0.1,
         "whole cluster: v2 share {share}"
     );
+    // A reload whose routes name a subset the sidecar does not have yet makes it, from the
+    // reloaded static endpoints.
+    let zoned = text
+        .replace(
+            "attributes = { version = \"v2\" } }",
+            "attributes = { version = \"v2\", zone = \"b\" } }",
+        )
+        .replace(
+            BY_VERSION,
+            &format!(
+                "{BY_VERSION}\n[[outbound.routes]]\nupstream = \"api\"\nmatch = {{ prefix = \"/zone-b\" }}\ntargets = [{{ cluster = \"api\", attributes = {{ zone = \"b\" }} }}]\n"
+            ),
+        );
+    assert_ne!(zoned, text);
+    sc.reload(&trellis_proxy::Config::from_toml(&zoned).unwrap());
+    let share = share_of(format!("http://{local}/zone-b"), "v2", 40).await;
+    assert_eq!(share, 1.0, "zone b is v2 only");
     stop.cancel();
     sc.wait().await;
 
