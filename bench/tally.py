@@ -57,6 +57,22 @@ def rows_of(path):
         }
 
 
+def flatness(path):
+    """trellis' rate at 1,000 LB rules ÷ at 1 rule, for a run that measured both."""
+    try:
+        with open(path) as f:
+            scenarios = {s["name"]: s for s in json.load(f)}
+    except (OSError, ValueError):
+        return
+    rates = []
+    for name in ("lb-rules-1", "lb-rules-1000"):
+        rows = {r["subject"]: r["runs"] for r in scenarios.get(name, {}).get("rows", [])}
+        if not rows.get("trellis"):
+            return
+        rates.append(median(rows["trellis"]))
+    yield rates[1] / rates[0]
+
+
 def main():
     dirs = sys.argv[1:] or sorted(glob.glob("bench/results/interleaved/*"))
     rows = [r for d in dirs for r in rows_of(os.path.join(d, "results.json"))]
@@ -87,6 +103,11 @@ def main():
           f"median {st.median(r['trellis_vs_haproxy'] for r in rows):.2f}×, at a median "
           f"{st.median(r['trellis_vs_floor'] for r in rows):.2f} of the floor; p99 ≤ HAProxy's "
           f"in {sum(r['p99_trellis'] <= r['p99_haproxy'] for r in rows)}.")
+    flat = [f for d in dirs for f in flatness(os.path.join(d, "results.json"))]
+    if flat:
+        print(f"- LB, trellis at 1,000 rules ÷ at 1 rule: ≥ 0.9 in "
+              f"{sum(f >= 0.9 for f in flat)} of {len(flat)} runs (median "
+              f"{st.median(flat):.2f}, {min(flat):.2f}–{max(flat):.2f}).")
     if capped:
         print(f"- Capped at the same CPU: trellis ≥ {TARGET}× HAProxy in "
               f"{sum(c >= TARGET for c in capped)} of {len(capped)} "
