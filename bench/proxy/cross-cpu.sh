@@ -17,56 +17,19 @@ WORK=$(mktemp -d /tmp/trellis-cross-cpu.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; sleep 0.3; rm -rf "$WORK"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
+. bench/proxy/common.sh
 OP=$(free_port)
-cat > $WORK/origin.conf <<C
-daemon off; master_process off; user root; worker_processes 1;
-pid $WORK/nginx-o.pid; error_log $WORK/nginx-o.err warn; worker_rlimit_nofile 65536;
-events { worker_connections 16384; multi_accept on; }
-http { client_body_temp_path $WORK/nb; proxy_temp_path $WORK/np; fastcgi_temp_path $WORK/nf; uwsgi_temp_path $WORK/nu; scgi_temp_path $WORK/ns; access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$OP reuseport backlog=4096;
-    location / { default_type text/plain; return 200 "hello from the origin\n"; } } }
-C
+origin_conf $OP > $WORK/origin.conf
 taskset -c 0 nginx -p "$WORK/" -c "$WORK/origin.conf" &
 OPID=$!; PIDS+=($OPID)
 wait_port $OP
 declare -A PORT SPID
 start() { local s=$1 port=$2
   case $s in
-  trellis) cat > $WORK/trellis.toml <<C
-[identity]
-namespace = "bench.local"
-service = "bench"
-[admin]
-listen = "127.0.0.1:0"
-[runtime]
-worker_threads = 1
-[outbound]
-upstreams = [{ service = "origin", local_port = $port, danger_plaintext = true }]
-[[clusters]]
-service = "origin"
-endpoints = [{ address = "127.0.0.1:$OP" }]
-C
+  trellis) trellis_toml $port $OP > $WORK/trellis.toml
     taskset -c 1 target/release/trellis-proxy sidecar --config $WORK/trellis.toml >/dev/null 2>$WORK/trellis.err & ;;
   floor) taskset -c 1 target/release/trellis-bench-floor 127.0.0.1:$port 127.0.0.1:$OP >/dev/null 2>&1 & ;;
-  haproxy) cat > $WORK/haproxy.cfg <<C
-global
-  nbthread 1
-  maxconn 4000
-defaults
-  mode http
-  option http-keep-alive
-  http-reuse always
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend f
-  bind 127.0.0.1:$port
-  default_backend b
-backend b
-  server origin 127.0.0.1:$OP
-C
+  haproxy) haproxy_cfg $port $OP > $WORK/haproxy.cfg
     taskset -c 1 haproxy -f $WORK/haproxy.cfg >/dev/null 2>&1 & ;;
   *) echo "unknown subject $s"; exit 2 ;;
   esac

@@ -15,48 +15,21 @@ WORK="$(mktemp -d /tmp/trellis-bench-proxy.XXXXXX)"
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
+. bench/proxy/common.sh
 NCPU=$(nproc)
 SUBJ_CPU=$(( NCPU > 1 ? 1 : 0 ))
-nginx_common() { cat <<C
-daemon off; master_process off; user root; worker_processes 1;
-pid $WORK/nginx-$1.pid; error_log $WORK/nginx-$1.err warn; worker_rlimit_nofile 65536;
-events { worker_connections 16384; multi_accept on; }
-C
-}
-temp_paths() { echo "client_body_temp_path $WORK/nb-$1; proxy_temp_path $WORK/np-$1; fastcgi_temp_path $WORK/nf-$1; uwsgi_temp_path $WORK/nu-$1; scgi_temp_path $WORK/ns-$1;"; }
 
 # Origin.
 ORIGIN_PORT=$(free_port)
 head -c 1048576 /dev/zero | tr '\0' x > "$WORK/large.bin"
-{ nginx_common origin; cat <<C
-http { $(temp_paths origin) access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$ORIGIN_PORT reuseport backlog=4096;
-    location = /large { root $WORK; try_files /large.bin =404; }
-    location / { default_type text/plain; return 200 "hello from the origin\n"; } } }
-C
-} > "$WORK/origin.conf"
+origin_conf "$ORIGIN_PORT" "location = /large { root $WORK; try_files /large.bin =404; }" > "$WORK/origin.conf"
 taskset -c 0 nginx -p "$WORK/" -c "$WORK/origin.conf" & PIDS+=($!)
 wait_port "$ORIGIN_PORT"
 
 # Subjects.
 start_trellis() {
   local port=$1
-  cat > "$WORK/trellis.toml" <<C
-[identity]
-namespace = "bench.local"
-service = "bench"
-[admin]
-listen = "127.0.0.1:0"
-[runtime]
-worker_threads = 1
-[outbound]
-upstreams = [{ service = "origin", local_port = $port, danger_plaintext = true }]
-[[clusters]]
-service = "origin"
-endpoints = [{ address = "127.0.0.1:$ORIGIN_PORT" }]
-C
+  trellis_toml "$port" "$ORIGIN_PORT" > "$WORK/trellis.toml"
   taskset -c $SUBJ_CPU target/release/trellis-proxy sidecar --config "$WORK/trellis.toml" >/dev/null 2>"$WORK/trellis.err" & PIDS+=($!)
   SUBJECT_PID=$!
 }
@@ -74,23 +47,7 @@ C
 }
 start_haproxy() {
   local port=$1
-  cat > "$WORK/haproxy.cfg" <<C
-global
-  nbthread 1
-  maxconn 4000
-defaults
-  mode http
-  option http-keep-alive
-  http-reuse always
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend f
-  bind 127.0.0.1:$port
-  default_backend b
-backend b
-  server origin 127.0.0.1:$ORIGIN_PORT
-C
+  haproxy_cfg "$port" "$ORIGIN_PORT" > "$WORK/haproxy.cfg"
   taskset -c $SUBJ_CPU haproxy -f "$WORK/haproxy.cfg" >/dev/null 2>&1 & PIDS+=($!)
   SUBJECT_PID=$!
 }
