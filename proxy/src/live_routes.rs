@@ -95,7 +95,7 @@ impl State {
     ) -> Result<(), ConfigError> {
         let effective = self.effective();
         let known: Vec<Subset> = self.subsets.iter().map(|(s, _)| s.clone()).collect();
-        let tables = compile_with(&effective, Some(&known))?;
+        let tables = compile_with(&effective, &known)?;
         for sub in tables.subsets().iter().skip(known.len()) {
             let Some(base) = router.target(sub.upstream).cloned() else {
                 return Err(ConfigError::Invalid {
@@ -366,12 +366,12 @@ mod tests {
             .map(|r| (r.upstream.as_str(), r.matches.prefix.as_deref()))
             .collect();
         assert_eq!(got, [("users", Some("/u")), ("api", Some("/v2"))]);
-        assert!(compile_with(&eff, Some(&[])).is_ok());
+        assert!(compile_with(&eff, &[]).is_ok());
 
         // A push naming a target this sidecar lacks names the attribute.
         let mut bad = eff.clone();
         bad.routes[1].targets[0].cluster = "billing".parse().unwrap();
-        let err = compile_with(&bad, Some(&[])).unwrap_err().to_string();
+        let err = compile_with(&bad, &[]).unwrap_err().to_string();
         assert!(err.contains("trellis:route:v2.targets[0].cluster"), "{err}");
         // A subset named for the first time gets the slot after the known ones...
         let mut sub = eff;
@@ -388,7 +388,7 @@ mod tests {
                 attributes: [("zone".to_owned(), i.to_string())].into(),
             })
             .collect();
-        let t = compile_with(&sub, Some(&known)).unwrap();
+        let t = compile_with(&sub, &known).unwrap();
         assert_eq!(t.subsets()[..3], known[..]);
         assert_eq!(t.subsets()[3..], *std::slice::from_ref(&v3));
         // ...up to the most a sidecar keeps; then the push is refused, naming the attribute.
@@ -398,7 +398,7 @@ mod tests {
                 attributes: [("zone".to_owned(), i.to_string())].into(),
             })
             .collect();
-        let err = compile_with(&sub, Some(&full)).unwrap_err().to_string();
+        let err = compile_with(&sub, &full).unwrap_err().to_string();
         assert!(
             err.contains("trellis:route:v2.targets[0].attributes")
                 && err.contains("api-v2[version=v3]")
@@ -407,9 +407,6 @@ mod tests {
         );
         let mut again = full.clone();
         again[5] = v3;
-        assert!(
-            compile_with(&sub, Some(&again)).is_ok(),
-            "a known one is fine"
-        );
+        assert!(compile_with(&sub, &again).is_ok(), "a known one is fine");
     }
 }

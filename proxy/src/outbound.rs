@@ -161,7 +161,7 @@ impl Router {
 
 /// Compiles `[[outbound.routes]]` into one table per upstream. Errors name the key.
 pub fn compile(outbound: &OutboundConfig) -> Result<RouteTables, ConfigError> {
-    compile_with(outbound, None)
+    compile_with(outbound, &[])
 }
 
 /// [`compile`] onto the target slots of a running sidecar: the attribute subsets `known` keep their
@@ -169,12 +169,12 @@ pub fn compile(outbound: &OutboundConfig) -> Result<RouteTables, ConfigError> {
 /// [`MAX_SUBSETS`] in all.
 pub fn compile_with(
     outbound: &OutboundConfig,
-    known: Option<&[Subset]>,
+    known: &[Subset],
 ) -> Result<RouteTables, ConfigError> {
     let ups = &outbound.upstreams;
     let position = |name: &str| ups.iter().position(|u| u.service.as_str() == name);
     let mut rules: Vec<Vec<Rule>> = vec![Vec::new(); ups.len()];
-    let mut subsets: Vec<Subset> = known.map(<[Subset]>::to_vec).unwrap_or_default();
+    let mut subsets: Vec<Subset> = known.to_vec();
     for (i, r) in outbound.routes.iter().enumerate() {
         // A pushed route is named by its service attribute (`trellis:route:v2`).
         let key = |field: &str| match r.name.as_deref() {
