@@ -22,14 +22,17 @@ def median(runs, key="rate"):
     return st.median(r[key] for r in runs)
 
 
-def rows_of(path):
+def load(path):
+    """A run's scenarios by name, or None (said on stderr) when its results.json is unreadable."""
     try:
         with open(path) as f:
-            scenarios = {s["name"]: s for s in json.load(f)}
+            return {s["name"]: s for s in json.load(f)}
     except (OSError, ValueError) as e:
         print(f"skipped {path}: {e}", file=sys.stderr)
-        return
-    run = os.path.basename(os.path.dirname(path))
+        return None
+
+
+def rows_of(run, scenarios):
     for name, s in scenarios.items():
         subj = {r["subject"]: r["runs"] for r in s["rows"]}
         if name.endswith("-capped") or not {"trellis", "haproxy", "floor"} <= subj.keys():
@@ -57,13 +60,8 @@ def rows_of(path):
         }
 
 
-def flatness(path):
+def flatness(scenarios):
     """trellis' rate at 1,000 LB rules ÷ at 1 rule, for a run that measured both."""
-    try:
-        with open(path) as f:
-            scenarios = {s["name"]: s for s in json.load(f)}
-    except (OSError, ValueError):
-        return
     rates = []
     for name in ("lb-rules-1", "lb-rules-1000"):
         rows = {r["subject"]: r["runs"] for r in scenarios.get(name, {}).get("rows", [])}
@@ -75,7 +73,9 @@ def flatness(path):
 
 def main():
     dirs = sys.argv[1:] or sorted(glob.glob("bench/results/interleaved/*"))
-    rows = [r for d in dirs for r in rows_of(os.path.join(d, "results.json"))]
+    runs = [(os.path.basename(d), load(os.path.join(d, "results.json"))) for d in dirs]
+    runs = [(run, scenarios) for run, scenarios in runs if scenarios is not None]
+    rows = [r for run, scenarios in runs for r in rows_of(run, scenarios)]
     if not rows:
         print("no interleaved run with a floor subject found")
         return 1
@@ -103,7 +103,7 @@ def main():
           f"median {st.median(r['trellis_vs_haproxy'] for r in rows):.2f}×, at a median "
           f"{st.median(r['trellis_vs_floor'] for r in rows):.2f} of the floor; p99 ≤ HAProxy's "
           f"in {sum(r['p99_trellis'] <= r['p99_haproxy'] for r in rows)}.")
-    flat = [f for d in dirs for f in flatness(os.path.join(d, "results.json"))]
+    flat = [f for _, scenarios in runs for f in flatness(scenarios)]
     if flat:
         print(f"- LB, trellis at 1,000 rules ÷ at 1 rule: ≥ 0.9 in "
               f"{sum(f >= 0.9 for f in flat)} of {len(flat)} runs (median "
